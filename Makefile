@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` (main job on the embedded synthetic default) and
+# `make test`. Each sets up its own environment first (scripts/setup_env.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export NUCLEUS_VENV := $(VENV)
+
+.PHONY: setup demo test lint bench clean
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	@PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+test: setup
+	@$(PY) -m ruff check nucleus_seg tests benchmarks scripts
+	@$(PY) -m pytest -q tests
+
+lint: setup
+	@$(PY) -m ruff check nucleus_seg tests benchmarks scripts
+
+clean:
+	rm -rf build output .pytest_cache

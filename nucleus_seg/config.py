@@ -1,0 +1,82 @@
+"""nucleus_seg's own config keys, added to a detectron2 config like other detectron2 projects do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = PROJECT_ROOT / "configs"
+
+
+def add_nucleus_config(cfg: CN) -> None:
+    """Add the keys nucleus_seg reads; values here are defaults, YAMLs override them."""
+    cfg.INPUT.NORMALIZE = CN()
+    # Microscopy comes as 8/16/32-bit, 1-4 channels: images are mapped to uint8 gray-as-RGB by
+    # percentile stretching, so a 12-bit camera and an 8-bit PNG look alike to the model.
+    cfg.INPUT.NORMALIZE.METHOD = "percentile"  # "percentile" | "minmax" | "none" (uint8 passthrough)
+    cfg.INPUT.NORMALIZE.LOW = 1.0
+    cfg.INPUT.NORMALIZE.HIGH = 99.8
+    # Fluorescence nuclei are bright on dark; brightfield/H&E are dark on bright. "auto" inverts when
+    # the background (median) is brighter than the objects would be, so one model serves both.
+    cfg.INPUT.NORMALIZE.INVERT = "auto"  # "auto" | "never" | "always"
+    cfg.INPUT.NORMALIZE.GRAY = True  # collapse colour to one channel (replicated to 3)
+
+    cfg.INPUT.NUCLEUS = CN()
+    cfg.INPUT.NUCLEUS.CROP_SIZE = 512  # square training crop (padded when the image is smaller)
+    cfg.INPUT.NUCLEUS.CROP_NUCLEUS_PROB = 0.9  # chance a crop is centred near a nucleus
+    cfg.INPUT.NUCLEUS.MIN_INSTANCE_AREA = 4  # px; smaller remnants after crop/scale are dropped
+    cfg.INPUT.NUCLEUS.SCALE_RANGE = (0.5, 2.0)  # log-uniform rescale: nuclei come at many magnifications
+    cfg.INPUT.NUCLEUS.FLIP = True
+    cfg.INPUT.NUCLEUS.ROT90 = True
+    cfg.INPUT.NUCLEUS.BRIGHTNESS = 0.2  # +- fraction
+    cfg.INPUT.NUCLEUS.CONTRAST = 0.3  # +- fraction
+    cfg.INPUT.NUCLEUS.GAMMA = (0.7, 1.5)
+    cfg.INPUT.NUCLEUS.BLUR_PROB = 0.2
+    cfg.INPUT.NUCLEUS.BLUR_SIGMA = (0.5, 2.0)
+    cfg.INPUT.NUCLEUS.NOISE_PROB = 0.3
+    cfg.INPUT.NUCLEUS.NOISE_STD = (2.0, 10.0)  # in uint8 grey levels
+
+    cfg.NUCLEUS = CN()
+    cfg.NUCLEUS.SYNTH = CN()
+    cfg.NUCLEUS.SYNTH.NUM_TRAIN = 200
+    cfg.NUCLEUS.SYNTH.NUM_VAL = 20
+    cfg.NUCLEUS.SYNTH.SIZE = 512
+    cfg.NUCLEUS.SYNTH.STYLE = "fluorescence"
+    cfg.NUCLEUS.SYNTH.SEED = 0
+
+    cfg.NUCLEUS.PREDICT = CN()
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 8
+    cfg.NUCLEUS.PREDICT.AMP = True  # fp16/bf16 autocast on GPU; ignored on CPU
+    cfg.NUCLEUS.PREDICT.TILE_SIZE = 512
+    cfg.NUCLEUS.PREDICT.TILE_OVERLAP = 64
+    # Median nucleus diameter (px) at the scale the model was trained on; inputs with a different
+    # DIAMETER are rescaled to it. 0 disables rescaling; -1 estimates it from a first pass.
+    cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER = 17.0
+    cfg.NUCLEUS.PREDICT.DIAMETER = 0.0
+    # Instances scoring below this are left out of label images, CSVs and the DSB metric
+    # (COCO AP still ranks every detection).
+    cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.5
+
+    cfg.NUCLEUS.EVAL = CN()
+    cfg.NUCLEUS.EVAL.MAX_DETS = (100, 1000)  # COCO AP reported at both caps
+    cfg.NUCLEUS.EVAL.NUM_WORST_OVERLAYS = 4
+    cfg.NUCLEUS.EVAL.COCO = True
+
+
+def get_nucleus_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> CN:
+    """A detectron2 config with nucleus keys, merged from a YAML and KEY VALUE overrides."""
+    cfg = get_cfg()
+    add_nucleus_config(cfg)
+    if config_file:
+        path = Path(config_file)
+        if not path.exists() and (CONFIGS_DIR / path.name).exists():
+            path = CONFIGS_DIR / path.name
+        if not path.exists():
+            raise FileNotFoundError(f"config file {config_file} not found (bundled configs: {CONFIGS_DIR})")
+        cfg.merge_from_file(str(path))
+    cfg.merge_from_list(list(opts))
+    return cfg

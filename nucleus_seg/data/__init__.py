@@ -1,0 +1,1 @@
+"""Nucleus datasets: loaders, registration in DatasetCatalog, the mapper and the synthetic generator."""

@@ -1,0 +1,142 @@
+"""Reading microscopy images and label images, and mapping them to the model's input.
+
+Shared by the mapper (training), the predictor (inference) and the evaluator, so that an image is
+normalised the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """An image or mask could not be read or has an unusable shape; the message names the file."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as stored: HxW or HxWxC (C in 1-4), any integer or float dtype.
+
+    PNG/JPEG/BMP via OpenCV (unchanged depth, RGB(A) channel order), TIFF via tifffile.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            image = tifffile.imread(str(path))
+        else:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is not None and image.ndim == 3:
+                code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+                image = cv2.cvtColor(image, code)
+    except Exception as exc:  # tifffile/cv2 raise many types for corrupt files
+        raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
+    if image is None or image.size == 0:
+        raise ImageReadError(f"{path}: cannot be read as an image (corrupt or unsupported format)")
+    return check_image_shape(image, path)
+
+
+def check_image_shape(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
+    """Accept HxW or HxWxC with C<=4 (and drop singleton leading axes); refuse stacks."""
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] > 4:
+        image = np.moveaxis(image, 0, -1)  # channel-first TIFF
+    if image.ndim == 2 or (image.ndim == 3 and 1 <= image.shape[2] <= 4):
+        return image
+    raise ImageReadError(
+        f"{source}: shape {image.shape} is not a 2-D image (HxW or HxWxC with C<=4); "
+        "z-stacks and time series must be split into 2-D planes first"
+    )
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label image (0 = background, k = instance k) as int32/int64, 2-D only."""
+    label = read_image(path)
+    if label.ndim == 3:
+        channels = label[..., :3] if label.shape[2] >= 3 else label
+        if label.shape[2] == 1 or all(np.array_equal(channels[..., 0], channels[..., c])
+                                      for c in range(channels.shape[2])):
+            label = label[..., 0]
+        else:
+            raise ImageReadError(
+                f"{path}: label image has {label.shape[2]} different channels; expected one channel of "
+                "instance ids (a 2-D label image)"
+            )
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.all(np.mod(label, 1) == 0):
+            raise ImageReadError(f"{path}: label image holds non-integer values")
+        label = label.astype(np.int64)
+    return label.astype(np.int64 if label.dtype.itemsize > 4 else np.int32, copy=False)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Collapse colour (and drop alpha) to one channel; keeps the dtype's range."""
+    if image.ndim == 2:
+        return image
+    if image.shape[2] == 1:
+        return image[..., 0]
+    rgb = image[..., :3].astype(np.float32)
+    # max over channels, not luminance: a nucleus stain in any one channel stays bright
+    return rgb.max(axis=2)
+
+
+def normalize_image(
+    image: np.ndarray,
+    method: str = "percentile",
+    low: float = 1.0,
+    high: float = 99.8,
+    invert: str = "auto",
+    gray: bool = True,
+) -> np.ndarray:
+    """Map any microscopy image to HxWx3 uint8, nuclei bright on dark.
+
+    Percentile stretching makes 8-, 12- and 16-bit data and different exposures look alike, which is
+    what lets one model serve them all. ``invert="auto"`` flips images whose background is brighter
+    than their foreground (brightfield, H&E), judged by the median lying in the upper half.
+    """
+    image = check_image_shape(np.asarray(image))
+    if method == "none":
+        if image.dtype != np.uint8:
+            raise ValueError(f"normalisation 'none' needs uint8 input, got {image.dtype}")
+        out = image if image.ndim == 3 else image[..., None]
+        out = out[..., :3]
+        if gray:
+            out = to_gray(out).astype(np.uint8)[..., None]
+    else:
+        data = to_gray(image) if gray else (image[..., :3] if image.ndim == 3 else image)
+        data = np.asarray(data, dtype=np.float32)
+        if method == "percentile":
+            lo, hi = np.percentile(data, (low, high))
+        elif method == "minmax":
+            lo, hi = float(data.min()), float(data.max())
+        else:
+            raise ValueError(f"unknown normalisation method {method!r} (percentile, minmax, none)")
+        if hi <= lo:
+            hi = lo + 1.0
+        out = np.clip((data - lo) * (255.0 / (hi - lo)), 0, 255)
+        out = (out + 0.5).astype(np.uint8)
+        if out.ndim == 2:
+            out = out[..., None]
+    if invert == "always" or (invert == "auto" and float(np.median(out)) > 127):
+        out = 255 - out
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    elif out.shape[2] == 2:
+        out = np.concatenate([out, out[..., :1]], axis=2)
+    return np.ascontiguousarray(out)
+
+
+def normalize_from_cfg(image: np.ndarray, cfg) -> np.ndarray:
+    """``normalize_image`` with the settings of ``cfg.INPUT.NORMALIZE``."""
+    n = cfg.INPUT.NORMALIZE
+    return normalize_image(image, n.METHOD, n.LOW, n.HIGH, n.INVERT, n.GRAY)

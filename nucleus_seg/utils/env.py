@@ -1,0 +1,31 @@
+"""Version and provenance reporting (``--version`` of every entry point)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+
+def detectron2_origin() -> str:
+    """'repackaged wheel' for our pure build of sal-detectron2, else the user's own install."""
+    try:
+        version = importlib.metadata.version("detectron2")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed as a distribution (on sys.path)"
+    if version.endswith("+pure"):
+        return f"{version}, pure-Python wheel repackaged from sal-detectron2 (no _C ops)"
+    return f"{version}, your own build"
+
+
+def version_report() -> str:
+    import detectron2
+    import torch
+
+    from .. import __version__
+
+    cuda = torch.cuda.is_available()
+    gpu = f" ({torch.cuda.get_device_name(0)} x{torch.cuda.device_count()})" if cuda else ""
+    return "\n".join([
+        f"nucleus_seg {__version__}",
+        f"detectron2 {detectron2.__version__} ({detectron2_origin()}) at {detectron2.__path__[0]}",
+        f"torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA available: {cuda}{gpu}",
+    ])

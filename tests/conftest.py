@@ -1,0 +1,36 @@
+"""Shared fixtures: the real DSB-2018 sample and a CPU-sized config of the real R101-FPN model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def dsb_sample() -> tuple[np.ndarray, np.ndarray]:
+    """(image uint16 512x512, label image) of the real DSB-2018 sample (BSD-3, see its LICENSE)."""
+    from nucleus_seg.data.io import read_image, read_label_image
+
+    return read_image(SAMPLE_DIR / "image.tif"), read_label_image(SAMPLE_DIR / "labels.tif")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The CPU demo config made smaller still: real R101-FPN weights shapes, few proposals, 128 px crops."""
+    from nucleus_seg.config import get_nucleus_cfg
+
+    cfg = get_nucleus_cfg(
+        "configs/nucleus_R101_FPN_cpu_demo.yaml",
+        [
+            "INPUT.NUCLEUS.CROP_SIZE", "128",
+            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+            "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "TEST.DETECTIONS_PER_IMAGE", "50",
+            "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out"),
+        ],
+    )
+    return cfg
