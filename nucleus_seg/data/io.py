@@ -140,3 +140,31 @@ def normalize_from_cfg(image: np.ndarray, cfg) -> np.ndarray:
     """``normalize_image`` with the settings of ``cfg.INPUT.NORMALIZE``."""
     n = cfg.INPUT.NORMALIZE
     return normalize_image(image, n.METHOD, n.LOW, n.HIGH, n.INVERT, n.GRAY)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read one binary instance mask as HxW bool: any nonzero value is foreground.
+
+    Masks come stored as 0/255, 0/1, 1-bit or palette PNGs (and TIFFs). Palette PNGs are read as
+    palette *indices* (via Pillow), so a palette whose index 0 is not black still gives the right mask;
+    OpenCV would expand the palette to colours. Colour masks count a pixel whose RGB is nonzero.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        data = read_image(path)
+    else:
+        from PIL import Image
+
+        if not path.is_file():
+            raise ImageReadError(f"{path}: no such file")
+        try:
+            with Image.open(path) as pil:
+                data = np.asarray(pil)
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for corrupt PNGs
+            raise ImageReadError(f"{path}: cannot be read as a mask image ({exc})") from exc
+        if data.size == 0:
+            raise ImageReadError(f"{path}: empty image")
+        data = check_image_shape(data, path)
+    if data.ndim == 3:
+        data = data[..., 0] if data.shape[2] <= 2 else data[..., :3].any(axis=2)
+    return data != 0
