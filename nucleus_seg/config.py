@@ -48,6 +48,11 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.NUCLEUS.SYNTH.STYLE = "fluorescence"
     cfg.NUCLEUS.SYNTH.SEED = 0
 
+    cfg.NUCLEUS.TRAIN = CN()
+    # Evaluation metric (as NucleusEvaluator names it) whose maximum is kept as model_best.pth; with
+    # several DATASETS.TEST the first one's value counts.
+    cfg.NUCLEUS.TRAIN.BEST_METRIC = "nucleus/dsb_score"
+
     cfg.NUCLEUS.PREDICT = CN()
     cfg.NUCLEUS.PREDICT.BATCH_SIZE = 8
     cfg.NUCLEUS.PREDICT.AMP = True  # fp16/bf16 autocast on GPU; ignored on CPU

@@ -1,0 +1,195 @@
+"""Training hooks that leave something for a person to look at: curve PNGs and a final metrics JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+__all__ = ["read_metrics", "plot_training_curves", "TrainingCurves", "FinalMetrics"]
+
+logger = logging.getLogger(__name__)
+
+CURVE_FILES = {"loss": "training_loss.png", "lr": "training_lr.png", "eval": "training_eval.png"}
+FINAL_METRICS_FILE = "final_metrics.json"
+EVAL_SUFFIXES = ("dsb_score", "/AP", "/AP50", "/AP75", "f1@0.5")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of detectron2's metrics.json, one per iteration, sorted.
+
+    A resumed run appends to the same file and may repeat iterations after its last checkpoint: the
+    later record wins. A line cut off by a crash is skipped.
+    """
+    by_iter: dict[int, dict] = {}
+    path = Path(path)
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "iteration" in record:
+            by_iter.setdefault(int(record["iteration"]), {}).update(record)
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
+def _series(records: list[dict], key: str, history: dict | None) -> tuple[list[int], list[float]]:
+    """One curve: metrics.json points before this run's in-memory history, then that history."""
+    recent = sorted((history or {}).get(key, []))
+    first = recent[0][0] if recent else math.inf
+    points = [(int(r["iteration"]), r[key]) for r in records if key in r and r["iteration"] < first]
+    points += recent
+    points = [(i, float(v)) for i, v in points if isinstance(v, (int, float)) and math.isfinite(v)]
+    return [i for i, _ in points], [v for _, v in points]
+
+
+def _running_median(values: list[float], window: int = 20) -> list[float]:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return [float(np.median(v[max(0, i - window + 1):i + 1])) for i in range(v.size)]
+
+
+def plot_training_curves(
+    metrics_json: str | os.PathLike, output_dir: str | os.PathLike, history: dict | None = None
+) -> list[Path]:
+    """Write loss, learning-rate and (if evaluated) metric curves as PNGs; returns the files written.
+
+    ``history`` ({key: [(iteration, value), ...]}, e.g. from the EventStorage) gives every iteration
+    of the current run; metrics.json (written every 20 iterations) fills in earlier runs after
+    ``--resume``. Losses are drawn raw (faint) and as a 20-iteration running median. Uses matplotlib's
+    object API with the Agg canvas: no global backend switch, works headless.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_json)
+    keys = sorted({k for r in records for k in r} | set(history or {}))
+    output_dir = Path(output_dir)
+    loss_keys = (["total_loss"] if "total_loss" in keys else []) + [k for k in keys if k.startswith("loss_")]
+    eval_keys = [k for k in keys if k.endswith(EVAL_SUFFIXES)]
+    panels = [("loss", loss_keys, "loss (log scale)", True),
+              ("lr", ["lr"] if "lr" in keys else [], "learning rate", False),
+              ("eval", eval_keys, "evaluation", False)]
+    written = []
+    for name, plot_keys, ylabel, is_loss in panels:
+        lines = [(k, *_series(records, k, history)) for k in plot_keys]
+        lines = [line for line in lines if line[1]]
+        if not lines:
+            continue
+        fig = Figure(figsize=(8, 4.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        for j, (key, xs, ys) in enumerate(lines):
+            color = f"C{j % 10}"
+            marker = "o" if len(xs) < 20 else None
+            if is_loss and len(xs) >= 5:
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+                ys = _running_median(ys)
+            ax.plot(xs, ys, label=key, color=color, linewidth=2.0 if key == "total_loss" else 1.2,
+                    marker=marker, markersize=3)
+        if is_loss and all(y > 0 for _, _, ys in lines for y in ys):
+            ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = output_dir / CURVE_FILES[name]
+        fig.savefig(path)
+        written.append(path)
+    return written
+
+
+class TrainingCurves(HookBase):
+    """Redraw the curve PNGs every ``period`` iterations and after training: this run's every
+    iteration from the EventStorage, earlier runs (before ``--resume``) from metrics.json.
+
+    Register it after detectron2's PeriodicWriter so the JSON is flushed first.
+    """
+
+    def __init__(self, output_dir: str, period: int):
+        self._output_dir = output_dir
+        self._period = int(period)
+
+    def _draw(self) -> None:
+        if not comm.is_main_process():
+            return
+        storage = self.trainer.storage
+        history = {k: [(int(i), float(v)) for v, i in buf.values()] for k, buf in storage.histories().items()
+                   if k in ("total_loss", "lr") or k.startswith("loss_") or k.endswith(EVAL_SUFFIXES)}
+        try:
+            plot_training_curves(os.path.join(self._output_dir, "metrics.json"), self._output_dir, history)
+        except Exception:  # a plot must never kill a training run
+            logger.exception("Could not draw training curves")
+
+    def after_step(self) -> None:
+        if self._period > 0 and (self.trainer.iter + 1) % self._period == 0:
+            self._draw()
+
+    def after_train(self) -> None:
+        self._draw()
+
+
+class FinalMetrics(HookBase):
+    """Write ``final_metrics.json`` when training stops (also on failure): where it stopped, why,
+    the last smoothed losses, the last evaluation and the best checkpoint."""
+
+    def __init__(self, output_dir: str, best_checkpointer=None):
+        self._output_dir = output_dir
+        self._best = best_checkpointer
+        self._start = time.perf_counter()
+
+    def before_train(self) -> None:
+        self._start = time.perf_counter()
+
+    def after_train(self) -> None:
+        if not comm.is_main_process():
+            return
+        trainer = self.trainer
+        storage = trainer.storage
+        latest = storage.latest_with_smoothing_hint(20)
+        losses = {k: float(v) for k, (v, _) in latest.items() if k == "total_loss" or k.startswith("loss_")}
+        exc = sys.exc_info()[1]  # after_train runs in TrainerBase.train's `finally`
+        report = {
+            "completed": trainer.iter >= trainer.max_iter and exc is None,
+            "error": None if exc is None else f"{type(exc).__name__}: {exc}",
+            "iteration": int(min(trainer.iter, trainer.max_iter)),
+            "start_iter": int(trainer.start_iter),
+            "max_iter": int(trainer.max_iter),
+            "wall_time_s": round(time.perf_counter() - self._start, 1),
+            "losses": losses,
+            "lr": float(latest["lr"][0]) if "lr" in latest else None,
+            "eval": _jsonable(getattr(trainer, "_last_eval_results", None) or {}),
+            "best": None,
+        }
+        if self._best is not None and self._best.best_metric is not None:
+            report["best"] = {"metric": self._best._val_metric, "value": float(self._best.best_metric),
+                              "iteration": int(self._best.best_iter), "checkpoint": "model_best.pth"}
+        path = Path(self._output_dir) / FINAL_METRICS_FILE
+        path.write_text(json.dumps(report, indent=1))
+        logger.info("Final metrics written to %s", path)
+
+
+def _jsonable(obj):
+    """Nested results with numpy/torch scalars as plain floats (NaN as None)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool)) or obj is None:
+        return obj
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else None

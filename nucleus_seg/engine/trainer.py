@@ -1,0 +1,163 @@
+"""``NucleusTrainer``: detectron2's DefaultTrainer with the nucleus mapper, evaluator and extra hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.utils import comm
+
+from .hooks import FinalMetrics, TrainingCurves
+
+__all__ = ["NucleusTrainer", "prepare_cfg", "register_datasets_from_cfg", "divergence_message",
+           "best_metric_key"]
+
+logger = logging.getLogger(__name__)
+
+SYNTH_PREFIX = "nucleus_synth_"
+DEFAULT_TRAIN = ("nucleus_synth_train",)
+
+
+def prepare_cfg(cfg: CfgNode) -> CfgNode:
+    """Adapt a config to this machine and fill defaults; returns a copy, logging every change.
+
+    detectron2's AMPTrainer asserts CUDA, and its default MODEL.DEVICE "cuda" fails on CPU-only
+    machines, so both are switched off here instead of failing after the model is built.
+    """
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cuda = torch.cuda.is_available()
+    if cfg.MODEL.DEVICE.startswith("cuda") and not cuda:
+        logger.warning("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and (not cuda or cfg.MODEL.DEVICE == "cpu"):
+        logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA (MODEL.DEVICE=%s)",
+                    cfg.MODEL.DEVICE)
+        cfg.SOLVER.AMP.ENABLED = False
+    if not cfg.DATASETS.TRAIN:
+        logger.info("DATASETS.TRAIN is empty: training on the synthetic default %s", DEFAULT_TRAIN)
+        cfg.DATASETS.TRAIN = DEFAULT_TRAIN
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def register_datasets_from_cfg(cfg: CfgNode) -> None:
+    """(Re)register the synthetic datasets with cfg.NUCLEUS.SYNTH.* if the config uses them, then
+    check that every configured dataset name exists, naming the missing one."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if any(n.startswith(SYNTH_PREFIX) for n in names):
+        from ..data import register_synth_datasets
+
+        s = cfg.NUCLEUS.SYNTH
+        register_synth_datasets(num_train=s.NUM_TRAIN, num_val=s.NUM_VAL, size=s.SIZE, style=s.STYLE,
+                                seed=s.SEED)
+    registered = set(DatasetCatalog.list())
+    for key, group in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        for name in group:
+            if name not in registered:
+                nucleus = sorted(n for n in registered if n.startswith("nucleus_"))
+                raise KeyError(
+                    f"{key} names dataset {name!r}, which is not registered. Register it with "
+                    f"nucleus_seg.data.register_nucleus_dataset(name, folder) before training, or use one "
+                    f"of {nucleus}"
+                )
+
+
+def best_metric_key(cfg: CfgNode) -> str:
+    """Storage key of the metric the best checkpoint is chosen by.
+
+    EvalHook flattens one dataset's results as "nucleus/dsb_score" and several datasets' as
+    "<dataset>/nucleus/dsb_score"; the first test dataset decides.
+    """
+    metric = cfg.NUCLEUS.TRAIN.BEST_METRIC
+    return metric if len(cfg.DATASETS.TEST) == 1 else f"{cfg.DATASETS.TEST[0]}/{metric}"
+
+
+def divergence_message(cfg: CfgNode, exc: BaseException) -> str:
+    """What to tell a person whose training produced a non-finite loss, most likely cause first."""
+    frozen_bn = cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    no_weights = not cfg.MODEL.WEIGHTS
+    causes = []
+    if frozen_bn and no_weights:
+        causes.append(
+            "MODEL.RESNETS.NORM is FrozenBN but MODEL.WEIGHTS is empty: frozen batch-norm with random "
+            "statistics cannot train from scratch. Use configs/nucleus_R101_FPN_scratch.yaml (GroupNorm) "
+            "or point MODEL.WEIGHTS at ImageNet-pretrained R-101 weights."
+        )
+    lr = cfg.SOLVER.BASE_LR
+    causes.append(
+        f"the learning rate is too high (SOLVER.BASE_LR={lr:g}): lower it, e.g. SOLVER.BASE_LR {lr / 10:g}, "
+        f"and keep a warm-up (SOLVER.WARMUP_ITERS={cfg.SOLVER.WARMUP_ITERS}) and gradient clipping "
+        f"(SOLVER.CLIP_GRADIENTS.ENABLED={cfg.SOLVER.CLIP_GRADIENTS.ENABLED})."
+    )
+    if not frozen_bn:
+        causes.append(
+            "if it persists, start from configs/nucleus_R101_FPN_scratch.yaml, which trains from scratch."
+        )
+    lines = [f"Training diverged: {str(exc).splitlines()[0]}", "Likely causes and remedies:"]
+    lines += [f"  {i}. {c}" for i, c in enumerate(causes, 1)]
+    lines.append(f"Resume after fixing with --resume (checkpoints in {cfg.OUTPUT_DIR}) or start afresh.")
+    return "\n".join(lines)
+
+
+class _UntaggedCheckpointer(DetectionCheckpointer):
+    """Saves without moving the ``last_checkpoint`` tag, so model_best never becomes what --resume loads."""
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        pass
+
+
+class NucleusTrainer(DefaultTrainer):
+    """DefaultTrainer with NucleusDatasetMapper, NucleusEvaluator, best-checkpoint keeping, curve PNGs
+    and final_metrics.json; AMP and device adapted to the machine (see :func:`prepare_cfg`)."""
+
+    def __init__(self, cfg: CfgNode):
+        cfg = prepare_cfg(cfg)
+        register_datasets_from_cfg(cfg)
+        super().__init__(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        from ..data.mapper import NucleusDatasetMapper
+
+        register_datasets_from_cfg(cfg)
+        return build_detection_train_loader(cfg, mapper=NucleusDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        from ..data.mapper import NucleusDatasetMapper
+
+        register_datasets_from_cfg(cfg)
+        mapper = NucleusDatasetMapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        from ..evaluation import NucleusEvaluator
+
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return NucleusEvaluator.from_config(cfg, dataset_name, output_folder)
+
+    def build_hooks(self) -> list:
+        ret = super().build_hooks()
+        best = None
+        if comm.is_main_process() and len(self.cfg.DATASETS.TEST):
+            best = hooks.BestCheckpointer(
+                self.cfg.TEST.EVAL_PERIOD,
+                _UntaggedCheckpointer(self.model, self.cfg.OUTPUT_DIR),
+                best_metric_key(self.cfg),
+                mode="max",
+            )
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
+            ret.insert(at, best)
+        # after PeriodicWriter, so metrics.json is flushed before it is plotted
+        period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+        ret += [TrainingCurves(self.cfg.OUTPUT_DIR, period), FinalMetrics(self.cfg.OUTPUT_DIR, best)]
+        return ret

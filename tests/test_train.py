@@ -1,0 +1,188 @@
+"""nucleus-train on CPU: the real R101-FPN model (tiny_cfg) for a few iterations on generated data."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import pytest
+import torch
+
+from nucleus_seg.cli.train import EXIT_DIVERGED, main
+from nucleus_seg.engine.trainer import (
+    NucleusTrainer,
+    divergence_message,
+    prepare_cfg,
+    register_datasets_from_cfg,
+)
+
+TINY_SYNTH = {"NUCLEUS.SYNTH.NUM_TRAIN": 2, "NUCLEUS.SYNTH.NUM_VAL": 1, "NUCLEUS.SYNTH.SIZE": 128}
+
+
+@pytest.fixture
+def synth_root(tmp_path_factory, monkeypatch):
+    """Synthetic datasets are generated (once per session) under a temporary NUCLEUS_DATASETS."""
+    root = tmp_path_factory.getbasetemp() / "nucleus_datasets"
+    monkeypatch.setenv("NUCLEUS_DATASETS", str(root))
+    return root
+
+
+def config_file(cfg, tmp_path, **overrides) -> str:
+    """tiny_cfg (plus overrides) as a YAML for the command line."""
+    cfg = cfg.clone()
+    cfg.merge_from_list([str(x) for kv in {**TINY_SYNTH, **overrides}.items() for x in kv])
+    path = tmp_path / "tiny.yaml"
+    path.write_text(cfg.dump())
+    return str(path)
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_curves_metrics_and_eval_only_reproduces(tiny_cfg, tmp_path, synth_root):
+    # DATASETS.TRAIN empty: the synthetic default, registered from NUCLEUS.SYNTH and generated on use
+    yaml = config_file(tiny_cfg, tmp_path, **{
+        "DATASETS.TRAIN": "()", "DATASETS.TEST": "('nucleus_synth_val', 'nucleus_dsb_sample')",
+        "SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 2, "SOLVER.CHECKPOINT_PERIOD": 100})
+    out = tmp_path / "out"
+    assert main(["--config-file", yaml]) == 0
+
+    assert list(synth_root.glob("nucleus_synth/*/train/*"))  # generated where NUCLEUS_DATASETS says
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 2
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"  # model_best does not hijack --resume
+    assert (out / "model_best.pth").is_file()
+    assert list(out.glob("events.out.tfevents.*"))
+    for png in ("training_loss.png", "training_lr.png", "training_eval.png"):
+        image = cv2.imread(str(out / png))
+        assert image is not None and image.shape[1] == 800, png
+
+    final = read_json(out / "final_metrics.json")
+    assert final["completed"] and final["iteration"] == 3 and final["error"] is None
+    assert final["losses"]["total_loss"] > 0
+    assert set(final["eval"]) == {"nucleus_synth_val", "nucleus_dsb_sample"}
+    assert final["best"]["metric"] == "nucleus_synth_val/nucleus/dsb_score"
+    trained_score = final["eval"]["nucleus_synth_val"]["nucleus"]["dsb_score"]
+    assert 0.0 <= trained_score <= 1.0
+
+    # --eval-only on the final weights gives the score the end-of-training evaluation gave
+    out2 = tmp_path / "eval"
+    assert main(["--config-file", yaml, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                 "DATASETS.TEST", "('nucleus_synth_val',)", "OUTPUT_DIR", str(out2)]) == 0
+    evaluated = read_json(out2 / "eval_metrics.json")
+    assert evaluated["results"]["nucleus"]["dsb_score"] == pytest.approx(trained_score)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_run_with_its_schedule(tiny_cfg, tmp_path, synth_root):
+    from detectron2.engine import HookBase
+    from detectron2.solver import build_lr_scheduler
+
+    overrides = {"DATASETS.TRAIN": "('nucleus_synth_train',)", "DATASETS.TEST": "()",
+                 "SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.STEPS": "(2,)",
+                 "SOLVER.WARMUP_ITERS": 3}
+    yaml = config_file(tiny_cfg, tmp_path, **overrides)
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_file(yaml)
+    out = tmp_path / "out"
+
+    class StopAt(HookBase):  # a kill between iterations 1 and 2 (checkpoint model_0000001 exists)
+        def before_step(self):
+            if self.trainer.iter == 2:
+                raise Interrupted("killed")
+
+    trainer = NucleusTrainer(cfg)
+    trainer.register_hooks([StopAt()])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(Interrupted):
+        trainer.train()
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    stopped = read_json(out / "final_metrics.json")
+    assert not stopped["completed"] and "Interrupted" in stopped["error"]
+    del trainer
+
+    assert main(["--config-file", yaml, "--resume"]) == 0
+    final = read_json(out / "final_metrics.json")
+    assert final["completed"] and final["start_iter"] == 2 and final["iteration"] == 4
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 3
+
+    # the LR of the last iteration is the uninterrupted schedule's (warm-up and step kept their place)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert final["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+    assert final["lr"] != pytest.approx(cfg.SOLVER.BASE_LR)  # i.e. the schedule is not trivially flat
+
+
+@pytest.mark.slow
+def test_divergence_exits_nonzero_naming_cause_and_remedy(tiny_cfg, tmp_path, synth_root, capfd):
+    yaml = config_file(tiny_cfg, tmp_path, **{
+        "DATASETS.TRAIN": "('nucleus_synth_train',)", "DATASETS.TEST": "()", "SOLVER.MAX_ITER": 4,
+        "SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_ITERS": 0})
+    assert main(["--config-file", yaml]) == EXIT_DIVERGED
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    assert "Training diverged" in text and "SOLVER.BASE_LR" in text and "lower it" in text
+    final = read_json(tmp_path / "out" / "final_metrics.json")
+    assert not final["completed"] and final["error"].startswith("FloatingPointError")
+
+
+def test_divergence_message_puts_frozen_bn_without_weights_first(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list(["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.WEIGHTS", ""])
+    exc = FloatingPointError("Loss became infinite or NaN at iteration=7!")
+    lines = divergence_message(cfg, exc).splitlines()
+    assert "iteration=7" in lines[0]
+    assert "FrozenBN" in lines[2] and "nucleus_R101_FPN_scratch.yaml" in lines[2]
+    assert "SOLVER.BASE_LR" in lines[3]
+
+
+def test_prepare_cfg_switches_amp_and_device_to_what_the_machine_has(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list(["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cuda", "DATASETS.TRAIN", "()"])
+    cfg.freeze()
+    ready = prepare_cfg(cfg)
+    cuda = torch.cuda.is_available()
+    assert ready.SOLVER.AMP.ENABLED is cuda
+    device = ready.MODEL.DEVICE
+    assert device == ("cuda" if cuda else "cpu")
+    assert ready.DATASETS.TRAIN == ("nucleus_synth_train",) and ready.is_frozen()
+    assert cfg.SOLVER.AMP.ENABLED  # the input config is left alone
+
+
+def test_unknown_dataset_is_named(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list(["DATASETS.TRAIN", "('nucleus_no_such_set',)"])
+    with pytest.raises(KeyError, match="DATASETS.TRAIN names dataset 'nucleus_no_such_set'"):
+        register_datasets_from_cfg(cfg)
+
+
+def test_curves_after_resume_keep_the_later_record_and_skip_a_cut_line(tmp_path):
+    from nucleus_seg.engine.hooks import plot_training_curves, read_metrics
+
+    lines = [{"iteration": 19, "total_loss": 3.0, "loss_cls": 1.0, "lr": 0.01},
+             {"iteration": 39, "total_loss": 2.0, "loss_cls": 0.9, "lr": 0.01},
+             {"iteration": 39, "nucleus/dsb_score": 0.1},  # evaluation of the same iteration
+             {"iteration": 39, "total_loss": 1.5, "loss_cls": 0.8, "lr": 0.01}]  # rerun after --resume
+    text = "\n".join(json.dumps(r) for r in lines) + '\n{"iteration": 59, "total_lo'
+    (tmp_path / "metrics.json").write_text(text)
+    records = read_metrics(tmp_path / "metrics.json")
+    assert [r["iteration"] for r in records] == [19, 39]
+    assert records[1]["total_loss"] == 1.5 and records[1]["nucleus/dsb_score"] == 0.1
+    history = {"total_loss": [(40, 1.4), (41, 1.3)]}
+    written = plot_training_curves(tmp_path / "metrics.json", tmp_path, history)
+    assert sorted(p.name for p in written) == ["training_eval.png", "training_loss.png", "training_lr.png"]
+    assert all(cv2.imread(str(p)) is not None for p in written)
+
+
+def test_version_prints_the_report(capsys):
+    assert main(["--version"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("nucleus_seg ") and "detectron2 " in printed and "torch " in printed
