@@ -52,6 +52,9 @@ def add_nucleus_config(cfg: CN) -> None:
     # Evaluation metric (as NucleusEvaluator names it) whose maximum is kept as model_best.pth; with
     # several DATASETS.TEST the first one's value counts.
     cfg.NUCLEUS.TRAIN.BEST_METRIC = "nucleus/dsb_score"
+    # Wall-clock budget for the training loop (0 = none): after ~70 iterations MAX_ITER shrinks to what
+    # fits and the LR schedule is rescaled to it, so a recipe keeps its promise on a slower machine.
+    cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES = 0.0
 
     cfg.NUCLEUS.PREDICT = CN()
     cfg.NUCLEUS.PREDICT.BATCH_SIZE = 8

@@ -80,14 +80,37 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
-    """Collapse colour (and drop alpha) to one channel; keeps the dtype's range."""
+    """Collapse colour (and drop alpha) to one channel, in the input's dtype.
+
+    Max over channels, not luminance: a nucleus stain in any one channel stays bright.
+    """
     if image.ndim == 2:
         return image
     if image.shape[2] == 1:
         return image[..., 0]
-    rgb = image[..., :3].astype(np.float32)
-    # max over channels, not luminance: a nucleus stain in any one channel stays bright
-    return rgb.max(axis=2)
+    out = image[..., 0]
+    for c in range(1, min(image.shape[2], 3)):
+        out = np.maximum(out, image[..., c])
+    return out
+
+
+def _sorted_value(cumulative: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Value at 0-based ``rank`` of the sorted data, from cumulative histogram counts."""
+    return np.searchsorted(cumulative, rank, side="right")
+
+
+def _histogram_percentiles(data: np.ndarray, q: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile`` (linear interpolation) of small-range integer data through one bincount:
+    exact, and ~10x faster than sorting a 512x512 image."""
+    offset = int(data.min())
+    counts = np.bincount((data.astype(np.int64) - offset).ravel() if offset else data.ravel())
+    cumulative = np.cumsum(counts)
+    position = np.asarray(q, dtype=np.float64) / 100.0 * (data.size - 1)
+    below = np.floor(position)
+    lo_v = _sorted_value(cumulative, below)
+    hi_v = _sorted_value(cumulative, np.minimum(below + 1, data.size - 1))
+    values = lo_v + (position - below) * (hi_v - lo_v) + offset
+    return float(values[0]), float(values[1])
 
 
 def normalize_image(
@@ -114,20 +137,31 @@ def normalize_image(
             out = to_gray(out).astype(np.uint8)[..., None]
     else:
         data = to_gray(image) if gray else (image[..., :3] if image.ndim == 3 else image)
-        data = np.asarray(data, dtype=np.float32)
+        # integer data of up to 16 bits: percentiles from a histogram and the stretch as a lookup table
+        small_int = data.dtype.kind in "ui" and data.dtype.itemsize <= 2
         if method == "percentile":
-            lo, hi = np.percentile(data, (low, high))
+            lo, hi = _histogram_percentiles(data, (low, high)) if small_int else np.percentile(
+                data.astype(np.float32), (low, high))
         elif method == "minmax":
             lo, hi = float(data.min()), float(data.max())
         else:
             raise ValueError(f"unknown normalisation method {method!r} (percentile, minmax, none)")
         if hi <= lo:
             hi = lo + 1.0
-        out = np.clip((data - lo) * (255.0 / (hi - lo)), 0, 255)
-        out = (out + 0.5).astype(np.uint8)
+
+        def stretch(values: np.ndarray) -> np.ndarray:
+            return (np.clip((values - lo) * (255.0 / (hi - lo)), 0, 255) + 0.5).astype(np.uint8)
+
+        if small_int:
+            offset = int(np.iinfo(data.dtype).min)
+            lut = stretch(np.arange(offset, offset + 2 ** (8 * data.dtype.itemsize), dtype=np.float32))
+            out = lut[data.astype(np.int64) - offset] if offset else lut[data]
+        else:
+            out = stretch(data.astype(np.float32))
         if out.ndim == 2:
             out = out[..., None]
-    if invert == "always" or (invert == "auto" and float(np.median(out)) > 127):
+    # median of uint8 data > 127 <=> more than half the pixels are >= 128
+    if invert == "always" or (invert == "auto" and np.count_nonzero(out >= 128) * 2 > out.size):
         out = 255 - out
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)

@@ -13,7 +13,9 @@ from pathlib import Path
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["read_metrics", "plot_training_curves", "TrainingCurves", "FinalMetrics"]
+__all__ = [
+    "read_metrics", "plot_training_curves", "TrainingCurves", "FinalMetrics", "TimeBudget", "BudgetReached",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +195,61 @@ def _jsonable(obj):
     except (TypeError, ValueError):
         return str(obj)
     return value if math.isfinite(value) else None
+
+
+class BudgetReached(BaseException):
+    """Raised by :class:`TimeBudget` to end training early. A BaseException, so detectron2's train loop
+    does not log it as a failure; its ``finally`` still runs every hook's ``after_train``."""
+
+
+class TimeBudget(HookBase):
+    """Fit the whole schedule into a wall-clock budget: after ``measure_iters`` steps, shrink MAX_ITER
+    to what the measured speed allows and rescale the LR schedule to it, so warm-up and decay steps
+    still happen (a run cut off mid-schedule would never decay its LR).
+
+    Needs to sit after the PeriodicCheckpointer, which saves ``model_final`` at the new last iteration.
+    """
+
+    def __init__(self, minutes: float, measure_from: int = 20, measure_iters: int = 50):
+        self._budget = minutes * 60.0
+        self._measure_from = measure_from
+        self._measure_iters = measure_iters
+        self._decided = False
+        self._shrunk = False
+
+    def before_train(self) -> None:
+        self._start = time.perf_counter()
+        self._first_iter = self.trainer.iter
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        done = trainer.iter + 1 - self._first_iter
+        if done == self._measure_from:
+            self._t_from = time.perf_counter()
+        if not self._decided and done == self._measure_from + self._measure_iters:
+            self._decided = True
+            per_iter = (time.perf_counter() - self._t_from) / self._measure_iters
+            left = self._budget - (time.perf_counter() - self._start)
+            new_max = min(trainer.max_iter, trainer.iter + 1 + max(0, int(left / per_iter)))
+            new_max = min(comm.all_gather(new_max))  # every rank must stop at the same iteration
+            if new_max < trainer.max_iter:
+                logger.info(
+                    "Time budget %.1f min at %.3f s/iter: MAX_ITER %d -> %d, LR schedule rescaled to it",
+                    self._budget / 60, per_iter, trainer.max_iter, new_max,
+                )
+                self._shrink(new_max)
+                self._shrunk = True
+        if self._shrunk and trainer.iter + 1 >= trainer.max_iter:
+            raise BudgetReached(trainer.iter + 1)
+
+    def _shrink(self, new_max: int) -> None:
+        from detectron2.engine.hooks import PeriodicCheckpointer
+
+        trainer = self.trainer
+        trainer.max_iter = new_max
+        scheduler = getattr(trainer, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "_max_iter"):
+            scheduler._max_iter = new_max  # LRMultiplier: schedule position = iter / _max_iter
+        for hook in trainer._hooks:
+            if isinstance(hook, PeriodicCheckpointer):
+                hook.max_iter = new_max

@@ -12,7 +12,7 @@ from detectron2.data import DatasetCatalog, build_detection_test_loader, build_d
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
-from .hooks import FinalMetrics, TrainingCurves
+from .hooks import BudgetReached, FinalMetrics, TimeBudget, TrainingCurves
 
 __all__ = ["NucleusTrainer", "prepare_cfg", "register_datasets_from_cfg", "divergence_message",
            "best_metric_key"]
@@ -160,4 +160,13 @@ class NucleusTrainer(DefaultTrainer):
         # after PeriodicWriter, so metrics.json is flushed before it is plotted
         period = self.cfg.SOLVER.CHECKPOINT_PERIOD
         ret += [TrainingCurves(self.cfg.OUTPUT_DIR, period), FinalMetrics(self.cfg.OUTPUT_DIR, best)]
+        if self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES > 0:  # after PeriodicCheckpointer (saves model_final)
+            ret.append(TimeBudget(self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES))
         return ret
+
+    def train(self):
+        try:
+            return super().train()
+        except BudgetReached as stop:
+            logger.info("Stopped at iteration %s: the time budget's rescaled schedule is complete", stop)
+            return getattr(self, "_last_eval_results", None)

@@ -1,0 +1,56 @@
+"""Shared pieces of the GPU benchmarks: device/version facts, the benchmark dataset, result lines."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_facts() -> dict:
+    import detectron2
+    import torch
+
+    facts = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "detectron2": detectron2.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        facts["device"] = torch.cuda.get_device_name(0)
+        facts["num_gpus"] = torch.cuda.device_count()
+    else:
+        facts["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return facts
+
+
+def benchmark_dataset(root: Path, num: int, size: int = 512, seed: int = 1234, name: str = "bench_train") -> str:
+    """Generate (once) and register a synthetic DSB-layout set of 8-bit images; returns its name.
+
+    8-bit images keep vanilla detectron2's reader (PIL) on its ordinary path, so both sides read the same.
+    """
+    from nucleus_seg.data import register_nucleus_dataset
+    from nucleus_seg.data.synth import write_dataset
+
+    folder = root / f"{name}_{num}_{size}_{seed}"
+    if not folder.exists():
+        write_dataset(folder, num=num, size=size, seed=seed, bit_depth=8)
+    register_nucleus_dataset(name, folder)
+    return name
+
+
+def emit(result: dict, save: str | None) -> None:
+    """Print one JSON line; append it to benchmarks/results/<save> when asked (GPU runs)."""
+    line = json.dumps(result, sort_keys=True)
+    print(line, flush=True)
+    if save:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS_DIR / save, "a") as f:
+            f.write(line + "\n")

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One GPU session's worth of measurements, for a node with no network (e.g. the lent H100s):
+#   1. install nucleus_seg from an offline wheelhouse (scripts/wheelhouse.py --pack) and prove it:
+#      --version and 20 training iterations, from outside the repository;
+#   2. the accuracy recipe (scripts/train_synthetic.sh) in the background on the last GPU;
+#   3. on GPU 0: training throughput, inference throughput, predict_large on an 8192^2 mosaic.
+# Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
+# stages: install smoke accuracy train profile infer large (default: all). JSON lines go to OUT_DIR/results.jsonl.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+TARBALL=$1; OUT=$2; shift 2
+STAGES=${*:-install smoke accuracy train profile infer large}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export NUCLEUS_DATASETS=/tmp/nucleus_datasets MPLBACKEND=Agg
+mkdir -p "$OUT"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+log() { echo "[suite $(date +%T)] $*"; }
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+LAST_GPU=$((NGPU - 1))
+
+if has install; then
+  log "installing from $TARBALL"
+  tar xJf "$TARBALL" -C /tmp || exit 1
+  python3 -m pip install -q --no-index --find-links /tmp/wheelhouse nucleus_seg 2>&1 | grep -v WARNING | tail -3
+fi
+if has smoke; then
+  log "wheelhouse proof: installed package, outside the repository"
+  (cd /tmp && python3 -m nucleus_seg --version && CUDA_VISIBLE_DEVICES=0 nucleus-train \
+     --config-file "$REPO/configs/nucleus_R101_FPN_scratch.yaml" SOLVER.MAX_ITER 20 SOLVER.IMS_PER_BATCH 8 \
+     NUCLEUS.SYNTH.NUM_TRAIN 32 NUCLEUS.SYNTH.NUM_VAL 0 DATASETS.TEST "()" OUTPUT_DIR /tmp/smoke 2>&1 \
+     | grep -E "iter: (0|9|19) |Overall training|Total|Error|error" | cut -c1-400)
+fi
+# from here on the repository's code (it may be newer than the wheel)
+export PYTHONPATH=$REPO
+cd "$REPO"
+ACC_PID=""
+if has accuracy; then
+  log "accuracy recipe on GPU $LAST_GPU (background)"
+  CUDA_VISIBLE_DEVICES=$LAST_GPU bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
+  ACC_PID=$!
+fi
+if has train; then
+  log "train throughput on GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --iters ${TRAIN_ITERS:-120} --warmup 30 \
+    --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+fi
+if has profile; then
+  log "profile of NucleusTrainer on GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_train.py --iters 40 --profile-iters 8 ${TRAIN_OPTS:-} \
+    > "$OUT/profile.txt" 2>&1; grep -E "median s/iter" "$OUT/profile.txt"
+fi
+WEIGHTS=/tmp/train_bench/ours/model_final.pth
+[ -f "$WEIGHTS" ] || WEIGHTS=""
+if has infer; then
+  log "inference throughput on GPU 0 (weights: ${WEIGHTS:-random})"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/infer_throughput.py --weights "$WEIGHTS" --num-images 64 \
+    --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+fi
+if has large; then
+  log "predict_large 8192^2 on GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/predict_large.py --weights "$WEIGHTS" --size 8192 \
+    --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+fi
+if [ -n "$ACC_PID" ]; then
+  log "waiting for the accuracy recipe"
+  wait "$ACC_PID"; log "accuracy recipe exit $?"
+  tail -5 "$OUT/accuracy.log"
+  cp benchmarks/results/accuracy_*.json "$OUT/" 2>/dev/null
+  cp /tmp/acc/eval/nucleus_dsb_sample/worst_00_*.png "$OUT/dsb_sample_overlay.png" 2>/dev/null
+  cp /tmp/acc/train/training_loss.png "$OUT/" 2>/dev/null
+fi
+log "done"

@@ -1,0 +1,144 @@
+"""Inference throughput: detectron2's ``DefaultPredictor`` vs ``NucleusPredictor.predict_batch``.
+
+Same weights, same 512x512 images (8-bit, passed to both as the same uint8 BGR arrays), 400 detections
+per image. Prints one JSON line with img/s of both sides, ``infer_speedup``, and agreement of the outputs:
+instance counts and, for instances matched one-to-one (Hungarian on mask IoU), the mask IoU.
+
+    python benchmarks/infer_throughput.py --weights model.pth --num-images 64 --save infer_throughput.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import benchmark_dataset, device_facts, emit  # noqa: E402
+
+
+def mask_agreement(a, b) -> tuple[list[float], int, int]:
+    """IoUs of one-to-one matched masks (Hungarian on IoU), and the two instance counts."""
+    import torch
+    from scipy.optimize import linear_sum_assignment
+
+    if len(a) == 0 or len(b) == 0:
+        return [], len(a), len(b)
+    dtype = torch.float16 if a.is_cuda else torch.float32  # exact: 0/1 products, sums < 2**11 per row
+    fa = a.reshape(len(a), -1).to(dtype)
+    fb = b.reshape(len(b), -1).to(dtype)
+    inter = (fa @ fb.T).float()
+    union = fa.sum(1, dtype=torch.float32)[:, None] + fb.sum(1, dtype=torch.float32)[None] - inter
+    iou = (inter / union.clamp(min=1)).cpu().numpy()
+    rows, cols = linear_sum_assignment(-iou)
+    return iou[rows, cols].tolist(), len(a), len(b)
+
+
+def main() -> None:
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import DefaultPredictor
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.data.io import read_image
+    from nucleus_seg.engine.predictor import NucleusPredictor
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default="configs/nucleus_R101_FPN_scratch.yaml")
+    parser.add_argument("--weights", default="", help="checkpoint; random init (seeded) when empty")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--detections", type=int, default=400)
+    parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
+    parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+
+    cfg = get_nucleus_cfg(args.config_file, args.opts)
+    cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # always `detections` instances, whatever the weights
+    cfg.INPUT.NORMALIZE.METHOD = "none"  # both sides see the same uint8 pixels
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = args.batch
+    cfg.NUCLEUS.PREDICT.DIAMETER = 0.0
+    weights = args.weights
+    if not weights:
+        torch.manual_seed(0)
+        weights = os.path.join(tempfile.mkdtemp(), "random_init.pth")
+        torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = weights
+
+    name = benchmark_dataset(Path(args.data_root), max(args.num_images, 16), name="bench_infer")
+    dicts = DatasetCatalog.get(name)[: args.num_images]
+    gray = [read_image(d["file_name"]) for d in dicts]
+    images = [np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2)) if g.ndim == 2 else g[..., :3] for g in gray]
+
+    vanilla = DefaultPredictor(cfg)
+    DetectionCheckpointer(vanilla.model).load(weights)
+    ours = NucleusPredictor(cfg)
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def time_vanilla():
+        outs = [vanilla(img) for img in images]
+        sync()
+        return outs
+
+    def time_ours():
+        outs = ours.predict_batch(images)
+        sync()
+        return outs
+
+    for fn in (time_vanilla, time_ours):  # warm-up: cudnn autotuning, allocator, lazy init
+        fn()
+    timings: dict[str, list[float]] = {"vanilla": [], "ours": []}
+    results = {}
+    for _ in range(3):
+        for side, fn in (("vanilla", time_vanilla), ("ours", time_ours)):
+            t0 = time.perf_counter()
+            results[side] = fn()
+            timings[side].append(time.perf_counter() - t0)
+    v_ips = len(images) / statistics.median(timings["vanilla"])
+    o_ips = len(images) / statistics.median(timings["ours"])
+
+    ious, count_diffs = [], []
+    for rv, ro in zip(results["vanilla"], results["ours"]):
+        iv, io = rv["instances"], ro["instances"]
+        matched, nv, no = mask_agreement(iv.pred_masks, io.pred_masks.to(iv.pred_masks.device))
+        ious += matched
+        count_diffs.append(abs(nv - no) / max(nv, 1))
+    ious_np = np.asarray(ious)
+    result = {
+        "benchmark": "infer_throughput",
+        **device_facts(),
+        "config": args.config_file,
+        "weights": "random init (seeded)" if not args.weights else args.weights,
+        "num_images": len(images),
+        "image_size": 512,
+        "detections_per_image": args.detections,
+        "batch": args.batch,
+        "amp": bool(ours.amp),
+        "vanilla": {"img_per_s": v_ips, "ms_per_img": 1000 / v_ips},
+        "nucleus_seg": {"img_per_s": o_ips, "ms_per_img": 1000 / o_ips},
+        "infer_speedup": o_ips / v_ips,
+        "agreement": {
+            "matched_instances": int(ious_np.size),
+            "frac_iou_ge_0.99": float((ious_np >= 0.99).mean()) if ious_np.size else None,
+            "median_iou": float(np.median(ious_np)) if ious_np.size else None,
+            "max_count_diff_frac": max(count_diffs),
+        },
+    }
+    emit(result, args.save)
+
+
+if __name__ == "__main__":
+    main()

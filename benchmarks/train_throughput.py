@@ -1,0 +1,145 @@
+"""Training throughput: vanilla detectron2 vs nucleus-train's trainer, same model, config and data.
+
+(a) vanilla: ``DefaultTrainer`` + detectron2's ``DatasetMapper`` (bitmask masks, resize to 512, flip),
+    detectron2's default loader settings; no nucleus_seg code in the training loop.
+(b) ours: ``NucleusTrainer`` exactly as ``nucleus-train`` builds it from the same YAML.
+Each side runs in its own process (clean CUDA state). Prints one JSON line with img/s (median after
+warm-up), data time, peak GPU memory and the loss after N iterations for both, and ``train_speedup``.
+
+    python benchmarks/train_throughput.py --iters 120 --warmup 30 --save train_throughput.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import benchmark_dataset, device_facts, emit  # noqa: E402
+
+
+def _cfg(args, output_dir: str, dataset: str):
+    from nucleus_seg.config import get_nucleus_cfg
+
+    cfg = get_nucleus_cfg(args.config_file, args.opts)
+    cfg.DATASETS.TRAIN = (dataset,)
+    cfg.DATASETS.TEST = ()
+    cfg.SOLVER.IMS_PER_BATCH = args.batch
+    cfg.SOLVER.MAX_ITER = args.iters
+    cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.OUTPUT_DIR = output_dir
+    cfg.SEED = 42
+    return cfg
+
+
+def run_side(args) -> dict:
+    import torch
+    from detectron2.engine import DefaultTrainer, HookBase
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="detectron2")
+    dataset = benchmark_dataset(Path(args.data_root), args.num_images)
+    out = os.path.join(args.out_dir, args.side)
+    cfg = _cfg(args, out, dataset)
+    if args.side == "vanilla":
+        # detectron2's own defaults for what nucleus_seg changes outside the model
+        cfg.INPUT.MIN_SIZE_TRAIN = (512,)
+        cfg.INPUT.RANDOM_FLIP = "horizontal"
+        cfg.DATALOADER.NUM_WORKERS = 4
+        cfg.DATALOADER.ASPECT_RATIO_GROUPING = True
+        trainer_cls = DefaultTrainer
+    else:
+        from nucleus_seg.engine.trainer import NucleusTrainer
+
+        trainer_cls = NucleusTrainer
+    cfg.freeze()
+
+    stamps: list[float] = []
+
+    class StepClock(HookBase):
+        def after_step(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    trainer = trainer_cls(cfg)
+    trainer.register_hooks([StepClock()])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])] or [wall / args.iters]
+    storage = trainer.storage
+    data_times = [v for v, _ in storage.history("data_time").values()][args.warmup:]
+    losses = [v for v, _ in storage.history("total_loss").values()]
+    step = statistics.median(steps)
+    return {
+        "img_per_s": args.batch / step,
+        "s_per_iter": step,
+        "data_time_s": statistics.median(data_times) if data_times else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "loss_start": statistics.mean(losses[:10]),
+        "loss_end": statistics.mean(losses[-10:]),
+        "wall_s": wall,
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "amp": cfg.SOLVER.AMP.ENABLED,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default="configs/nucleus_R101_FPN_scratch.yaml")
+    parser.add_argument("--iters", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--num-images", type=int, default=128)
+    parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
+    parser.add_argument("--out-dir", default=tempfile.mkdtemp(prefix="train_bench_"),
+                        help="each side trains into OUT_DIR/<side> (model_final.pth is kept)")
+    parser.add_argument("--side", choices=["both", "vanilla", "ours"], default="both")
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for both sides")
+    args = parser.parse_args()
+
+    if args.side != "both":
+        result = run_side(args)
+        Path(args.child_out).write_text(json.dumps(result))
+        return
+    sides = {}
+    for side in ("vanilla", "ours"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            cmd = [sys.executable, __file__, "--side", side, "--child-out", tmp.name,
+                   "--config-file", args.config_file, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                   "--batch", str(args.batch), "--num-images", str(args.num_images), "--data-root", args.data_root,
+                   "--out-dir", args.out_dir,
+                   *args.opts]
+            subprocess.run(cmd, check=True)
+            sides[side] = json.loads(Path(tmp.name).read_text())
+    result = {
+        "benchmark": "train_throughput",
+        **device_facts(),
+        "config": args.config_file,
+        "opts": args.opts,
+        "batch": args.batch,
+        "iters": args.iters,
+        "image_size": 512,
+        "vanilla": sides["vanilla"],
+        "nucleus_seg": sides["ours"],
+        "train_speedup": sides["ours"]["img_per_s"] / sides["vanilla"]["img_per_s"],
+    }
+    emit(result, args.save)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Collect one accuracy-recipe run into ``benchmarks/results/accuracy_<date>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+KEYS = ("dsb_score", "ap50", "f1_50", "pq", "n_images", "n_gt", "n_pred")
+
+
+def _metrics(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return {k: data.get(k) for k in KEYS}
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--train-minutes", type=float, required=True)
+    parser.add_argument("--total-minutes", type=float, required=True)
+    parser.add_argument("opts", nargs="*")
+    args = parser.parse_args()
+    run = args.run
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "config": args.config,
+        "opts": args.opts,
+        "config_text": Path(args.config).read_text(),
+        "train_minutes": args.train_minutes,
+        "total_minutes": args.total_minutes,
+        "dsb_sample": _metrics(run / "eval" / "nucleus_dsb_sample" / "metrics.json"),
+        "synthetic_val": _metrics(run / "eval" / "nucleus_synth_val" / "metrics.json"),
+        "baseline_dsb_sample": _metrics(run / "baseline" / "nucleus_dsb_sample" / "metrics.json"),
+        "baseline_synthetic_val": _metrics(run / "baseline" / "nucleus_synth_val" / "metrics.json"),
+    }
+    out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / f"accuracy_{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("dsb_sample", "synthetic_val", "baseline_dsb_sample",
+                                             "train_minutes")}))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

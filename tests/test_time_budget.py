@@ -1,0 +1,65 @@
+"""TimeBudget shrinks MAX_ITER to fit a wall-clock budget and rescales the LR schedule with it.
+
+Runs detectron2's real SimpleTrainer, LR scheduler and PeriodicCheckpointer on a tiny model, with a
+step made deliberately slow so the budget decides.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import SimpleTrainer, hooks
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from nucleus_seg.engine.hooks import BudgetReached, TimeBudget
+
+
+class _Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, batch):
+        time.sleep(0.01)
+        return {"loss": (self.w * batch).sum() ** 2}
+
+
+def _loader():
+    while True:
+        yield torch.ones(1)
+
+
+def _trainer(tmp_path, max_iter):
+    model = _Slow()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    steps = MultiStepParamScheduler([1.0, 0.1], milestones=[max_iter // 2], num_updates=max_iter)
+    sched = LRMultiplier(opt, WarmupParamScheduler(steps, 0.1, 0.0), max_iter)
+    trainer = SimpleTrainer(model, _loader(), opt)
+    trainer.scheduler = sched
+    ckpt = DetectionCheckpointer(model, str(tmp_path))
+    trainer.register_hooks([hooks.LRScheduler(opt, sched), hooks.PeriodicCheckpointer(ckpt, 10**6, max_iter)])
+    return trainer, opt
+
+
+def test_budget_shrinks_schedule_and_saves_final(tmp_path):
+    trainer, opt = _trainer(tmp_path, max_iter=10_000)
+    trainer.register_hooks([TimeBudget(minutes=0.5 / 60, measure_from=2, measure_iters=5)])
+    with pytest.raises(BudgetReached):
+        trainer.train(0, 10_000)
+    stopped = trainer.iter + 1
+    assert 7 <= stopped < 200  # ~0.5 s of ~10 ms steps, not 10k
+    assert trainer.max_iter == stopped
+    assert (tmp_path / "model_final.pth").is_file()
+    # the decay milestone (half of MAX_ITER) moved with the schedule: the last LR is the decayed one
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_no_shrink_when_the_budget_suffices(tmp_path):
+    trainer, _ = _trainer(tmp_path, max_iter=12)
+    trainer.register_hooks([TimeBudget(minutes=10, measure_from=2, measure_iters=5)])
+    trainer.train(0, 12)  # ends normally, no BudgetReached
+    assert trainer.iter == 12 and trainer.max_iter == 12
