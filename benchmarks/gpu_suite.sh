@@ -21,7 +21,8 @@ LAST_GPU=$((NGPU - 1))
 if has install; then
   log "installing from $TARBALL"
   tar xJf "$TARBALL" -C /tmp || exit 1
-  python3 -m pip install -q --no-index --find-links /tmp/wheelhouse nucleus_seg 2>&1 | grep -v WARNING | tail -3
+  python3 -m pip install -q --no-index --find-links /tmp/wheelhouse ${EXTRA_WHEELS:+--find-links $EXTRA_WHEELS} \
+    nucleus_seg 2>&1 | grep -v WARNING | tail -3
 fi
 if has smoke; then
   log "wheelhouse proof: installed package, outside the repository"
@@ -34,7 +35,17 @@ fi
 export PYTHONPATH=$REPO
 cd "$REPO"
 ACC_PID=""
-if has accuracy; then
+collect_accuracy() {
+  tail -5 "$OUT/accuracy.log"
+  cp benchmarks/results/accuracy_*.json "$OUT/" 2>/dev/null
+  cp /tmp/acc/predict/image_overlay.png "$OUT/dsb_sample_overlay.png" 2>/dev/null; cp /tmp/acc/eval/nucleus_dsb_sample/worst_01_*.png "$OUT/dsb_sample_gt_vs_pred.png" 2>/dev/null
+  cp /tmp/acc/train/training_loss.png "$OUT/" 2>/dev/null
+}
+if has accuracy && [ "${ACC_GPUS:-1}" -gt 1 ]; then
+  log "accuracy recipe on $ACC_GPUS GPUs (foreground)"
+  NUCLEUS_NUM_GPUS=$ACC_GPUS bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1
+  log "accuracy recipe exit $?"; collect_accuracy
+elif has accuracy; then
   log "accuracy recipe on GPU $LAST_GPU (background)"
   CUDA_VISIBLE_DEVICES=$LAST_GPU bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
   ACC_PID=$!
@@ -63,10 +74,6 @@ if has large; then
 fi
 if [ -n "$ACC_PID" ]; then
   log "waiting for the accuracy recipe"
-  wait "$ACC_PID"; log "accuracy recipe exit $?"
-  tail -5 "$OUT/accuracy.log"
-  cp benchmarks/results/accuracy_*.json "$OUT/" 2>/dev/null
-  cp /tmp/acc/eval/nucleus_dsb_sample/worst_00_*.png "$OUT/dsb_sample_overlay.png" 2>/dev/null
-  cp /tmp/acc/train/training_loss.png "$OUT/" 2>/dev/null
+  wait "$ACC_PID"; log "accuracy recipe exit $?"; collect_accuracy
 fi
 log "done"

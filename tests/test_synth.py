@@ -159,3 +159,14 @@ def test_preview_helper_writes_montage(tmp_path):
     path = write_preview(tmp_path / "p.png", [p[0] for p in pairs], [p[1] for p in pairs], tile=32, columns=4)
     assert cv2.imread(str(path)).shape == (64, 128, 3)
     assert Path(path).stat().st_size > 0
+
+
+def test_items_broadcasts_scalars_to_empty_arrays():
+    """An image whose nuclei are all mitotic leaves no 'normal' nuclei: scalars must broadcast to length 0
+    (this crashed generation of the 1500-image training set on the GPU node)."""
+    from nucleus_seg.data.synth import _items
+
+    items = _items(x=np.zeros(0), y=np.zeros(0), irregular=0.3, edge=np.zeros(0))
+    assert all(v.shape == (0,) for v in items.values())
+    items = _items(x=np.arange(3.0), irregular=0.3)
+    assert items["irregular"].tolist() == [0.3, 0.3, 0.3] and items["x"].tolist() == [0.0, 1.0, 2.0]

@@ -186,3 +186,18 @@ def test_version_prints_the_report(capsys):
     assert main(["--version"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("nucleus_seg ") and "detectron2 " in printed and "torch " in printed
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training_through_launch(tiny_cfg, tmp_path, synth_root):
+    """`nucleus-train --num-gpus 2` on CPU: detectron2's launch() starts two gloo ranks; the batch is
+    split between them, gradients are all-reduced by DDP, and only rank 0 writes files."""
+    yaml = config_file(tiny_cfg, tmp_path, **{
+        "DATASETS.TRAIN": "()", "DATASETS.TEST": "()", "SOLVER.IMS_PER_BATCH": 2, "SOLVER.MAX_ITER": 2,
+        "SOLVER.CHECKPOINT_PERIOD": 100})
+    out = tmp_path / "out"
+    assert main(["--config-file", yaml, "--num-gpus", "2", "--dist-url", "auto"]) == 0
+    checkpoint = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["iteration"] == 1
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "total_loss" in r] == [1]  # written once (rank 0), not twice

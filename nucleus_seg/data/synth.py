@@ -278,7 +278,9 @@ def _paint(
 
 
 def _items(**fields: Any) -> dict[str, np.ndarray]:
-    n = max(np.size(v) for v in fields.values())
+    """Per-nucleus fields as equal-length arrays; scalars are broadcast (to zero length too)."""
+    sizes = [np.size(v) for v in fields.values() if np.ndim(v) > 0]
+    n = max(sizes) if sizes else 1
     return {k: np.broadcast_to(np.asarray(fields.get(k, 0.0), dtype=np.float64), (n,)).copy()
             for k in _ITEM_FIELDS}
 

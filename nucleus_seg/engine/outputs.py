@@ -1,0 +1,214 @@
+"""Prediction outputs: label TIFF, overlay PNG, measurements CSV, Kaggle submission, COCO results.
+
+Everything is written atomically (a temp file in the same folder, then ``os.replace``), so an
+interrupted run leaves either the old file or the new one, never half a file. All per-run formats
+are derived from label images, so they agree with each other on instances and areas.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import ImageReadError
+from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
+
+OUTLINE_RGB = (255, 255, 0)
+SUBMISSION_HEADER = ("ImageId", "EncodedPixels")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary shared files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write bytes or UTF-8 text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ---- label image --------------------------------------------------------------------------------
+
+def write_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Label image as uint16 ImageJ TIFF (Fiji, napari), or uint32 plain TIFF past 65535 instances.
+
+    ImageJ's format has no 32-bit integer type; Fiji and napari still open the uint32 file.
+    """
+    import tifffile
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{path}: label image must be 2-D, got shape {labels.shape}")
+    top = int(labels.max()) if labels.size else 0
+    if labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{path}: label image holds negative ids")
+    with atomic_path(path) as tmp:
+        if top <= np.iinfo(np.uint16).max:
+            tifffile.imwrite(tmp, labels.astype(np.uint16), imagej=True, compression="zlib",
+                             metadata={"axes": "YX"})
+        else:
+            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib")
+
+
+# ---- overlay ------------------------------------------------------------------------------------
+
+def overlay_image(image: np.ndarray, labels: np.ndarray,
+                  color: tuple[int, int, int] = OUTLINE_RGB) -> np.ndarray:
+    """HxWx3 uint8 RGB: the (normalised) image with every nucleus outlined."""
+    from skimage.segmentation import find_boundaries
+
+    image = np.asarray(image)
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
+    rgb = image if image.ndim == 3 else image[..., None]
+    rgb = np.ascontiguousarray(np.broadcast_to(rgb[..., :3], labels.shape + (3,)) if rgb.shape[2] == 1
+                               else rgb[..., :3]).astype(np.uint8, copy=True)
+    rgb[find_boundaries(labels, mode="inner")] = color
+    return rgb
+
+
+def write_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray) -> None:
+    """The outlined image as a PNG."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay_image(image, labels), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    atomic_write(path, buf.tobytes())
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+def measure(labels: np.ndarray, raw_image: np.ndarray,
+            scores: Sequence[float]) -> tuple[list[str], list[list]]:
+    """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
+
+    Colour images get one intensity column per channel (alpha dropped); ``scores[k]`` is id k+1's.
+    """
+    from skimage.measure import regionprops_table
+
+    raw = np.asarray(raw_image)
+    if raw.ndim == 3:
+        raw = raw[..., 0] if raw.shape[2] == 1 else raw[..., :3]
+    if raw.shape[:2] != labels.shape:
+        raise ValueError(f"raw image {raw.shape[:2]} and labels {labels.shape} differ in size")
+    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max", "eccentricity",
+             "solidity")
+    table = regionprops_table(np.asarray(labels), intensity_image=raw, properties=props)
+    channels = [""] if raw.ndim == 2 else [f"_c{c}" for c in range(raw.shape[2])]
+    source = (["area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3"]
+              + [f"intensity_mean{'-' + c[2:] if c else ''}" for c in channels]
+              + [f"intensity_max{'-' + c[2:] if c else ''}" for c in channels]
+              + ["eccentricity", "solidity"])
+    header = (["id", "score", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]
+              + [f"mean_intensity{c}" for c in channels] + [f"max_intensity{c}" for c in channels]
+              + ["eccentricity", "solidity"])
+    scores = np.asarray(scores, dtype=np.float32)
+    rows = []
+    for i, label in enumerate(table["label"].tolist()):
+        if not 1 <= label <= len(scores):
+            raise ValueError(f"label image holds id {label} but only {len(scores)} scores were given")
+        values = [table[key][i].item() for key in source]
+        values[0] = int(values[0])  # area: a pixel count
+        rows.append([label, repr(float(scores[label - 1]))]
+                    + [v if isinstance(v, int) else round(v, 4) for v in values])
+    return header, rows
+
+
+def write_measurements_csv(path: str | os.PathLike, labels: np.ndarray, raw_image: np.ndarray,
+                           scores: Sequence[float]) -> None:
+    """:func:`measure` as a CSV file."""
+    atomic_write(path, _csv_text(*measure(labels, raw_image, scores)))
+
+
+def read_scores_csv(path: str | os.PathLike) -> dict[int, float]:
+    """``{id: score}`` from a measurements CSV (to rebuild per-run files on ``--resume``)."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            return {int(row["id"]): float(row["score"]) for row in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ImageReadError(f"{path}: not a measurements CSV with id and score columns ({exc})") from exc
+
+
+# ---- Kaggle submission --------------------------------------------------------------------------
+
+def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
+    """Kaggle DSB-2018 rows for one image: one per nucleus, or ``(image_id, "")`` if it has none."""
+    encoded = rle_encode_labels(labels)
+    if not encoded:
+        return [(image_id, "")]
+    return [(image_id, rle) for rle in encoded.values()]
+
+
+def write_submission_csv(path: str | os.PathLike, rows: Iterable[tuple[str, str]]) -> None:
+    """``ImageId,EncodedPixels`` CSV (column-major, 1-based run-length pairs)."""
+    atomic_write(path, _csv_text(SUBMISSION_HEADER, rows))
+
+
+# ---- COCO results -------------------------------------------------------------------------------
+
+def coco_results(image_id: str | int, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
+                 category_id: int = 1) -> list[dict]:
+    """COCO results entries (compressed RLE segmentation, XYWH bbox, score) for a label image."""
+    from pycocotools import mask as mask_util
+
+    height, width = labels.shape
+    ids, starts, lengths = label_runs(labels)
+    out = []
+    if ids.size == 0:
+        return out
+    bounds = np.flatnonzero(np.diff(ids)) + 1
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [ids.size]])):
+        label = int(ids[lo])
+        counts = coco_rle_counts(starts[lo:hi], lengths[lo:hi], height * width)
+        rle = mask_util.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        score = scores[label] if isinstance(scores, dict) else scores[label - 1]
+        out.append({
+            "image_id": image_id,
+            "category_id": category_id,
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+            "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            "area": int(mask_util.area(rle)),
+            "score": float(score),
+        })
+    return out
+
+
+def write_coco_json(path: str | os.PathLike, results: list[dict]) -> None:
+    """A COCO results list (loadable by ``COCO.loadRes``)."""
+    atomic_write(path, json.dumps(results))

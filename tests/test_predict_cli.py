@@ -1,0 +1,214 @@
+"""``nucleus-predict`` end to end (real R101-FPN, random init, tiny_cfg) and the output writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from nucleus_seg.cli.predict import main
+from nucleus_seg.engine.outputs import (
+    atomic_path,
+    coco_results,
+    overlay_image,
+    submission_rows,
+    write_coco_json,
+    write_label_tiff,
+    write_measurements_csv,
+    write_overlay_png,
+    write_submission_csv,
+)
+from nucleus_seg.utils.rle import rle_decode
+
+pytestmark = pytest.mark.filterwarnings("ignore:MODEL.WEIGHTS is empty")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_outputs_agree(out, stem, image_shape, submission, coco):
+    """Label TIFF, measurements CSV, Kaggle rows and COCO entries describe the same nuclei."""
+    with tifffile.TiffFile(out / f"{stem}_labels.tif") as tif:
+        labels = tif.asarray()
+        assert tif.is_imagej and labels.dtype == np.uint16  # opens as a label image in Fiji and napari
+    assert labels.shape == image_shape
+    ids, areas = np.unique(labels[labels > 0], return_counts=True)
+    n = len(ids)
+    np.testing.assert_array_equal(ids, np.arange(1, n + 1))
+    rows = read_csv(out / f"{stem}_measurements.csv")
+    assert [int(r["id"]) for r in rows] == ids.tolist()
+    assert [int(r["area"]) for r in rows] == areas.tolist()
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    mine = [r for r in submission if r["ImageId"] == stem]
+    if n == 0:
+        assert mine == [{"ImageId": stem, "EncodedPixels": ""}]
+    else:
+        decoded = [rle_decode(r["EncodedPixels"], image_shape) for r in mine]
+        assert len(decoded) == n
+        assert (np.sum(decoded, axis=0) <= 1).all()  # no pixel in two nuclei
+        for k, mask in enumerate(decoded, start=1):
+            np.testing.assert_array_equal(mask, labels == k)
+    entries = [e for e in coco if e["image_id"] == stem]
+    assert [e["area"] for e in entries] == areas.tolist()
+    assert [e["score"] for e in entries] == scores
+    overlay = cv2.imread(str(out / f"{stem}_overlay.png"))
+    assert overlay.shape == (*image_shape, 3)
+    return n
+
+
+def test_writers_agree_and_read_back(tmp_path):
+    labels = np.zeros((40, 50), np.int32)
+    labels[2:10, 3:9] = 1
+    labels[20:30, 30:45] = 2
+    labels[29:35, 10:12] = 3
+    raw = np.random.default_rng(0).integers(0, 4000, (40, 50), dtype=np.uint16)
+    scores = np.array([0.9, 0.8, 0.55], np.float32)
+    out = tmp_path
+    write_label_tiff(out / "a_labels.tif", labels)
+    write_measurements_csv(out / "a_measurements.csv", labels, raw, scores)
+    write_overlay_png(out / "a_overlay.png", np.zeros((40, 50, 3), np.uint8), labels)
+    write_submission_csv(out / "submission.csv", submission_rows("a", labels) + submission_rows("b", labels * 0))
+    write_coco_json(out / "coco_results.json", coco_results("a", labels, scores))
+    submission = read_csv(out / "submission.csv")
+    coco = json.loads((out / "coco_results.json").read_text())
+    assert check_outputs_agree(out, "a", (40, 50), submission, coco) == 3
+    assert submission[-1] == {"ImageId": "b", "EncodedPixels": ""}
+    assert (out / "submission.csv").read_text().splitlines()[-1] == "b,"
+    row = read_csv(out / "a_measurements.csv")[0]
+    assert float(row["mean_intensity"]) == pytest.approx(raw[2:10, 3:9].mean(), abs=1e-3)
+    assert int(float(row["max_intensity"])) == raw[2:10, 3:9].max()
+    assert (float(row["centroid_y"]), float(row["centroid_x"])) == (5.5, 5.5)
+    assert coco[1]["bbox"] == [30.0, 20.0, 15.0, 10.0]  # XYWH
+    from pycocotools import mask as mask_util
+    np.testing.assert_array_equal(mask_util.decode(coco[2]["segmentation"]), labels == 3)
+    assert sorted(os.listdir(out)) == ["a_labels.tif", "a_measurements.csv", "a_overlay.png",
+                                       "coco_results.json", "submission.csv"]  # no temp files left
+
+
+def test_label_tiff_goes_uint32_past_65535_nuclei(tmp_path):
+    labels = np.arange(300 * 300, dtype=np.int64).reshape(300, 300)
+    write_label_tiff(tmp_path / "many.tif", labels)
+    back = tifffile.imread(tmp_path / "many.tif")
+    assert back.dtype == np.uint32
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "x.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["x.csv"]
+
+
+def test_overlay_outlines_each_nucleus():
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:15, 5:15] = 1
+    rgb = overlay_image(np.full((20, 20, 3), 7, np.uint8), labels)
+    outline = (rgb == (255, 255, 0)).all(axis=2)
+    assert outline[5, 5:15].all() and outline[5:15, 5].all() and not outline[10, 10] and not outline[0, 0]
+
+
+@pytest.fixture
+def cli_cfg(tiny_cfg, tmp_path):
+    import torch
+
+    torch.manual_seed(0)  # the CLI builds the model with random weights: the same ones every run
+    tiny_cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.1
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_cfg.dump())
+    return path
+
+
+def make_inputs(folder):
+    from test_predictor import blobs
+
+    folder.mkdir()
+    tifffile.imwrite(folder / "gray16.tif", blobs((96, 112), np.uint16, seed=0))
+    cv2.imwrite(str(folder / "rgb8.png"), blobs((80, 100), np.uint8, seed=1, channels=3))
+    tifffile.imwrite(folder / "big.tif", blobs((150, 200), np.uint16, seed=2))  # > tile 128: tiled
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return {"gray16": (96, 112), "rgb8": (80, 100), "big": (150, 200)}
+
+
+def test_cli_writes_every_good_image_and_fails_naming_the_corrupt_one(cli_cfg, tmp_path, capsys):
+    shapes = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out),
+            "--tile", "128", "--overlap", "32", "--batch", "2", "--diameter", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "1 failed" in err
+    assert "tiles" in err  # big.tif (150x200 > --tile 128) went through predict_large
+    assert "gray16" not in err.split("failed:")[1]
+    submission = read_csv(out / "submission.csv")
+    coco = json.loads((out / "coco_results.json").read_text())
+    # one row per nucleus, images in input order, every good image present
+    assert list(dict.fromkeys(r["ImageId"] for r in submission)) == ["big", "gray16", "rgb8"]
+    counts = {stem: check_outputs_agree(out, stem, shape, submission, coco) for stem, shape in shapes.items()}
+    assert sum(counts.values()) > 0
+    assert not list(out.glob("broken*")) and not list(out.glob(".*"))  # nothing half-written
+
+    # --resume: nothing is predicted again (no model is even built), per-run files are rebuilt alike
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "submission.csv").unlink()
+    (out / "coco_results.json").unlink()
+    os.remove(tmp_path / "in" / "broken.png")
+    assert main(argv + ["--resume"]) == 0
+    for name, mtime in before.items():
+        if name not in ("submission.csv", "coco_results.json"):
+            assert (out / name).stat().st_mtime_ns == mtime
+    assert read_csv(out / "submission.csv") == submission
+    assert json.loads((out / "coco_results.json").read_text()) == coco
+
+
+def test_cli_resume_redoes_only_missing_images_and_takes_globs_and_opts(cli_cfg, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((64, 64), np.uint16))  # blank: no nuclei at all
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((48, 64), 200, np.uint8))
+    out = tmp_path / "out"
+    argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "*.tif"), str(tmp_path / "b.png"),
+            "--output", str(out), "--formats", "labels,csv,submission", "NUCLEUS.PREDICT.SCORE_THRESH", "0.3"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_labels.tif", "a_measurements.csv", "b_labels.tif", "b_measurements.csv", "submission.csv"]
+    first = (out / "b_labels.tif").stat().st_mtime_ns
+    (out / "a_labels.tif").unlink()
+    assert main(argv + ["--resume"]) == 0
+    assert (out / "b_labels.tif").stat().st_mtime_ns == first
+    assert (out / "a_labels.tif").exists()
+    rows = read_csv(out / "submission.csv")
+    assert {r["ImageId"] for r in rows} == {"a", "b"}
+
+
+def test_cli_bad_command_lines(cli_cfg, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config-file", str(cli_cfg), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+              "--formats", "labels,pdf"])
+    assert exc.value.code == 2 and "pdf" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    cv2.imwrite(str(tmp_path / "x" / "same.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(tmp_path / "y" / "same.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(SystemExit) as exc:
+        main(["--config-file", str(cli_cfg), "--input", str(tmp_path / "x"), str(tmp_path / "y"),
+              "--output", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "same" in capsys.readouterr().err
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "nucleus_seg" in out and "detectron2" in out and "torch" in out

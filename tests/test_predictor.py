@@ -1,0 +1,332 @@
+"""NucleusPredictor with the real R101-FPN (random init, tiny_cfg) on CPU, and its mask pasting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nucleus_seg.data.io import ImageReadError, normalize_from_cfg
+from nucleus_seg.engine.predictor import (
+    NucleusPredictor,
+    median_diameter,
+    paste_mask_windows,
+    windows_to_label,
+    windows_to_masks,
+)
+from nucleus_seg.engine.tiling import masks_to_prediction
+from nucleus_seg.structures import masks_to_label_image
+
+pytestmark = pytest.mark.filterwarnings("ignore:MODEL.WEIGHTS is empty")
+
+
+def blobs(shape, dtype=np.uint16, seed=0, channels=None):
+    """Bright round nuclei on a dark, noisy background, in the dtype's range."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    image = rng.normal(0.1, 0.02, shape)
+    for _ in range(8):
+        cy, cx, r = rng.uniform(10, shape[0] - 10), rng.uniform(10, shape[1] - 10), rng.uniform(4, 9)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] += 0.7
+    top = np.iinfo(dtype).max
+    image = (np.clip(image, 0, 1) * top).astype(dtype)
+    if channels:
+        image = np.stack([image] * channels, axis=-1)
+        if channels == 4:
+            image[..., 3] = top  # opaque alpha
+    return image
+
+
+@pytest.fixture
+def cfg(tiny_cfg):
+    tiny_cfg.TEST.DETECTIONS_PER_IMAGE = 20  # CPU time goes into the mask head
+    tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.1  # random weights score ~0.5: keep enough to compare
+    torch.manual_seed(0)  # the random init, so every run sees the same model
+    return tiny_cfg
+
+
+def random_soft_masks(n, seed=0, size=100):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(n, 28, 28, generator=g)
+    xy = torch.rand(n, 2, generator=g) * (size - 10)
+    wh = torch.rand(n, 2, generator=g) * 40 + 0.5
+    boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)
+    boxes[0] = torch.tensor([0.0, 0.0, size, size])  # one box over the whole image
+    return probs, boxes
+
+
+def test_window_paste_gives_detectron2s_pixels():
+    from detectron2.layers.mask_ops import paste_masks_in_image
+
+    probs, boxes = random_soft_masks(40)
+    windows, oy, ox = paste_mask_windows(probs, boxes, (100, 90))
+    ours = windows_to_masks(windows, oy, ox, (100, 90))
+    ref = paste_masks_in_image(probs, boxes, (100, 90))
+    assert torch.equal(ours, ref)
+    assert ref.sum() > 0
+
+
+def test_device_label_painting_matches_masks_to_label_image():
+    probs, boxes = random_soft_masks(30, seed=1)
+    scores = torch.rand(30, generator=torch.Generator().manual_seed(2))
+    scores[3] = scores[4]  # ties paint in input order, as masks_to_label_image does
+    windows, oy, ox = paste_mask_windows(probs, boxes, (100, 100))
+    ours = windows_to_label(windows, oy, ox, scores, (100, 100))
+    ref = masks_to_label_image(windows_to_masks(windows, oy, ox, (100, 100)).numpy(), scores.numpy())
+    np.testing.assert_array_equal(ours.numpy(), ref)
+
+
+def test_median_diameter():
+    assert median_diameter(np.array([np.pi * 25, np.pi * 100, np.pi * 100, 0])) == pytest.approx(20.0)
+    assert median_diameter(np.array([])) is None
+
+
+def check_instances(inst, shape):
+    assert inst.image_size == shape
+    n = len(inst)
+    assert n > 0
+    assert inst.pred_masks.shape == (n, *shape) and inst.pred_masks.dtype == torch.bool
+    boxes = inst.pred_boxes.tensor
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= shape[1]).all() and (boxes[:, 3] <= shape[0]).all()
+    assert (inst.scores[:-1] >= inst.scores[1:]).all()
+    for mask, box in zip(inst.pred_masks, boxes):  # every mask pixel lies in its box (+1 px sampling)
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if len(ys):
+            assert xs.min() >= box[0].floor() - 1 and xs.max() <= box[2].ceil() + 1
+            assert ys.min() >= box[1].floor() - 1 and ys.max() <= box[3].ceil() + 1
+
+
+def test_random_init_warns_and_runs_on_16bit_and_rgba(cfg):
+    with pytest.warns(UserWarning, match="random weights"):
+        predictor = NucleusPredictor(cfg)
+    gray16 = blobs((96, 120), np.uint16)
+    rgba = blobs((112, 80), np.uint8, seed=1, channels=4)
+    check_instances(predictor(gray16)["instances"], (96, 120))
+    check_instances(predictor(rgba)["instances"], (112, 80))
+    batch = predictor.predict_batch([gray16, rgba, gray16])
+    assert [o["instances"].image_size for o in batch] == [(96, 120), (112, 80), (96, 120)]
+    single = predictor(gray16)["instances"]
+    assert torch.equal(batch[2]["instances"].pred_masks, single.pred_masks)  # batching changes nothing
+    assert torch.allclose(batch[2]["instances"].scores, single.scores, atol=1e-5)
+
+
+def test_matches_default_predictor_on_the_same_weights(cfg, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import DefaultPredictor
+
+    cfg.INPUT.NORMALIZE.METHOD = "none"
+    cfg.INPUT.NORMALIZE.GRAY = False
+    cfg.INPUT.NORMALIZE.INVERT = "never"
+    theirs = DefaultPredictor(cfg)  # random init; its weights go to a checkpoint that ours loads
+    DetectionCheckpointer(theirs.model, save_dir=str(tmp_path)).save("weights")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "weights.pth")
+    ours = NucleusPredictor(cfg)
+    rgb = np.ascontiguousarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    a = ours(rgb)["instances"]
+    b = theirs(rgb[..., ::-1].copy())["instances"]  # DefaultPredictor takes BGR
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores)
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def test_missing_weights_file_is_named(cfg, tmp_path):
+    cfg.MODEL.WEIGHTS = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        NucleusPredictor(cfg)
+
+
+def test_tiled_equals_untiled_on_an_image_smaller_than_a_tile(cfg):
+    predictor = NucleusPredictor(cfg)
+    image = blobs((100, 124), np.uint16, seed=2)
+    thresh = predictor.score_thresh
+    inst = predictor(image)["instances"]
+    keep = inst.scores >= thresh
+    assert keep.any()
+    untiled = masks_to_prediction(inst.pred_masks[keep].numpy(), inst.scores[keep].numpy(),
+                                  inst.pred_boxes.tensor[keep].numpy())
+    tiled = predictor.predict_large(image, tile=128, overlap=32)
+    labels_path = predictor.predict_labels([image])[0]
+    assert len(untiled) > 0
+    np.testing.assert_array_equal(tiled.labels, untiled.labels)
+    np.testing.assert_array_equal(labels_path.labels, untiled.labels)
+    np.testing.assert_array_equal(tiled.scores, untiled.scores)
+    np.testing.assert_allclose(tiled.boxes, untiled.boxes)
+
+
+def test_predict_large_streams_tiles_into_one_label_image(cfg):
+    predictor = NucleusPredictor(cfg)
+    seen = []
+    real = predictor.model.inference
+
+    def spy(batched_inputs, *args, **kwargs):
+        seen.extend(tuple(x["image"].shape[1:]) for x in batched_inputs)
+        return real(batched_inputs, *args, **kwargs)
+
+    predictor.model.inference = spy
+    image = blobs((150, 230), np.uint16, seed=3)
+    pred = predictor.predict_large(image, tile=96, overlap=32)
+    # rows: 1 + ceil((150 - 96) / (96 - 32)) = 2, columns: 1 + ceil(134 / 64) = 4; all of the tile size
+    assert seen == [(96, 96)] * 8
+    assert pred.labels.shape == image.shape and pred.labels.dtype == np.int32
+    n = len(pred)
+    assert n > 0 and pred.labels.max() == n
+    assert set(np.unique(pred.labels)) == set(range(n + 1))  # ids 1..N, each with pixels
+    assert (np.diff(pred.scores) <= 0).all() and (pred.scores >= predictor.score_thresh).all()
+    assert (pred.boxes[:, 2] <= 230).all() and (pred.boxes[:, 3] <= 150).all()
+
+
+def test_diameter_rescales_the_input_and_returns_full_resolution(cfg):
+    predictor = NucleusPredictor(cfg)
+    sizes = []
+    real = predictor.model.inference
+
+    def spy(batched_inputs, *args, **kwargs):
+        sizes.extend(tuple(x["image"].shape[1:]) for x in batched_inputs)
+        return real(batched_inputs, *args, **kwargs)
+
+    predictor.model.inference = spy
+    image = blobs((96, 128), np.uint16, seed=4)
+    train = cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER
+    inst = predictor(image, diameter=2 * train)["instances"]  # nuclei twice as big: halve the image
+    assert sizes == [(48, 64)]
+    check_instances(inst, (96, 128))
+
+    # "auto": first pass as is, then again at TRAIN_DIAMETER / median diameter of confident nuclei
+    sizes.clear()
+    first = predictor(image, diameter=0)["instances"]
+    confident = first.pred_masks[first.scores >= predictor.score_thresh]
+    found = median_diameter(confident.sum(dim=(1, 2)).numpy())
+    scale = float(np.clip(train / found, 0.25, 4.0))
+    sizes.clear()
+    auto = predictor(image, diameter="auto")["instances"]
+    expected = (96, 128) if abs(scale - 1) <= 0.05 else (round(96 * scale), round(128 * scale))
+    assert sizes == [(96, 128), expected][: 1 if expected == (96, 128) else 2]
+    assert auto.image_size == (96, 128) and auto.pred_masks.shape[1:] == (96, 128)
+
+
+def test_auto_diameter_without_confident_nuclei_keeps_the_first_pass(cfg):
+    cfg.NUCLEUS.PREDICT.SCORE_THRESH = 1.01  # nothing is confident
+    predictor = NucleusPredictor(cfg)
+    image = blobs((64, 64), np.uint16, seed=5)
+    with pytest.warns(UserWarning, match="no confident nuclei"):
+        auto = predictor(image, diameter=-1)["instances"]
+    plain = predictor(image, diameter=0)["instances"]
+    assert torch.equal(auto.pred_masks, plain.pred_masks)
+
+
+def test_bad_input_is_refused_clearly(cfg):
+    predictor = NucleusPredictor(cfg)
+    with pytest.raises(ImageReadError, match="z-stacks"):
+        predictor(np.zeros((5, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="diameter"):
+        predictor(np.zeros((32, 32), np.uint8), diameter="big")
+
+
+def test_input_is_normalised_as_in_training(cfg):
+    """A 16-bit image and its 8-bit normalised version give the same prediction."""
+    predictor = NucleusPredictor(cfg)
+    image = blobs((80, 96), np.uint16, seed=6)
+    norm = normalize_from_cfg(image, cfg)
+    cfg8 = cfg.clone()
+    cfg8.INPUT.NORMALIZE.METHOD = "none"
+    cfg8.INPUT.NORMALIZE.INVERT = "never"
+    a = predictor(image)["instances"]
+    predictor.cfg = cfg8  # same model, pass-through normalisation
+    b = predictor(norm)["instances"]
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def random_proposals(sizes, levels, seed):
+    """RPN outputs as detectron2 hands them to find_top_rpn_proposals: per level (B, n, 4) boxes, logits."""
+    g = torch.Generator().manual_seed(seed)
+    boxes, logits = [], []
+    for n in levels:
+        xy = torch.rand(len(sizes), n, 2, generator=g) * 120 - 10
+        wh = torch.rand(len(sizes), n, 2, generator=g) * 40
+        box = torch.cat([xy, xy + wh], dim=2)
+        box[:, ::37, 2] = box[:, ::37, 0]  # some empty boxes
+        logit = torch.randn(len(sizes), n, generator=g)
+        logit[:, 5:9] = logit[:, 4:5]  # exact ties
+        boxes.append(box)
+        logits.append(logit)
+    boxes[0][0, 3, 1] = float("nan")  # a diverged box is dropped, as detectron2 does
+    return boxes, logits
+
+
+@pytest.mark.parametrize("levels", [(150, 60, 20), (900, 700, 300)])  # torchvision's offset trick / per level
+def test_batched_rpn_proposals_equal_detectron2s(levels):
+    from types import SimpleNamespace
+
+    from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+
+    from nucleus_seg.engine.predictor import _fast_predict_proposals
+
+    sizes = [(100, 110), (90, 120), (100, 110)]
+    boxes, logits = random_proposals(sizes, levels, seed=len(levels) + levels[0])
+    rpn = SimpleNamespace(training=False, _decode_proposals=lambda anchors, deltas: boxes,
+                          pre_nms_topk={False: 500}, post_nms_topk={False: 300}, min_box_size=0.0, nms_thresh=0.7)
+    ours = _fast_predict_proposals(rpn, None, logits, None, sizes)
+    ref = find_top_rpn_proposals(boxes, logits, sizes, 0.7, 500, 300, 0.0, False)
+    for a, b in zip(ours, ref):
+        assert a.image_size == b.image_size and len(a) == len(b) > 0
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
+
+
+@pytest.mark.parametrize("count,topk", [(300, 50), (1200, -1)])  # offset trick / per-class path on CPU
+def test_batched_box_inference_equals_detectron2s(count, topk):
+    from types import SimpleNamespace
+
+    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+    from detectron2.structures import Instances
+
+    from nucleus_seg.engine.predictor import _fast_box_inference
+
+    g = torch.Generator().manual_seed(count)
+    sizes = [(100, 110), (80, 120)]
+    counts = [count, count - 17]
+    boxes, probs, proposals = [], [], []
+    for (h, w), n in zip(sizes, counts):
+        xy = torch.rand(n, 2, generator=g) * 120 - 10
+        boxes.append(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 40], dim=1))
+        fg = torch.rand(n, 1, generator=g)
+        if count < 1000:  # ties; torchvision's per-class branch orders them by an unstable sort
+            fg[10:14] = fg[9]
+        probs.append(torch.cat([fg, 1 - fg], dim=1))
+        proposals.append(Instances((h, w)))
+    head = SimpleNamespace(predict_boxes=lambda p, props: boxes, predict_probs=lambda p, props: probs,
+                           test_score_thresh=0.05, test_nms_thresh=0.4, test_topk_per_image=topk)
+    ours, _ = _fast_box_inference(head, None, proposals)
+    ref, _ = fast_rcnn_inference(boxes, probs, sizes, 0.05, 0.4, topk)
+    for a, b in zip(ours, ref):
+        assert len(a) == len(b) > 0
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+
+
+def test_fast_and_detectron2_inference_give_the_same_detections(cfg):
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000  # > 4000 box coordinates: torchvision's per-level branch
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 300
+    fast = NucleusPredictor(cfg)
+    plain = NucleusPredictor(cfg, fast=False)
+    plain.model.load_state_dict(fast.model.state_dict())
+    image = blobs((128, 128), np.uint16, seed=7)
+    a, b = fast(image)["instances"], plain(image)["instances"]
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores)
+    assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def test_auto_diameter_tiled_and_untiled_agree(cfg):
+    """Both paths estimate the size from the same first pass and rescale alike (one tile here)."""
+    predictor = NucleusPredictor(cfg)
+    image = blobs((60, 76), np.uint16, seed=8)
+    untiled = predictor.predict_labels([image], diameter="auto")[0]
+    tiled = predictor.predict_large(image, tile=512, overlap=64, diameter="auto")
+    assert len(untiled) > 0
+    np.testing.assert_array_equal(tiled.labels, untiled.labels)
