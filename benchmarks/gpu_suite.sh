@@ -50,6 +50,28 @@ elif has accuracy; then
   CUDA_VISIBLE_DEVICES=$LAST_GPU bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
   ACC_PID=$!
 fi
+# inference benchmarks use the accuracy recipe's model when there is one (trained weights make the
+# AMP-vs-fp32 mask agreement meaningful), else the training benchmark's
+WEIGHTS=/tmp/acc/train/model_final.pth
+[ -f "$WEIGHTS" ] || WEIGHTS=/tmp/train_bench/ours/model_final.pth
+INFER_GPU=0
+SIDE_PID=""
+if [ "$NGPU" -gt 1 ] && [ -z "$ACC_PID" ] && [ -f "$WEIGHTS" ]; then
+  INFER_GPU=$LAST_GPU  # inference benchmarks beside the training benchmark, on the other GPU
+fi
+infer_stages() {
+  if has large; then
+    log "predict_large 8192^2 on GPU $INFER_GPU (weights: $WEIGHTS)"
+    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_large.py --weights "$WEIGHTS" --size 8192 \
+      --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+  fi
+  if has infer; then
+    log "inference throughput on GPU $INFER_GPU (weights: $WEIGHTS)"
+    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --weights "$WEIGHTS" --num-images 64 \
+      --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+  fi
+}
+if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi
 if has train; then
   log "train throughput on GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --iters ${TRAIN_ITERS:-120} --warmup 30 \
@@ -60,18 +82,8 @@ if has profile; then
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_train.py --iters 40 --profile-iters 8 ${TRAIN_OPTS:-} \
     > "$OUT/profile.txt" 2>&1; grep -E "median s/iter" "$OUT/profile.txt"
 fi
-WEIGHTS=/tmp/train_bench/ours/model_final.pth
-[ -f "$WEIGHTS" ] || WEIGHTS=""
-if has infer; then
-  log "inference throughput on GPU 0 (weights: ${WEIGHTS:-random})"
-  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/infer_throughput.py --weights "$WEIGHTS" --num-images 64 \
-    --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
-fi
-if has large; then
-  log "predict_large 8192^2 on GPU 0"
-  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/predict_large.py --weights "$WEIGHTS" --size 8192 \
-    --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
-fi
+[ -f "$WEIGHTS" ] || WEIGHTS=/tmp/train_bench/ours/model_final.pth
+if [ "$INFER_GPU" = 0 ]; then infer_stages; else wait "$SIDE_PID"; fi
 if [ -n "$ACC_PID" ]; then
   log "waiting for the accuracy recipe"
   wait "$ACC_PID"; log "accuracy recipe exit $?"; collect_accuracy
