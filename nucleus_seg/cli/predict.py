@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     parser.add_argument("--resume", action="store_true",
                         help="skip images whose outputs exist (per-run files are still rebuilt from all)")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine; images are "
+                        "sharded across all of them, each written once (CPU: gloo processes)")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0)
+    parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 when several machines")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -211,9 +216,79 @@ def _guarded(run: _Run, path: Path, fn) -> None:
         run.fail(path, exc)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _predict_files(cfg, files: list[Path], run: _Run) -> None:
+    """Predict ``files`` into ``run``: batches of small images, large ones tile by tile."""
     from tqdm import tqdm
 
+    from ..data.io import read_image
+    from ..engine.predictor import NucleusPredictor
+
+    predictor = NucleusPredictor(cfg)
+    tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
+    pending: list[tuple[Path, np.ndarray]] = []
+    bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
+    for f in files:
+        try:
+            raw = read_image(f)
+        except Exception as exc:  # noqa: BLE001 - reported, run goes on
+            run.fail(f, exc)
+            bar.update(1)
+            continue
+        if _is_large(raw.shape, predictor, tile):
+            _guarded(run, f, lambda f=f, raw=raw: run.write_image(
+                f.stem, raw, predictor.predict_large(raw, progress=True), predictor.cfg))
+            bar.update(1)
+            continue
+        pending.append((f, raw))
+        if len(pending) >= predictor.batch_size:
+            _predict_small(predictor, run, pending, bar)
+            pending = []
+    if pending:
+        _predict_small(predictor, run, pending, bar)
+    bar.close()
+
+
+def _shard_worker(cfg, files: list[Path], run: _Run, handoff: Path) -> None:
+    """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
+    outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
+    import pickle
+
+    from detectron2.utils import comm
+
+    mine = _Run(run.out, run.formats)
+    _predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine)
+    parts = comm.gather((mine.rows, mine.coco, mine.failures, mine.written), dst=0)
+    if comm.is_main_process():
+        tmp = handoff.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(parts))
+        tmp.replace(handoff)
+
+
+def _predict_sharded(cfg, files: list[Path], run: _Run, args) -> None:
+    """``--num-gpus N``: detectron2's launch() (NCCL on GPUs, gloo on CPU), images sharded across ranks.
+    The per-run files are then written here from every rank's part, in input order, as in a 1-GPU run."""
+    import os
+    import pickle
+
+    from detectron2.engine import launch
+
+    handoff = run.out / f".nucleus-predict-{os.getpid()}.parts"
+    launch(_shard_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(cfg, files, run, handoff))
+    if args.machine_rank != 0:
+        return  # machine 0 writes the per-run files
+    try:
+        parts = pickle.loads(handoff.read_bytes())
+    finally:
+        handoff.unlink(missing_ok=True)
+    for rows, coco, failures, written in parts:
+        run.rows.update(rows)
+        run.coco.update(coco)
+        run.failures.extend(failures)
+        run.written.update(written)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may also follow the KEY VALUE overrides
     inputs, opts = _split_opts(list(args.input), list(args.opts or []))
@@ -231,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from ..config import get_nucleus_cfg
-    from ..data.io import read_image
     from ..engine.outputs import write_coco_json, write_submission_csv
-    from ..engine.predictor import NucleusPredictor
 
     try:
         cfg = get_nucleus_cfg(args.config_file, opts)
@@ -274,30 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     if files and len(todo) < len(files):
         logger.info("--resume: %d of %d images already done", len(files) - len(todo), len(files))
 
-    if todo:
-        predictor = NucleusPredictor(cfg)
-        tile = int(pred_cfg.TILE_SIZE)
-        pending: list[tuple[Path, np.ndarray]] = []
-        bar = tqdm(total=len(todo), desc="nucleus-predict", unit="img")
-        for f in todo:
-            try:
-                raw = read_image(f)
-            except Exception as exc:  # noqa: BLE001 - reported, run goes on
-                run.fail(f, exc)
-                bar.update(1)
-                continue
-            if _is_large(raw.shape, predictor, tile):
-                _guarded(run, f, lambda f=f, raw=raw: run.write_image(
-                    f.stem, raw, predictor.predict_large(raw, progress=True), predictor.cfg))
-                bar.update(1)
-                continue
-            pending.append((f, raw))
-            if len(pending) >= predictor.batch_size:
-                _predict_small(predictor, run, pending, bar)
-                pending = []
-        if pending:
-            _predict_small(predictor, run, pending, bar)
-        bar.close()
+    world = args.num_gpus * args.num_machines
+    if todo and world > 1:
+        _predict_sharded(cfg, todo, run, args)
+    elif todo:
+        _predict_files(cfg, todo, run)
 
     order = [f.stem for f in files]
     if "submission" in formats:
