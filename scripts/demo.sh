@@ -12,7 +12,8 @@ else
   CFG=${NUCLEUS_DEMO_CONFIG:-configs/nucleus_R101_FPN_cpu_demo.yaml}
 fi
 echo "[demo] config $CFG, outputs in $OUT"
-nucleus-train --config-file "$CFG" OUTPUT_DIR "$OUT/train"
+# DATASETS.TEST "()": the evaluation below is the one that counts; no second one at the end of training
+nucleus-train --config-file "$CFG" OUTPUT_DIR "$OUT/train" DATASETS.TEST "()"
 WEIGHTS="$OUT/train/model_final.pth"
 nucleus-eval --config-file "$CFG" --dataset nucleus_synth_val --dataset nucleus_dsb_sample \
   --output "$OUT/eval" MODEL.WEIGHTS "$WEIGHTS"
@@ -29,5 +30,5 @@ for kind in ("eval", "baseline"):
         m = json.loads(f.read_text())
         keys = ("dsb_score", "ap50", "f1_50", "pq", "n_images")
         print(f"[demo] {kind:8s} {f.parent.name:22s} " + "  ".join(f"{k}={m.get(k, float('nan')):.3f}" for k in keys))
-print(f"[demo] overlays: {sorted(str(p) for p in out.rglob('*overlay*.png'))[:6]}")
+print("[demo] pictures:", *sorted(str(p) for p in out.rglob("*.png")), sep="\n  ")
 PY

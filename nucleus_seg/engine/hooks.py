@@ -253,3 +253,6 @@ class TimeBudget(HookBase):
         for hook in trainer._hooks:
             if isinstance(hook, PeriodicCheckpointer):
                 hook.max_iter = new_max
+            for writer in getattr(hook, "_writers", ()):  # PeriodicWriter's CommonMetricPrinter: the ETA
+                if hasattr(writer, "_max_iter"):
+                    writer._max_iter = new_max
