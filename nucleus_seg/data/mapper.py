@@ -18,8 +18,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
 
+from ..structures import LabelMasks
 from .io import normalize_image, read_image
 
 __all__ = ["NucleusDatasetMapper", "instance_label_layers", "AnnotationError"]
@@ -262,16 +263,18 @@ def instances_from_labels(
             if sl is not None and in_layer[i]:
                 slices[i] = sl
     keep = np.flatnonzero(areas >= max(1, min_area))
-    masks = np.zeros((keep.size, h, w), dtype=bool)
     boxes = np.zeros((keep.size, 4), np.float32)
     for j, i in enumerate(keep.tolist()):
         ys, xs = slices[i]
-        np.equal(labels[ys, xs, layer_of[i]], i + 1, out=masks[j, ys, xs])
         boxes[j] = (xs.start, ys.start, xs.stop, ys.stop)
     target = Instances((h, w))
     target.gt_boxes = Boxes(torch.from_numpy(boxes))
     target.gt_classes = torch.as_tensor(classes[keep], dtype=torch.int64)
-    target.gt_masks = BitMasks(torch.from_numpy(masks))
+    # instance i is the pixels labelled i+1 in its layer: masks stay a label stack until the GPU
+    dtype = np.int16 if n < np.iinfo(np.int16).max else np.int32
+    stack = torch.from_numpy(np.ascontiguousarray(labels.transpose(2, 0, 1), dtype=dtype))
+    target.gt_masks = LabelMasks(stack, torch.from_numpy(layer_of[keep].astype(np.int64)),
+                                 torch.from_numpy(keep + 1))
     return target
 
 
