@@ -9,7 +9,9 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = PROJECT_ROOT / "configs"
+# a checkout's configs/, or the copy a wheel installs as nucleus_seg/configs
+CONFIGS_DIR = next((d for d in (PROJECT_ROOT / "configs", Path(__file__).resolve().parent / "configs")
+                    if d.is_dir()), PROJECT_ROOT / "configs")
 
 
 def add_nucleus_config(cfg: CN) -> None:

@@ -47,3 +47,4 @@ def test_read_image_errors_name_the_file(tmp_path):
         io.read_image(tmp_path / "missing.tif")
     with pytest.raises(io.ImageReadError, match="z-stacks"):
         io.check_image_shape(np.zeros((5, 16, 16, 2)), "stack.tif")
+
