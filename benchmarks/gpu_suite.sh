@@ -5,11 +5,11 @@
 #   2. the accuracy recipe (scripts/train_synthetic.sh) in the background on the last GPU;
 #   3. on GPU 0: training throughput, inference throughput, predict_large on an 8192^2 mosaic.
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
-# stages: install smoke accuracy train profile infer large (default: all). JSON lines go to OUT_DIR/results.jsonl.
+# stages: install smoke accuracy train profile infer large scaling (default: all). JSON lines go to OUT_DIR/results.jsonl.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARBALL=$1; OUT=$2; shift 2
-STAGES=${*:-install smoke accuracy train profile infer large}
+STAGES=${*:-install smoke accuracy train profile infer large scaling}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export NUCLEUS_DATASETS=/tmp/nucleus_datasets MPLBACKEND=Agg
 mkdir -p "$OUT"
@@ -84,6 +84,28 @@ if has profile; then
 fi
 [ -f "$WEIGHTS" ] || WEIGHTS=/tmp/train_bench/ours/model_final.pth
 if [ "$INFER_GPU" = 0 ]; then infer_stages; else wait "$SIDE_PID"; fi
+if has scaling && [ "$NGPU" -gt 1 ]; then
+  log "training scaling: 1 vs $NGPU GPUs, same images"
+  python3 benchmarks/train_throughput.py --side scaling --num-gpus "$NGPU" --iters ${SCALING_ITERS:-200} \
+    --warmup 40 --out-dir /tmp/scaling --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+  log "nucleus-predict on 1 vs $NGPU GPUs"
+  W=${WEIGHTS:-/tmp/scaling/1gpu/ours/model_final.pth}
+  for g in 1 "$NGPU"; do
+    nucleus-predict --config-file configs/nucleus_R101_FPN_scratch.yaml --input /tmp/nucleus_bench/*/*/images/*.png \
+      --output "/tmp/pred_${g}gpu" --num-gpus "$g" MODEL.WEIGHTS "$W" > /dev/null 2>&1
+  done
+  python3 - "$NGPU" <<'PY'
+import filecmp, sys
+from pathlib import Path
+import numpy as np, tifffile
+a, b = Path("/tmp/pred_1gpu"), Path(f"/tmp/pred_{sys.argv[1]}gpu")
+names = sorted(p.name for p in a.iterdir())
+same = sorted(p.name for p in b.iterdir()) == names and all(
+    np.array_equal(tifffile.imread(a / n), tifffile.imread(b / n)) if n.endswith(".tif") else
+    filecmp.cmp(a / n, b / n, shallow=False) for n in names if not n.endswith(".png"))
+print(f"nucleus-predict 1 vs {sys.argv[1]} GPUs: {len(names)} files, identical: {same}")
+PY
+fi
 if [ -n "$ACC_PID" ]; then
   log "waiting for the accuracy recipe"
   wait "$ACC_PID"; log "accuracy recipe exit $?"; collect_accuracy

@@ -7,6 +7,7 @@ Each side runs in its own process (clean CUDA state). Prints one JSON line with 
 warm-up), data time, peak GPU memory and the loss after N iterations for both, and ``train_speedup``.
 
     python benchmarks/train_throughput.py --iters 120 --warmup 30 --save train_throughput.jsonl
+    python benchmarks/train_throughput.py --side scaling --num-gpus 2 --iters 200 --save scaling.jsonl
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _cfg(args, output_dir: str, dataset: str):
     cfg = get_nucleus_cfg(args.config_file, args.opts)
     cfg.DATASETS.TRAIN = (dataset,)
     cfg.DATASETS.TEST = ()
-    cfg.SOLVER.IMS_PER_BATCH = args.batch
+    cfg.SOLVER.IMS_PER_BATCH = args.batch * args.num_gpus  # per-GPU batch fixed; LR scaled linearly
+    cfg.SOLVER.BASE_LR *= args.num_gpus
     cfg.SOLVER.MAX_ITER = args.iters
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.TEST.EVAL_PERIOD = 0
@@ -78,13 +80,19 @@ def run_side(args) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    from detectron2.utils import comm
+
+    if not comm.is_main_process():
+        return {}  # detectron2 records metrics on rank 0 only
     steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])] or [wall / args.iters]
     storage = trainer.storage
     data_times = [v for v, _ in storage.history("data_time").values()][args.warmup:]
     losses = [v for v, _ in storage.history("total_loss").values()]
     step = statistics.median(steps)
     return {
-        "img_per_s": args.batch / step,
+        "img_per_s": args.batch * args.num_gpus / step,
+        "num_gpus": args.num_gpus,
+        "iters": args.iters,
         "s_per_iter": step,
         "data_time_s": statistics.median(data_times) if data_times else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
@@ -94,6 +102,25 @@ def run_side(args) -> dict:
         "num_workers": cfg.DATALOADER.NUM_WORKERS,
         "amp": cfg.SOLVER.AMP.ENABLED,
     }
+
+
+def _write_side(args) -> None:
+    """One side in this process (or in each rank of a launch()); rank 0 writes the result."""
+    from detectron2.utils import comm
+
+    result = run_side(args)
+    if comm.is_main_process():
+        Path(args.child_out).write_text(json.dumps(result))
+
+
+def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        cmd = [sys.executable, __file__, "--side", side, "--child-out", tmp.name, "--num-gpus", str(num_gpus),
+               "--config-file", args.config_file, "--iters", str(iters), "--warmup", str(warmup),
+               "--batch", str(args.batch), "--num-images", str(args.num_images), "--data-root", args.data_root,
+               "--out-dir", out_dir, *args.opts]
+        subprocess.run(cmd, check=True)
+        return json.loads(Path(tmp.name).read_text())
 
 
 def main() -> None:
@@ -106,26 +133,42 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--out-dir", default=tempfile.mkdtemp(prefix="train_bench_"),
                         help="each side trains into OUT_DIR/<side> (model_final.pth is kept)")
-    parser.add_argument("--side", choices=["both", "vanilla", "ours"], default="both")
+    parser.add_argument("--side", choices=["both", "vanilla", "ours", "scaling"], default="both",
+                        help="both: vanilla vs ours on one GPU; scaling: ours on 1 vs --num-gpus GPUs")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per side (scaling: the N compared to 1)")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for both sides")
     args = parser.parse_args()
 
-    if args.side != "both":
-        result = run_side(args)
-        Path(args.child_out).write_text(json.dumps(result))
+    benchmark_dataset(Path(args.data_root), args.num_images)  # once, before any rank or side starts
+    if args.side in ("vanilla", "ours"):
+        if args.num_gpus > 1:
+            from detectron2.engine import launch
+
+            launch(_write_side, args.num_gpus, dist_url="auto", args=(args,))
+        else:
+            _write_side(args)
         return
-    sides = {}
-    for side in ("vanilla", "ours"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, __file__, "--side", side, "--child-out", tmp.name,
-                   "--config-file", args.config_file, "--iters", str(args.iters), "--warmup", str(args.warmup),
-                   "--batch", str(args.batch), "--num-images", str(args.num_images), "--data-root", args.data_root,
-                   "--out-dir", args.out_dir,
-                   *args.opts]
-            subprocess.run(cmd, check=True)
-            sides[side] = json.loads(Path(tmp.name).read_text())
+    if args.side == "scaling":
+        # the same number of images on 1 and N GPUs (per-GPU batch fixed), so the losses compare
+        n = args.num_gpus
+        one = _child(args, "ours", 1, args.iters, args.warmup, os.path.join(args.out_dir, "1gpu"))
+        many = _child(args, "ours", n, args.iters // n, args.warmup // n, os.path.join(args.out_dir, f"{n}gpu"))
+        result = {
+            "benchmark": "train_scaling",
+            **device_facts(),
+            "config": args.config_file,
+            "opts": args.opts,
+            "batch_per_gpu": args.batch,
+            "images": args.iters * args.batch,
+            "one_gpu": one,
+            f"{n}_gpus": many,
+            "scaling": many["img_per_s"] / one["img_per_s"],
+        }
+        emit(result, args.save)
+        return
+    sides = {side: _child(args, side, 1, args.iters, args.warmup, args.out_dir) for side in ("vanilla", "ours")}
     result = {
         "benchmark": "train_throughput",
         **device_facts(),
