@@ -201,7 +201,7 @@ def evaluate_datasets(
     from detectron2.evaluation import inference_on_dataset, print_csv_format
 
     from ..data.io import read_image
-    from ..engine.trainer import register_datasets_from_cfg
+    from ..engine.trainer import dataset_dirname, register_datasets_from_cfg
     from ..evaluation.evaluator import NucleusEvaluator, gt_label_image, prediction_label_image
 
     # as the trainer does: synthetic sets regenerate with cfg.NUCLEUS.SYNTH.*, so training and this
@@ -217,7 +217,7 @@ def evaluate_datasets(
     batch = max(int(cfg.NUCLEUS.PREDICT.BATCH_SIZE), 1) if baseline is None else 1
     reports = {}
     for name in datasets:
-        out_dir = Path(output) / name
+        out_dir = Path(output) / dataset_dirname(name)
         evaluator = NucleusEvaluator.from_config(cfg, name, str(out_dir))
         inputs = [
             {k: r[k] for k in ("file_name", "image_id", "height", "width")} for r in evaluator.dataset_dicts

@@ -63,13 +63,37 @@ def register_datasets_from_cfg(cfg: CfgNode) -> None:
     registered = set(DatasetCatalog.list())
     for key, group in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
         for name in group:
-            if name not in registered:
+            if name not in registered and not register_path_dataset(name):
                 nucleus = sorted(n for n in registered if n.startswith("nucleus_"))
                 raise KeyError(
-                    f"{key} names dataset {name!r}, which is not registered. Register it with "
+                    f"{key} names dataset {name!r}, which is not registered and is no existing folder or "
+                    f"COCO JSON file (FOLDER or FOLDER@train / FOLDER@val). Register it with "
                     f"nucleus_seg.data.register_nucleus_dataset(name, folder) before training, or use one "
                     f"of {nucleus}"
                 )
+
+
+def dataset_dirname(name: str) -> str:
+    """A folder name for a dataset's outputs; path-named datasets must not write into their own path."""
+    import re
+
+    return re.sub(r"[^\w.@-]+", "_", name).strip("_") or "dataset"
+
+
+def register_path_dataset(name: str) -> bool:
+    """Command-line users name data by path: ``/data/stage1_train``, ``/data/stage1_train@val`` (a DSB
+    split), ``/data/lab`` (label images) or ``/data/nuclei.json`` register under that very name."""
+    from pathlib import Path
+
+    from ..data import register_nucleus_dataset
+
+    root, at, split = name.rpartition("@") if "@" in name else (name, "", "")
+    if not at or split not in ("train", "val"):
+        root, split = name, ""
+    if not Path(root).exists():
+        return False
+    register_nucleus_dataset(name, root, split=split or None)
+    return True
 
 
 def best_metric_key(cfg: CfgNode) -> str:
@@ -195,7 +219,7 @@ class NucleusTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         from ..evaluation import NucleusEvaluator
 
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_dirname(dataset_name))
         return NucleusEvaluator.from_config(cfg, dataset_name, output_folder)
 
     def build_hooks(self) -> list:
