@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 
 KEYS = ("dsb_score", "ap50", "f1_50", "pq", "n_images", "n_gt", "n_pred")
@@ -30,6 +31,7 @@ def main() -> None:
     report = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "num_gpus": int(os.environ.get("NUCLEUS_NUM_GPUS", "1")),
         "torch": torch.__version__,
         "config": args.config,
         "opts": args.opts,
