@@ -108,9 +108,12 @@ def _write_side(args) -> None:
     """One side in this process (or in each rank of a launch()); rank 0 writes the result."""
     from detectron2.utils import comm
 
+    from nucleus_seg.utils.dist import close_process_group
+
     result = run_side(args)
     if comm.is_main_process():
         Path(args.child_out).write_text(json.dumps(result))
+    close_process_group()
 
 
 def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str) -> dict:

@@ -208,6 +208,9 @@ def _ddp_worker(out_dir: str) -> None:
     results = run(evaluator, outputs)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(results, f)
+    from nucleus_seg.utils.dist import close_process_group
+
+    close_process_group()
 
 
 def test_evaluator_gathers_over_ddp_processes(tmp_path):

@@ -262,6 +262,9 @@ def _shard_worker(cfg, files: list[Path], run: _Run, handoff: Path) -> None:
         tmp = handoff.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(parts))
         tmp.replace(handoff)
+    from ..utils.dist import close_process_group
+
+    close_process_group()
 
 
 def _predict_sharded(cfg, files: list[Path], run: _Run, args) -> None:

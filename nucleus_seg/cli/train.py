@@ -108,10 +108,15 @@ def main_worker(args: argparse.Namespace):
     trainer = NucleusTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     try:
-        return trainer.train()
+        result = trainer.train()
     except FloatingPointError as exc:
         logger.error(divergence_message(trainer.cfg, exc))
         raise SystemExit(EXIT_DIVERGED) from exc
+    if args.num_gpus * args.num_machines > 1:
+        from ..utils.dist import close_process_group
+
+        close_process_group()
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
