@@ -77,16 +77,22 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.NUCLEUS.EVAL.COCO = True
 
 
+def resolve_config_path(config_file: str | Path) -> Path:
+    """The file as given, else the bundled config of that name (``--config-file NAME`` anywhere)."""
+    path = Path(config_file)
+    if not path.exists() and (CONFIGS_DIR / path.name).exists():
+        path = CONFIGS_DIR / path.name
+    if not path.exists():
+        raise FileNotFoundError(f"config file {config_file} not found (bundled configs in {CONFIGS_DIR}: "
+                                f"{sorted(p.name for p in CONFIGS_DIR.glob('*.yaml'))})")
+    return path
+
+
 def get_nucleus_cfg(config_file: str | Path | None = None, opts: Sequence[str] = ()) -> CN:
     """A detectron2 config with nucleus keys, merged from a YAML and KEY VALUE overrides."""
     cfg = get_cfg()
     add_nucleus_config(cfg)
     if config_file:
-        path = Path(config_file)
-        if not path.exists() and (CONFIGS_DIR / path.name).exists():
-            path = CONFIGS_DIR / path.name
-        if not path.exists():
-            raise FileNotFoundError(f"config file {config_file} not found (bundled configs: {CONFIGS_DIR})")
-        cfg.merge_from_file(str(path))
+        cfg.merge_from_file(str(resolve_config_path(config_file)))
     cfg.merge_from_list(list(opts))
     return cfg

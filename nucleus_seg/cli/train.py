@@ -37,16 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(path: str) -> str:
-    """A config path as given, else the bundled config of that name (so ``--config-file NAME`` works)."""
-    from ..config import CONFIGS_DIR
+    """``--config-file`` (default: the scratch config) as a path default_setup can copy."""
+    from ..config import resolve_config_path
 
-    path = path or DEFAULT_CONFIG
-    if not Path(path).exists() and (CONFIGS_DIR / Path(path).name).exists():
-        return str(CONFIGS_DIR / Path(path).name)
-    if not Path(path).exists():
-        raise SystemExit(f"nucleus-train: config file {path} not found (bundled configs: "
-                         f"{sorted(p.name for p in CONFIGS_DIR.glob('*.yaml'))})")
-    return path
+    try:
+        return str(resolve_config_path(path or DEFAULT_CONFIG))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"nucleus-train: {exc}") from exc
 
 
 def setup(args: argparse.Namespace):
