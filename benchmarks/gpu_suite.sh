@@ -43,11 +43,11 @@ collect_accuracy() {
 }
 if has accuracy && [ "${ACC_GPUS:-1}" -gt 1 ]; then
   log "accuracy recipe on $ACC_GPUS GPUs (foreground)"
-  NUCLEUS_NUM_GPUS=$ACC_GPUS bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1
+  NUCLEUS_NUM_GPUS=$ACC_GPUS NUCLEUS_PROCS_PER_GPU=${ACC_PROCS:-1} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1
   log "accuracy recipe exit $?"; collect_accuracy
 elif has accuracy; then
   log "accuracy recipe on GPU $LAST_GPU (background)"
-  CUDA_VISIBLE_DEVICES=$LAST_GPU bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$LAST_GPU NUCLEUS_PROCS_PER_GPU=${ACC_PROCS:-1} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
   ACC_PID=$!
 fi
 # inference benchmarks use the accuracy recipe's model when there is one (trained weights make the
@@ -75,7 +75,7 @@ if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi
 if has train; then
   log "train throughput on GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --iters ${TRAIN_ITERS:-120} --warmup 30 \
-    --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+    --variants ${TRAIN_VARIANTS:-1x8,2x8} --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
 fi
 if has profile; then
   log "profile of NucleusTrainer on GPU 0"

@@ -2,11 +2,13 @@
 
 (a) vanilla: ``DefaultTrainer`` + detectron2's ``DatasetMapper`` (bitmask masks, resize to 512, flip),
     detectron2's default loader settings; no nucleus_seg code in the training loop.
-(b) ours: ``NucleusTrainer`` exactly as ``nucleus-train`` builds it from the same YAML.
+(b) ours: ``NucleusTrainer`` exactly as ``nucleus-train`` builds it from the same YAML, in one or more
+    variants ``PxB`` = P processes on the GPU (``nucleus-train --procs-per-gpu P``) with B images each.
 Each side runs in its own process (clean CUDA state). Prints one JSON line with img/s (median after
-warm-up), data time, peak GPU memory and the loss after N iterations for both, and ``train_speedup``.
+warm-up), data time, peak GPU memory and the loss after N iterations for both, and ``train_speedup``
+(fastest variant) and ``train_speedup_same_batch`` (variant 1xB, B = --batch: the same step as vanilla).
 
-    python benchmarks/train_throughput.py --iters 120 --warmup 30 --save train_throughput.jsonl
+    python benchmarks/train_throughput.py --iters 120 --warmup 30 --variants 1x8,2x8 --save train.jsonl
     python benchmarks/train_throughput.py --side scaling --num-gpus 2 --iters 200 --save scaling.jsonl
 """
 
@@ -32,8 +34,9 @@ def _cfg(args, output_dir: str, dataset: str):
     cfg = get_nucleus_cfg(args.config_file, args.opts)
     cfg.DATASETS.TRAIN = (dataset,)
     cfg.DATASETS.TEST = ()
-    cfg.SOLVER.IMS_PER_BATCH = args.batch * args.num_gpus  # per-GPU batch fixed; LR scaled linearly
-    cfg.SOLVER.BASE_LR *= args.num_gpus
+    world = args.num_gpus * args.procs_per_gpu
+    cfg.SOLVER.IMS_PER_BATCH = args.batch * world  # per-process batch fixed; LR scaled linearly
+    cfg.SOLVER.BASE_LR *= world
     cfg.SOLVER.MAX_ITER = args.iters
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.TEST.EVAL_PERIOD = 0
@@ -90,8 +93,10 @@ def run_side(args) -> dict:
     losses = [v for v, _ in storage.history("total_loss").values()]
     step = statistics.median(steps)
     return {
-        "img_per_s": args.batch * args.num_gpus / step,
+        "img_per_s": cfg.SOLVER.IMS_PER_BATCH / step,
         "num_gpus": args.num_gpus,
+        "procs_per_gpu": args.procs_per_gpu,
+        "batch_per_proc": args.batch,
         "iters": args.iters,
         "s_per_iter": step,
         "data_time_s": statistics.median(data_times) if data_times else None,
@@ -101,6 +106,7 @@ def run_side(args) -> dict:
         "wall_s": wall,
         "num_workers": cfg.DATALOADER.NUM_WORKERS,
         "amp": cfg.SOLVER.AMP.ENABLED,
+        "amp_dtype": "float16" if args.side == "vanilla" else cfg.NUCLEUS.TRAIN.AMP_DTYPE,
     }
 
 
@@ -116,14 +122,23 @@ def _write_side(args) -> None:
     close_process_group()
 
 
-def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str) -> dict:
+def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str, *, procs_per_gpu: int = 1,
+           batch: int | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, __file__, "--side", side, "--child-out", tmp.name, "--num-gpus", str(num_gpus),
-               "--config-file", args.config_file, "--iters", str(iters), "--warmup", str(warmup),
-               "--batch", str(args.batch), "--num-images", str(args.num_images), "--data-root", args.data_root,
-               "--out-dir", out_dir, *args.opts]
+               "--procs-per-gpu", str(procs_per_gpu), "--config-file", args.config_file, "--iters", str(iters),
+               "--warmup", str(warmup), "--batch", str(batch or args.batch), "--num-images", str(args.num_images),
+               "--data-root", args.data_root, "--out-dir", out_dir, *args.opts]
         subprocess.run(cmd, check=True)
         return json.loads(Path(tmp.name).read_text())
+
+
+def parse_variants(text: str) -> list[tuple[int, int]]:
+    """"1x8,2x8" -> [(1, 8), (2, 8)]: processes per GPU x images per process."""
+    try:
+        return [(int(p), int(b)) for p, b in (v.lower().split("x") for v in text.split(",") if v)]
+    except ValueError as exc:
+        raise SystemExit(f"--variants: expected PxB[,PxB...] such as 1x8,2x8, got {text!r}") from exc
 
 
 def main() -> None:
@@ -139,6 +154,8 @@ def main() -> None:
     parser.add_argument("--side", choices=["both", "vanilla", "ours", "scaling"], default="both",
                         help="both: vanilla vs ours on one GPU; scaling: ours on 1 vs --num-gpus GPUs")
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per side (scaling: the N compared to 1)")
+    parser.add_argument("--procs-per-gpu", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="1x8", help="ours: PxB,... = P processes per GPU x B images each")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for both sides")
@@ -146,10 +163,10 @@ def main() -> None:
 
     benchmark_dataset(Path(args.data_root), args.num_images)  # once, before any rank or side starts
     if args.side in ("vanilla", "ours"):
-        if args.num_gpus > 1:
-            from detectron2.engine import launch
+        if args.num_gpus * args.procs_per_gpu > 1:
+            from nucleus_seg.utils.dist import launch
 
-            launch(_write_side, args.num_gpus, dist_url="auto", args=(args,))
+            launch(_write_side, args.num_gpus, procs_per_gpu=args.procs_per_gpu, dist_url="auto", args=(args,))
         else:
             _write_side(args)
         return
@@ -171,7 +188,17 @@ def main() -> None:
         }
         emit(result, args.save)
         return
-    sides = {side: _child(args, side, 1, args.iters, args.warmup, args.out_dir) for side in ("vanilla", "ours")}
+    vanilla = _child(args, "vanilla", 1, args.iters, args.warmup, args.out_dir)  # trains in OUT_DIR/vanilla
+    ours = {}
+    for procs, batch in parse_variants(args.variants):
+        name = f"{procs}x{batch}"
+        # the same number of images in every variant
+        iters = max(args.warmup + 10, args.iters * args.batch // (procs * batch))
+        ours[name] = _child(args, "ours", 1, iters, args.warmup * args.batch // (procs * batch),
+                            args.out_dir if name == f"1x{args.batch}" else os.path.join(args.out_dir, name),
+                            procs_per_gpu=procs, batch=batch)
+    best = max(ours, key=lambda k: ours[k]["img_per_s"])
+    same = ours.get(f"1x{args.batch}")
     result = {
         "benchmark": "train_throughput",
         **device_facts(),
@@ -180,9 +207,11 @@ def main() -> None:
         "batch": args.batch,
         "iters": args.iters,
         "image_size": 512,
-        "vanilla": sides["vanilla"],
-        "nucleus_seg": sides["ours"],
-        "train_speedup": sides["ours"]["img_per_s"] / sides["vanilla"]["img_per_s"],
+        "vanilla": vanilla,
+        "nucleus_seg": {"variant": best, **ours[best]},
+        "nucleus_seg_variants": ours,
+        "train_speedup": ours[best]["img_per_s"] / vanilla["img_per_s"],
+        "train_speedup_same_batch": same["img_per_s"] / vanilla["img_per_s"] if same else None,
     }
     emit(result, args.save)
 

@@ -32,6 +32,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "num_gpus": int(os.environ.get("NUCLEUS_NUM_GPUS", "1")),
+        "procs_per_gpu": int(os.environ.get("NUCLEUS_PROCS_PER_GPU", "1")),
         "torch": torch.__version__,
         "config": args.config,
         "opts": args.opts,

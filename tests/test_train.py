@@ -201,3 +201,24 @@ def test_two_process_gloo_training_through_launch(tiny_cfg, tmp_path, synth_root
     assert checkpoint["iteration"] == 1
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert [r["iteration"] for r in records if "total_loss" in r] == [1]  # written once (rank 0), not twice
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_one_device_through_procs_per_gpu(tiny_cfg, tmp_path, synth_root):
+    """`--procs-per-gpu 2`: two gloo ranks on one device (here the CPU), the batch split between them."""
+    yaml = config_file(tiny_cfg, tmp_path, **{
+        "DATASETS.TRAIN": "()", "DATASETS.TEST": "()", "SOLVER.IMS_PER_BATCH": 2, "SOLVER.MAX_ITER": 2,
+        "SOLVER.CHECKPOINT_PERIOD": 100})
+    out = tmp_path / "out"
+    assert main(["--config-file", yaml, "--num-gpus", "1", "--procs-per-gpu", "2", "--dist-url", "auto"]) == 0
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 1
+    assert "World size: 2" in (out / "log.txt").read_text()
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "total_loss" in r] == [1]
+
+
+def test_ranks_sharing_gpus_map_to_consecutive_devices():
+    from nucleus_seg.utils.dist import device_for_local_rank
+
+    assert [device_for_local_rank(r, 2) for r in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [device_for_local_rank(r, 1) for r in range(3)] == [0, 1, 2]

@@ -337,6 +337,11 @@ def speed_up_inference(model: torch.nn.Module) -> None:
     box_predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
     if box_predictor is not None and type(box_predictor).inference is FastRCNNOutputLayers.inference:
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
+    use_half_group_norm(model)
+
+
+def use_half_group_norm(model: torch.nn.Module) -> None:
+    """Run this model's GroupNorm layers in the autocast precision (see ``_half_group_norm``)."""
     for module in model.modules():
         if type(module) is torch.nn.GroupNorm and module.affine:
             module.forward = types.MethodType(_half_group_norm, module)

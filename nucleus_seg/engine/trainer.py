@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 
 import torch
@@ -157,6 +158,84 @@ def _with_fast_norm_clipping(optimizer: torch.optim.Optimizer, max_norm: float, 
     return optimizer
 
 
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_dtype(cfg: CfgNode) -> torch.dtype:
+    """NUCLEUS.TRAIN.AMP_DTYPE, falling back to float16 on GPUs without bfloat16 (before Ampere)."""
+    name = cfg.NUCLEUS.TRAIN.AMP_DTYPE
+    if name not in AMP_DTYPES:
+        raise ValueError(f"NUCLEUS.TRAIN.AMP_DTYPE must be one of {sorted(AMP_DTYPES)}, got {name!r}")
+    if name == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        logger.info("NUCLEUS.TRAIN.AMP_DTYPE bfloat16 -> float16: this GPU has no bfloat16")
+        return torch.float16
+    return AMP_DTYPES[name]
+
+
+class QueuedAMPTrainer(AMPTrainer):
+    """detectron2's AMPTrainer without its two host waits per step.
+
+    AMPTrainer reads every loss with ``.item()`` right after queueing the backward pass, and float16's
+    GradScaler reads its inf check before the optimizer step: each time the host idles until the GPU
+    drains, and the next step's Python work (RPN, ROI sampling) starts late. Here bfloat16 needs no
+    scaler, and the losses are copied to pinned memory after the forward pass and logged (and checked
+    for NaN/Inf) one step later, when they are long on the host. The last step is logged at once.
+    """
+
+    def __init__(self, model, data_loader, optimizer, precision: torch.dtype = torch.bfloat16):
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
+        self.device_type = next(model.parameters()).device.type  # "cuda"; "cpu" in tests (bfloat16)
+        self.last_step = False
+        self._pending: tuple | None = None
+
+    def run_step(self) -> None:
+        assert self.model.training, "[QueuedAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values())
+        values = torch.stack([v.detach().float() for v in loss_dict.values()])
+        ready = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = values
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self.flush_metrics()
+        self._pending = (self.iter, data_time, list(loss_dict), host, ready)
+        if self.last_step:
+            self.flush_metrics()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict.get("grad_scaler"):  # saved by a bfloat16 run (no scaler); float16 starts afresh
+            state_dict = {k: v for k, v in state_dict.items() if k != "grad_scaler"}
+            SimpleTrainer.load_state_dict(self, state_dict)
+            return
+        super().load_state_dict(state_dict)
+
+    def flush_metrics(self) -> None:
+        """Log the queued step's losses (raises FloatingPointError on NaN/Inf, as detectron2 does)."""
+        if self._pending is None:
+            return
+        step, data_time, names, host, ready = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()
+        self._write_metrics(dict(zip(names, host.unbind())), data_time, iter=step)
+
+
 class _UntaggedCheckpointer(DetectionCheckpointer):
     """Saves without moving the ``last_checkpoint`` tag, so model_best never becomes what --resume loads."""
 
@@ -180,15 +259,28 @@ class NucleusTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        ddp_kwargs = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        # this process's device, not detectron2's local rank: with --procs-per-gpu several ranks share one
+        device_ids = None if cfg.MODEL.DEVICE == "cpu" else [torch.cuda.current_device()]
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = QueuedAMPTrainer(model, data_loader, optimizer, precision=amp_dtype(cfg))
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = super().build_model(cfg)
+        if cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM:
+            from .predictor import use_half_group_norm
+
+            use_half_group_norm(model)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -240,6 +332,15 @@ class NucleusTrainer(DefaultTrainer):
         if self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES > 0:  # after PeriodicCheckpointer (saves model_final)
             ret.append(TimeBudget(self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES))
         return ret
+
+    def run_step(self) -> None:
+        self._trainer.last_step = self.iter >= self.max_iter - 1  # log it before the hooks read it
+        super().run_step()
+
+    def after_train(self) -> None:
+        if isinstance(self._trainer, QueuedAMPTrainer):
+            self._trainer.flush_metrics()
+        super().after_train()
 
     def train(self):
         try:
