@@ -68,14 +68,14 @@ infer_stages() {
   if has infer; then
     log "inference throughput on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --weights "$WEIGHTS" --num-images 64 \
-      --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+      --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
 }
 if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi
 if has train; then
   log "train throughput on GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --iters ${TRAIN_ITERS:-120} --warmup 30 \
-    --variants ${TRAIN_VARIANTS:-1x8,2x8} --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+    --variants ${TRAIN_VARIANTS:-1x8,2x8} --vanilla-workers ${VANILLA_WORKERS:-4} --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
 fi
 if has profile; then
   log "profile of NucleusTrainer on GPU 0"
