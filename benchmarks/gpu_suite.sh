@@ -5,7 +5,7 @@
 #   2. the accuracy recipe (scripts/train_synthetic.sh) in the background on the last GPU;
 #   3. on GPU 0: training throughput, inference throughput, predict_large on an 8192^2 mosaic.
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
-# stages: install smoke accuracy train profile infer large scaling (default: all). JSON lines go to OUT_DIR/results.jsonl.
+# stages: install smoke accuracy train profile profile_infer infer large scaling (default: all). JSON lines go to OUT_DIR/results.jsonl.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARBALL=$1; OUT=$2; shift 2
@@ -67,7 +67,7 @@ infer_stages() {
   fi
   if has infer; then
     log "inference throughput on GPU $INFER_GPU (weights: $WEIGHTS)"
-    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --weights "$WEIGHTS" --num-images 64 \
+    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py ${WEIGHTS:+--weights "$WEIGHTS"} --num-images 64 \
       --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
 }
@@ -83,6 +83,12 @@ if has profile; then
     > "$OUT/profile.txt" 2>&1; grep -E "median s/iter" "$OUT/profile.txt"
 fi
 [ -f "$WEIGHTS" ] || WEIGHTS=/tmp/train_bench/ours/model_final.pth
+[ -f "$WEIGHTS" ] || WEIGHTS=""  # random (seeded) weights: timings only
+if has profile_infer; then
+  log "profile of NucleusPredictor.predict_batch on GPU 0"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_infer.py --num-images 64 --batch 32 \
+    ${WEIGHTS:+--weights "$WEIGHTS"} > "$OUT/profile_infer.txt" 2>&1; grep -E "unprofiled wall" "$OUT/profile_infer.txt"
+fi
 if [ "$INFER_GPU" = 0 ]; then infer_stages; else wait "$SIDE_PID"; fi
 if has scaling && [ "$NGPU" -gt 1 ]; then
   log "training scaling: 1 vs $NGPU GPUs, same images"
