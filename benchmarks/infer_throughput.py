@@ -104,8 +104,9 @@ def main() -> None:
         return run
 
     sides = {"vanilla": timed(lambda: [vanilla(img) for img in images])}
-    for v in variants:
-        sides[v] = timed(partial(make(v).predict_batch, images))
+    predictors = {v: make(v) for v in variants}
+    for v, predictor in predictors.items():
+        sides[v] = timed(partial(predictor.predict_batch, images))
     for fn in sides.values():  # warm-up: cudnn autotuning, allocator, lazy init
         fn()
     timings: dict[str, list[float]] = {side: [] for side in sides}
@@ -137,7 +138,7 @@ def main() -> None:
         "detections_per_image": args.detections,
         "batch": int(best.removesuffix("cl")),
         "channels_last": best.endswith("cl"),
-        "amp": bool(cfg.NUCLEUS.PREDICT.AMP) and torch.cuda.is_available(),
+        "amp": str(predictors[best].amp_dtype).removeprefix("torch.") if predictors[best].amp else None,
         "vanilla": {"img_per_s": v_ips, "ms_per_img": 1000 / v_ips},
         "nucleus_seg": {"variant": best, "img_per_s": o_ips, "ms_per_img": 1000 / o_ips},
         "nucleus_seg_variants": {v: {"img_per_s": ips[v], "ms_per_img": 1000 / ips[v]} for v in variants},

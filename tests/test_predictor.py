@@ -9,6 +9,7 @@ import torch
 from nucleus_seg.data.io import ImageReadError, normalize_from_cfg
 from nucleus_seg.engine.predictor import (
     NucleusPredictor,
+    cpu_has_native_bfloat16,
     median_diameter,
     paste_mask_windows,
     windows_to_label,
@@ -330,3 +331,19 @@ def test_auto_diameter_tiled_and_untiled_agree(cfg):
     tiled = predictor.predict_large(image, tile=512, overlap=64, diameter="auto")
     assert len(untiled) > 0
     np.testing.assert_array_equal(tiled.labels, untiled.labels)
+
+
+def test_cpu_inference_runs_in_bfloat16_where_the_cpu_has_it(cfg):
+    cfg.NUCLEUS.PREDICT.AMP = True
+    predictor = NucleusPredictor(cfg)
+    expected = torch.bfloat16 if cpu_has_native_bfloat16() else None
+    assert predictor.amp_dtype == expected
+    seen = []
+    stem = predictor.model.backbone.bottom_up.stem.conv1
+    stem.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    out = predictor(blobs((96, 96)))["instances"]
+    assert seen == [expected or torch.float32]
+    assert out.pred_masks.shape[1:] == (96, 96) and out.pred_masks.dtype == torch.bool
+    assert out.scores.dtype == torch.float32  # outputs in full precision whatever ran inside
+    cfg.NUCLEUS.PREDICT.AMP = False
+    assert NucleusPredictor(cfg).amp_dtype is None

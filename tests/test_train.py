@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nucleus_seg.cli.train import EXIT_DIVERGED, main
+from nucleus_seg.engine.predictor import cpu_has_native_bfloat16
 from nucleus_seg.engine.trainer import (
     NucleusTrainer,
     divergence_message,
@@ -150,11 +151,15 @@ def test_prepare_cfg_switches_amp_and_device_to_what_the_machine_has(tiny_cfg):
     cfg.freeze()
     ready = prepare_cfg(cfg)
     cuda = torch.cuda.is_available()
-    assert ready.SOLVER.AMP.ENABLED is cuda
+    assert ready.SOLVER.AMP.ENABLED is (cuda or cpu_has_native_bfloat16())
     device = ready.MODEL.DEVICE
     assert device == ("cuda" if cuda else "cpu")
     assert ready.DATASETS.TRAIN == ("nucleus_synth_train",) and ready.is_frozen()
     assert cfg.SOLVER.AMP.ENABLED  # the input config is left alone
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.NUCLEUS.TRAIN.AMP_DTYPE = "float16"  # no float16 training on CPU
+    assert prepare_cfg(cfg).SOLVER.AMP.ENABLED is cuda
 
 
 def test_unknown_dataset_is_named(tiny_cfg):

@@ -30,7 +30,8 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
     """Adapt a config to this machine and fill defaults; returns a copy, logging every change.
 
     detectron2's AMPTrainer asserts CUDA, and its default MODEL.DEVICE "cuda" fails on CPU-only
-    machines, so both are switched off here instead of failing after the model is built.
+    machines, so both are switched off here instead of failing after the model is built; AMP stays on
+    for CPUs with native bfloat16 (QueuedAMPTrainer runs there).
     """
     cfg = cfg.clone()
     frozen = cfg.is_frozen()
@@ -40,9 +41,14 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
         logger.warning("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     if cfg.SOLVER.AMP.ENABLED and (not cuda or cfg.MODEL.DEVICE == "cpu"):
-        logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA (MODEL.DEVICE=%s)",
-                    cfg.MODEL.DEVICE)
-        cfg.SOLVER.AMP.ENABLED = False
+        from .predictor import cpu_has_native_bfloat16
+
+        if cfg.NUCLEUS.TRAIN.AMP_DTYPE == "bfloat16" and cpu_has_native_bfloat16():
+            logger.info("Mixed precision on CPU: bfloat16 autocast (this CPU has AMX/AVX512-BF16)")
+        else:
+            logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA or a CPU with native "
+                        "bfloat16 and NUCLEUS.TRAIN.AMP_DTYPE bfloat16 (MODEL.DEVICE=%s)", cfg.MODEL.DEVICE)
+            cfg.SOLVER.AMP.ENABLED = False
     if not cfg.DATASETS.TRAIN:
         logger.info("DATASETS.TRAIN is empty: training on the synthetic default %s", DEFAULT_TRAIN)
         cfg.DATASETS.TRAIN = DEFAULT_TRAIN
