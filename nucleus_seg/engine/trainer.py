@@ -262,6 +262,12 @@ class NucleusTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        world = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} does not divide over the {world} training "
+                f"processes (GPUs x --procs-per-gpu x machines): use a multiple of {world}, or "
+                f"SOLVER.REFERENCE_WORLD_SIZE 1 to scale batch and LR with the process count")
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
