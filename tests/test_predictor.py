@@ -347,3 +347,23 @@ def test_cpu_inference_runs_in_bfloat16_where_the_cpu_has_it(cfg):
     assert out.scores.dtype == torch.float32  # outputs in full precision whatever ran inside
     cfg.NUCLEUS.PREDICT.AMP = False
     assert NucleusPredictor(cfg).amp_dtype is None
+
+
+def test_label_outputs_run_the_mask_head_only_on_kept_detections(cfg):
+    predictor = NucleusPredictor(cfg)
+    image = blobs((100, 124), np.uint16, seed=2)
+    inst = predictor(image)["instances"]
+    thresh = float(inst.scores.median())  # a threshold equal to a score: ">=" must keep that one
+    keep = inst.scores >= thresh
+    assert 0 < keep.sum() < len(inst)
+    expected = masks_to_prediction(inst.pred_masks[keep].numpy(), inst.scores[keep].numpy(),
+                                   inst.pred_boxes.tensor[keep].numpy())
+    rois = []
+    predictor.model.roi_heads.mask_head.predictor.register_forward_hook(
+        lambda module, args, out: rois.append(out.shape[0]))
+    got = predictor.predict_labels([image], score_thresh=thresh)[0]
+    assert rois == [int(keep.sum())]  # the mask head saw only the kept detections
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_array_equal(got.scores, expected.scores)
+    np.testing.assert_allclose(got.boxes, expected.boxes)
+    assert predictor.model.roi_heads.box_predictor.test_score_thresh == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST

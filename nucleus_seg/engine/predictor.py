@@ -22,7 +22,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -598,7 +598,7 @@ class NucleusPredictor:
         results: list[Detections | None] = [None] * len(images)
         norms: dict[int, np.ndarray] = {}
         for chunk, prepared in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale))):
-            raws = self._forward([p[1] for p in prepared])
+            raws = self._forward([p[1] for p in prepared], score_thresh)
             dets = self._to_images(raws, prepared[0][0].shape[:2], score_thresh)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
@@ -613,7 +613,8 @@ class NucleusPredictor:
                     redo.setdefault(self._model_size(*norms[i].shape[:2], s), []).append(i)
             for chunk in [c for group in redo.values() for c in _chunks(group, self.batch_size)]:
                 arrays = [_resize(norms[i], self._model_size(*norms[i].shape[:2], own[i])) for i in chunk]
-                dets = self._to_images(self._forward(arrays), norms[chunk[0]].shape[:2], score_thresh)
+                dets = self._to_images(self._forward(arrays, score_thresh), norms[chunk[0]].shape[:2],
+                                       score_thresh)
                 for i, det in zip(chunk, dets):
                     results[i] = det
         return results
@@ -635,11 +636,33 @@ class NucleusPredictor:
 
         chunks = _chunks(tiles, self.batch_size)
         for chunk, crops in zip(chunks, _prefetched(chunks, prepare)):
-            raws = self._forward(crops)
+            raws = self._forward(crops, score_thresh)
             yield self._to_images(raws, norm.shape[:2], score_thresh, frames=chunk), chunk
 
-    def _forward(self, arrays: Sequence[np.ndarray]) -> list[Instances]:
-        """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays."""
+    @contextmanager
+    def _score_floor(self, score_thresh: float | None) -> Iterator[None]:
+        """Detections below ``score_thresh`` dropped before the mask head instead of after it.
+
+        Label outputs keep only scores >= the threshold. Greedy NMS never lets a lower-scoring box
+        suppress a higher one, so filtering first keeps exactly the same detections above it, and the
+        mask head (the costliest part at hundreds of detections) runs on those alone.
+        """
+        box_predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
+        if score_thresh is None or not hasattr(box_predictor, "test_score_thresh"):
+            yield
+            return
+        old = box_predictor.test_score_thresh
+        # detectron2 keeps scores > test_score_thresh; the label outputs keep scores >= score_thresh
+        just_below = float(np.nextafter(np.float32(score_thresh), np.float32(-np.inf)))
+        box_predictor.test_score_thresh = max(old, just_below)
+        try:
+            yield
+        finally:
+            box_predictor.test_score_thresh = old
+
+    def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None) -> list[Instances]:
+        """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
+        ``score_thresh`` only detections scoring at least that (see ``_score_floor``)."""
         tensors: list[torch.Tensor]
         non_blocking = self.device.type == "cuda"
         if len({a.shape for a in arrays}) == 1:  # one host-to-device copy for the whole batch
@@ -653,7 +676,7 @@ class NucleusPredictor:
                        for a in arrays]
         inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else nullcontext()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, self._score_floor(score_thresh):
             return self.model.inference(inputs, do_postprocess=False)
 
     def _to_images(self, raws: Sequence[Instances], image_shape: tuple[int, int],
