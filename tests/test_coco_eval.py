@@ -9,6 +9,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
+from nucleus_seg.data.datasets import mask_to_annotation
 from nucleus_seg.evaluation.coco import annotation_to_rle, coco_evaluate, dataset_dicts_to_coco
 
 
@@ -16,6 +17,12 @@ def _rle(mask: np.ndarray) -> dict:
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+def _result(image_id: int, mask: np.ndarray, score: float) -> dict:
+    rle = _rle(mask)
+    return {"image_id": image_id, "category_id": 0, "score": score, "segmentation": rle,
+            "bbox": mask_util.toBbox(rle).tolist()}
 
 
 def small_case(seed: int = 3):
@@ -46,42 +53,15 @@ def small_case(seed: int = 3):
                     }
                 )
             else:
-                rle = _rle(m)
-                anns.append(
-                    {
-                        "segmentation": rle,
-                        "bbox": mask_util.toBbox(rle).tolist(),
-                        "bbox_mode": BoxMode.XYWH_ABS,
-                        "category_id": 0,
-                        "iscrowd": 0,
-                    }
-                )
+                anns.append(mask_to_annotation(m))
             for _ in range(int(rng.integers(0, 3))):  # 0-2 detections per object: misses and duplicates
                 shifted = np.roll(m, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
-                rle = _rle(shifted)
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": 0,
-                        "score": float(rng.random()),
-                        "segmentation": rle,
-                        "bbox": mask_util.toBbox(rle).tolist(),
-                    }
-                )
+                results.append(_result(image_id, shifted, float(rng.random())))
         for _ in range(int(rng.integers(2, 6))):
             m = np.zeros((h, w), bool)
             y, x = int(rng.integers(0, h - 6)), int(rng.integers(0, w - 6))
             m[y : y + 5, x : x + 4] = True
-            rle = _rle(m)
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": 0,
-                    "score": float(rng.random()),
-                    "segmentation": rle,
-                    "bbox": mask_util.toBbox(rle).tolist(),
-                }
-            )
+            results.append(_result(image_id, m, float(rng.random())))
         dicts.append(
             {
                 "image_id": image_id,

@@ -7,11 +7,11 @@ import uuid
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 import pytest
 import tifffile
 
 from nucleus_seg.cli.evaluate import main, match_key
+from nucleus_seg.data.datasets import label_image_to_annotations
 from nucleus_seg.evaluation.matching import dsb_score
 
 DOCUMENTED_KEYS = {
@@ -181,8 +181,6 @@ def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys):
     """``--baseline watershed`` runs the classical pipeline over a dataset and writes the same outputs."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from nucleus_seg.structures import label_image_to_masks
-
     yy, xx = np.mgrid[:64, :80]
     dicts = []
     for i, centres in enumerate([[(20, 20), (20, 37), (45, 60)], [(30, 40)]]):
@@ -192,19 +190,8 @@ def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys):
         image = ((label > 0) * 160 + 30).astype(np.uint8)
         path = tmp_path / f"img{i}.png"
         cv2.imwrite(str(path), image)
-        anns = []
-        for m in label_image_to_masks(label)[1]:
-            rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-            anns.append(
-                {
-                    "segmentation": rle,
-                    "bbox": mask_util.toBbox(rle).tolist(),
-                    "bbox_mode": 1,
-                    "category_id": 0,
-                    "iscrowd": 0,
-                }
-            )
-        dicts.append({"file_name": str(path), "image_id": i, "height": 64, "width": 80, "annotations": anns})
+        dicts.append({"file_name": str(path), "image_id": i, "height": 64, "width": 80,
+                      "annotations": label_image_to_annotations(label)})
     name = f"nucleus_cli_test_{uuid.uuid4().hex[:8]}"
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(thing_classes=["nucleus"])
@@ -253,18 +240,7 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
     label[40:60, 50:80] = 2
     path = tmp_path / "img.tif"
     tifffile.imwrite(path, (label > 0).astype(np.uint16) * 3000 + 200)
-    anns = []
-    for k in (1, 2):
-        rle = mask_util.encode(np.asfortranarray((label == k).astype(np.uint8)))
-        anns.append(
-            {
-                "segmentation": rle,
-                "bbox": mask_util.toBbox(rle).tolist(),
-                "bbox_mode": 1,
-                "category_id": 0,
-                "iscrowd": 0,
-            }
-        )
+    anns = label_image_to_annotations(label)
     name = f"nucleus_model_test_{uuid.uuid4().hex[:8]}"
     DatasetCatalog.register(
         name,

@@ -10,9 +10,10 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BitMasks, BoxMode, Instances
+from detectron2.structures import BitMasks, Instances
 
 from nucleus_seg.baseline import watershed_segment
+from nucleus_seg.data.datasets import mask_to_annotation
 from nucleus_seg.evaluation.evaluator import (
     NucleusEvaluator,
     build_nucleus_evaluator,
@@ -31,18 +32,6 @@ def rect(y: int, x: int, h: int, w: int) -> np.ndarray:
     return m
 
 
-def annotation(mask: np.ndarray) -> dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return {
-        "segmentation": rle,
-        "bbox": mask_util.toBbox(rle).tolist(),
-        "bbox_mode": BoxMode.XYWH_ABS,
-        "category_id": 0,
-        "iscrowd": 0,
-    }
-
-
 # image 0: two touching nuclei; image 1: one nucleus; image 2: no nuclei
 GT = {
     0: [rect(5, 5, 10, 10), rect(5, 15, 10, 10)],
@@ -51,19 +40,15 @@ GT = {
 }
 
 
+def gt_dicts() -> list[dict]:
+    return [{"file_name": f"/nonexistent/img{i}.png", "image_id": i, "height": H, "width": W,
+             "annotations": [mask_to_annotation(m) for m in masks]} for i, masks in GT.items()]
+
+
 @pytest.fixture
 def tiny_dataset():
     name = f"nucleus_test_{uuid.uuid4().hex[:8]}"
-    dicts = [
-        {
-            "file_name": f"/nonexistent/img{i}.png",
-            "image_id": i,
-            "height": H,
-            "width": W,
-            "annotations": [annotation(m) for m in masks],
-        }
-        for i, masks in GT.items()
-    ]
+    dicts = gt_dicts()
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(thing_classes=["nucleus"])
     yield name
@@ -191,16 +176,7 @@ def _ddp_worker(out_dir: str) -> None:
     from detectron2.utils import comm
 
     name = "nucleus_ddp_test"
-    dicts = [
-        {
-            "file_name": f"/nonexistent/img{i}.png",
-            "image_id": i,
-            "height": H,
-            "width": W,
-            "annotations": [annotation(m) for m in masks],
-        }
-        for i, masks in GT.items()
-    ]
+    dicts = gt_dicts()
     DatasetCatalog.register(name, lambda: dicts)
     evaluator = NucleusEvaluator(name, out_dir, max_dets=(100,))
     rank = comm.get_rank()

@@ -8,11 +8,12 @@ import pycocotools.mask as mask_util
 import pytest
 import tifffile
 import torch
-from detectron2.structures import BitMasks, BoxMode
+from detectron2.structures import BitMasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nucleus_seg.config import get_nucleus_cfg
+from nucleus_seg.data.datasets import mask_to_annotation
 from nucleus_seg.data.io import ImageReadError, normalize_image, read_image
 from nucleus_seg.data.mapper import AnnotationError, NucleusDatasetMapper, instance_label_layers
 from nucleus_seg.data.transforms import FastResizeTransform, Rot90Transform
@@ -27,15 +28,6 @@ def rle(mask: np.ndarray) -> dict:
     out = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     out["counts"] = out["counts"].decode("ascii")  # as JSON-loaded datasets hold it
     return out
-
-
-def annotations(masks) -> list[dict]:
-    annos = []
-    for m in masks:
-        r = rle(m)
-        annos.append({"bbox": mask_util.toBbox(r).tolist(), "bbox_mode": BoxMode.XYWH_ABS,
-                      "segmentation": r, "category_id": 0, "iscrowd": 0})
-    return annos
 
 
 def label_scene(h: int, w: int, n: int, seed: int, radius=(3, 9)) -> np.ndarray:
@@ -65,7 +57,7 @@ def write_dict(tmp_path, name: str, image: np.ndarray, label: np.ndarray) -> dic
         cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA) if image.ndim == 3 else image)
     ids = [i for i in np.unique(label) if i]
     return {"file_name": str(path), "image_id": name, "height": label.shape[0], "width": label.shape[1],
-            "annotations": annotations([label == i for i in ids])}
+            "annotations": [mask_to_annotation(label == i) for i in ids]}
 
 
 def coded_image(label: np.ndarray) -> np.ndarray:
@@ -316,7 +308,8 @@ def test_overlapping_instances_keep_all_their_pixels(tmp_path):
     image = ((a | b) * 200).astype(np.uint8)
     path = tmp_path / "overlap.png"
     cv2.imwrite(str(path), image)
-    d = {"file_name": str(path), "image_id": 0, "height": 64, "width": 64, "annotations": annotations([a, b])}
+    d = {"file_name": str(path), "image_id": 0, "height": 64, "width": 64,
+         "annotations": [mask_to_annotation(a), mask_to_annotation(b)]}
     mapper = make_mapper(["INPUT.NUCLEUS.CROP_SIZE", 64, "INPUT.NUCLEUS.SCALE_RANGE", (1.0, 1.0)])
     out = mapper(d)
     check_instances(out, 64, 4)

@@ -15,7 +15,7 @@ from nucleus_seg.engine.predictor import (
     windows_to_label,
     windows_to_masks,
 )
-from nucleus_seg.engine.tiling import masks_to_prediction
+from nucleus_seg.engine.tiling import LabelPrediction, masks_to_prediction
 from nucleus_seg.structures import masks_to_label_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:MODEL.WEIGHTS is empty")
@@ -44,6 +44,25 @@ def cfg(tiny_cfg):
     tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.1  # random weights score ~0.5: keep enough to compare
     torch.manual_seed(0)  # the random init, so every run sees the same model
     return tiny_cfg
+
+
+def record_input_sizes(predictor: NucleusPredictor) -> list[tuple[int, int]]:
+    """The (H, W) of every image the model is run on, appended as the predictor runs."""
+    sizes = []
+    real = predictor.model.inference
+
+    def spy(batched_inputs, *args, **kwargs):
+        sizes.extend(tuple(x["image"].shape[1:]) for x in batched_inputs)
+        return real(batched_inputs, *args, **kwargs)
+
+    predictor.model.inference = spy
+    return sizes
+
+
+def kept_as_labels(inst, keep) -> LabelPrediction:
+    """The label prediction made from the kept instances' full-image masks (the reference path)."""
+    return masks_to_prediction(inst.pred_masks[keep].numpy(), inst.scores[keep].numpy(),
+                               inst.pred_boxes.tensor[keep].numpy())
 
 
 def random_soft_masks(n, seed=0, size=100):
@@ -145,8 +164,7 @@ def test_tiled_equals_untiled_on_an_image_smaller_than_a_tile(cfg):
     inst = predictor(image)["instances"]
     keep = inst.scores >= thresh
     assert keep.any()
-    untiled = masks_to_prediction(inst.pred_masks[keep].numpy(), inst.scores[keep].numpy(),
-                                  inst.pred_boxes.tensor[keep].numpy())
+    untiled = kept_as_labels(inst, keep)
     tiled = predictor.predict_large(image, tile=128, overlap=32)
     labels_path = predictor.predict_labels([image])[0]
     assert len(untiled) > 0
@@ -158,14 +176,7 @@ def test_tiled_equals_untiled_on_an_image_smaller_than_a_tile(cfg):
 
 def test_predict_large_streams_tiles_into_one_label_image(cfg):
     predictor = NucleusPredictor(cfg)
-    seen = []
-    real = predictor.model.inference
-
-    def spy(batched_inputs, *args, **kwargs):
-        seen.extend(tuple(x["image"].shape[1:]) for x in batched_inputs)
-        return real(batched_inputs, *args, **kwargs)
-
-    predictor.model.inference = spy
+    seen = record_input_sizes(predictor)
     image = blobs((150, 230), np.uint16, seed=3)
     pred = predictor.predict_large(image, tile=96, overlap=32)
     # rows: 1 + ceil((150 - 96) / (96 - 32)) = 2, columns: 1 + ceil(134 / 64) = 4; all of the tile size
@@ -180,14 +191,7 @@ def test_predict_large_streams_tiles_into_one_label_image(cfg):
 
 def test_diameter_rescales_the_input_and_returns_full_resolution(cfg):
     predictor = NucleusPredictor(cfg)
-    sizes = []
-    real = predictor.model.inference
-
-    def spy(batched_inputs, *args, **kwargs):
-        sizes.extend(tuple(x["image"].shape[1:]) for x in batched_inputs)
-        return real(batched_inputs, *args, **kwargs)
-
-    predictor.model.inference = spy
+    sizes = record_input_sizes(predictor)
     image = blobs((96, 128), np.uint16, seed=4)
     train = cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER
     inst = predictor(image, diameter=2 * train)["instances"]  # nuclei twice as big: halve the image
@@ -356,8 +360,7 @@ def test_label_outputs_run_the_mask_head_only_on_kept_detections(cfg):
     thresh = float(inst.scores.median())  # a threshold equal to a score: ">=" must keep that one
     keep = inst.scores >= thresh
     assert 0 < keep.sum() < len(inst)
-    expected = masks_to_prediction(inst.pred_masks[keep].numpy(), inst.scores[keep].numpy(),
-                                   inst.pred_boxes.tensor[keep].numpy())
+    expected = kept_as_labels(inst, keep)
     rois = []
     predictor.model.roi_heads.mask_head.predictor.register_forward_hook(
         lambda module, args, out: rois.append(out.shape[0]))
