@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nucleus_seg.data.io import ImageReadError, normalize_from_cfg
+from nucleus_seg.engine.precision import cpu_has_native_bfloat16
 from nucleus_seg.engine.predictor import (
     NucleusPredictor,
-    cpu_has_native_bfloat16,
     median_diameter,
     paste_mask_windows,
     windows_to_label,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nucleus_seg.cli.train import EXIT_DIVERGED, main
-from nucleus_seg.engine.predictor import cpu_has_native_bfloat16
+from nucleus_seg.engine.precision import cpu_has_native_bfloat16
 from nucleus_seg.engine.trainer import (
     NucleusTrainer,
     divergence_message,

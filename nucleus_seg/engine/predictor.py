@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..data.io import check_image_shape, normalize_from_cfg
+from .precision import inference_amp_dtype, use_half_group_norm
 from .tiling import LabelPrediction, Stitcher, Tile, TileInstances, finalize_labels, make_tiles
 
 logger = logging.getLogger(__name__)
@@ -317,18 +318,6 @@ def _fast_box_inference(self, predictions, proposals):
     return results, indices
 
 
-def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm in the input's half precision under autocast (statistics still accumulate in fp32).
-
-    Autocast runs GroupNorm in fp32, so every GN layer paid a cast of its input up and of its output
-    back down; with ~120 GN layers that was as costly as the convolutions.
-    """
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
-    return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
 def speed_up_inference(model: torch.nn.Module) -> None:
     """Swap, on this model instance only, detectron2's per-image NMS loops for the batched exact ones
     and GroupNorm for the half-precision one (other models and DefaultPredictor are untouched)."""
@@ -339,32 +328,6 @@ def speed_up_inference(model: torch.nn.Module) -> None:
     if box_predictor is not None and type(box_predictor).inference is FastRCNNOutputLayers.inference:
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     use_half_group_norm(model)
-
-
-def use_half_group_norm(model: torch.nn.Module) -> None:
-    """Run this model's GroupNorm layers in the autocast precision (see ``_half_group_norm``)."""
-    for module in model.modules():
-        if type(module) is torch.nn.GroupNorm and module.affine:
-            module.forward = types.MethodType(_half_group_norm, module)
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """AMX or AVX512-BF16: there oneDNN runs bfloat16 convolutions ~2x faster than fp32 (R101-FPN, 512 px:
-    2.4 s instead of 4.5 s per image on 2 cores); elsewhere bfloat16 is emulated and slower."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch
-        return False
-
-
-def amp_dtype_for(device: torch.device) -> torch.dtype | None:
-    """Inference autocast precision for NUCLEUS.PREDICT.AMP: float16 on CUDA, bfloat16 on CPUs that have
-    it natively, None (fp32) elsewhere."""
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_has_native_bfloat16():
-        return torch.bfloat16
-    return None
 
 
 def diameter_to_scale(diameter: float, train_diameter: float) -> float:
@@ -446,7 +409,7 @@ class NucleusPredictor:
             speed_up_inference(self.model)
         pred = self.cfg.NUCLEUS.PREDICT
         self.batch_size = max(1, int(pred.BATCH_SIZE))
-        self.amp_dtype = amp_dtype_for(self.device) if pred.AMP else None
+        self.amp_dtype = inference_amp_dtype(self.device) if pred.AMP else None
         self.amp = self.amp_dtype is not None
         self.score_thresh = float(pred.SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)

@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .hooks import BudgetReached, FinalMetrics, TimeBudget, TrainingCurves
+from .precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 
 __all__ = ["NucleusTrainer", "prepare_cfg", "register_datasets_from_cfg", "divergence_message",
            "best_metric_key"]
@@ -41,8 +42,6 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
         logger.warning("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     if cfg.SOLVER.AMP.ENABLED and (not cuda or cfg.MODEL.DEVICE == "cpu"):
-        from .predictor import cpu_has_native_bfloat16
-
         if cfg.NUCLEUS.TRAIN.AMP_DTYPE == "bfloat16" and cpu_has_native_bfloat16():
             logger.info("Mixed precision on CPU: bfloat16 autocast (this CPU has AMX/AVX512-BF16)")
         else:
@@ -164,20 +163,6 @@ def _with_fast_norm_clipping(optimizer: torch.optim.Optimizer, max_norm: float, 
     return optimizer
 
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def amp_dtype(cfg: CfgNode) -> torch.dtype:
-    """NUCLEUS.TRAIN.AMP_DTYPE, falling back to float16 on GPUs without bfloat16 (before Ampere)."""
-    name = cfg.NUCLEUS.TRAIN.AMP_DTYPE
-    if name not in AMP_DTYPES:
-        raise ValueError(f"NUCLEUS.TRAIN.AMP_DTYPE must be one of {sorted(AMP_DTYPES)}, got {name!r}")
-    if name == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        logger.info("NUCLEUS.TRAIN.AMP_DTYPE bfloat16 -> float16: this GPU has no bfloat16")
-        return torch.float16
-    return AMP_DTYPES[name]
-
-
 class QueuedAMPTrainer(AMPTrainer):
     """detectron2's AMPTrainer without its two host waits per step.
 
@@ -261,8 +246,8 @@ class NucleusTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         world = comm.get_world_size()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, world)
         if cfg.SOLVER.IMS_PER_BATCH % world:
             raise ValueError(
                 f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} does not divide over the {world} training "
@@ -275,7 +260,7 @@ class NucleusTrainer(DefaultTrainer):
         device_ids = None if cfg.MODEL.DEVICE == "cpu" else [torch.cuda.current_device()]
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
         if cfg.SOLVER.AMP.ENABLED:
-            self._trainer = QueuedAMPTrainer(model, data_loader, optimizer, precision=amp_dtype(cfg))
+            self._trainer = QueuedAMPTrainer(model, data_loader, optimizer, precision=training_amp_dtype(cfg))
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -289,8 +274,6 @@ class NucleusTrainer(DefaultTrainer):
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         model = super().build_model(cfg)
         if cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM:
-            from .predictor import use_half_group_norm
-
             use_half_group_norm(model)
         return model
 
