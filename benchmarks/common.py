@@ -54,3 +54,29 @@ def emit(result: dict, save: str | None) -> None:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         with open(RESULTS_DIR / save, "a") as f:
             f.write(line + "\n")
+
+
+def inference_cfg(config_file: str, opts: list[str], detections: int, batch: int):
+    """The inference benchmarks' config: always ``detections`` instances per image (whatever the weights),
+    uint8 pixels fed as they are (so DefaultPredictor sees the same input), no diameter rescale."""
+    from nucleus_seg.config import get_nucleus_cfg
+
+    cfg = get_nucleus_cfg(config_file, opts)
+    cfg.TEST.DETECTIONS_PER_IMAGE = detections
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.INPUT.NORMALIZE.METHOD = "none"
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = batch
+    cfg.NUCLEUS.PREDICT.DIAMETER = 0.0
+    return cfg
+
+
+def inference_images(root: Path, num: int) -> list:
+    """``num`` 512x512 benchmark images as HxWx3 uint8 arrays."""
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+
+    from nucleus_seg.data.io import read_image
+
+    name = benchmark_dataset(root, max(num, 16), name="bench_infer")
+    images = [read_image(d["file_name"]) for d in DatasetCatalog.get(name)[:num]]
+    return [np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2)) if g.ndim == 2 else g[..., :3] for g in images]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_dataset, device_facts, emit  # noqa: E402
+from common import device_facts, emit, inference_cfg, inference_images  # noqa: E402
 
 
 def mask_agreement(a, b) -> tuple[list[float], int, int]:
@@ -44,12 +44,9 @@ def mask_agreement(a, b) -> tuple[list[float], int, int]:
 def main() -> None:
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog
     from detectron2.engine import DefaultPredictor
     from detectron2.modeling import build_model
 
-    from nucleus_seg.config import get_nucleus_cfg
-    from nucleus_seg.data.io import read_image
     from nucleus_seg.engine.predictor import NucleusPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,12 +62,7 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    cfg = get_nucleus_cfg(args.config_file, args.opts)
-    cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # always `detections` instances, whatever the weights
-    cfg.INPUT.NORMALIZE.METHOD = "none"  # both sides see the same uint8 pixels
-    cfg.NUCLEUS.PREDICT.BATCH_SIZE = args.batch
-    cfg.NUCLEUS.PREDICT.DIAMETER = 0.0
+    cfg = inference_cfg(args.config_file, args.opts, args.detections, args.batch)
     weights = args.weights
     if not weights:
         torch.manual_seed(0)
@@ -78,10 +70,7 @@ def main() -> None:
         torch.save({"model": build_model(cfg).state_dict()}, weights)
     cfg.MODEL.WEIGHTS = weights
 
-    name = benchmark_dataset(Path(args.data_root), max(args.num_images, 16), name="bench_infer")
-    dicts = DatasetCatalog.get(name)[: args.num_images]
-    gray = [read_image(d["file_name"]) for d in dicts]
-    images = [np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2)) if g.ndim == 2 else g[..., :3] for g in gray]
+    images = inference_images(Path(args.data_root), args.num_images)
 
     vanilla = DefaultPredictor(cfg)
     DetectionCheckpointer(vanilla.model).load(weights)

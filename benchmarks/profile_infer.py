@@ -15,18 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_dataset  # noqa: E402
+from common import inference_cfg, inference_images  # noqa: E402
 
 
 def main() -> None:
     import torch
-    from detectron2.data import DatasetCatalog
 
-    from nucleus_seg.config import get_nucleus_cfg
-    from nucleus_seg.data.io import read_image
     from nucleus_seg.engine.predictor import NucleusPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,16 +33,9 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    cfg = get_nucleus_cfg(args.config_file, args.opts)
-    cfg.TEST.DETECTIONS_PER_IMAGE = 400
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # as infer_throughput: always 400 instances
-    cfg.INPUT.NORMALIZE.METHOD = "none"
-    cfg.NUCLEUS.PREDICT.BATCH_SIZE = args.batch
+    cfg = inference_cfg(args.config_file, args.opts, 400, args.batch)  # as infer_throughput
     cfg.MODEL.WEIGHTS = args.weights
-    name = benchmark_dataset(Path(args.data_root), max(args.num_images, 16), name="bench_infer")
-    images = [read_image(d["file_name"]) for d in DatasetCatalog.get(name)[: args.num_images]]
-    images = [np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2)) if g.ndim == 2 else g[..., :3]
-              for g in images]
+    images = inference_images(Path(args.data_root), args.num_images)
     predictor = NucleusPredictor(cfg)
 
     def sync() -> None:
