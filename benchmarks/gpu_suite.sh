@@ -5,7 +5,7 @@
 #   2. the accuracy recipe (scripts/train_synthetic.sh) in the background on the last GPU;
 #   3. on GPU 0: training throughput, inference throughput, predict_large on an 8192^2 mosaic.
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
-# stages: install smoke accuracy train profile profile_infer infer large scaling (default: all). JSON lines go to OUT_DIR/results.jsonl.
+# stages: install smoke ablation accuracy train profile profile_infer infer large scaling (default: all). JSON lines go to OUT_DIR/results.jsonl.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARBALL=$1; OUT=$2; shift 2
@@ -41,6 +41,15 @@ collect_accuracy() {
   cp /tmp/acc/predict/image_overlay.png "$OUT/dsb_sample_overlay.png" 2>/dev/null; cp /tmp/acc/eval/nucleus_dsb_sample/worst_01_*.png "$OUT/dsb_sample_gt_vs_pred.png" 2>/dev/null
   cp /tmp/acc/train/training_loss.png "$OUT/" 2>/dev/null
 }
+if has ablation; then
+  log "generator ablation: one accuracy recipe per GPU (benchmarks/accuracy_ablation.sh)"
+  timeout "${ABLATION_TIMEOUT:-100000}" bash benchmarks/accuracy_ablation.sh "$OUT" ${ACC_OPTS:-}
+  log "ablation exit $?"
+  (cd /tmp && tar czf "$OUT/arm_details.tgz" arm_*/tune/tune.json arm_*/eval/*/metrics.json \
+     arm_*/eval_untuned/*/metrics.json arm_*/eval/nucleus_dsb_sample/*.png arm_*/predict/image_overlay.png \
+     arm_*/train/log.txt "$OUT"/arm_*.log 2>/dev/null)
+  rm -f "$OUT"/arm_*.log
+fi
 if has accuracy && [ "${ACC_GPUS:-1}" -gt 1 ]; then
   log "accuracy recipe on $ACC_GPUS GPUs (foreground)"
   NUCLEUS_NUM_GPUS=$ACC_GPUS NUCLEUS_PROCS_PER_GPU=${ACC_PROCS:-1} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1

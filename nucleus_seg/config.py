@@ -49,6 +49,8 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.NUCLEUS.SYNTH.SIZE = 512
     cfg.NUCLEUS.SYNTH.STYLE = "fluorescence"
     cfg.NUCLEUS.SYNTH.SEED = 0
+    # The generator's version-2 features (nucleus_seg.data.synth.FEATURES); [] gives version 1's images.
+    cfg.NUCLEUS.SYNTH.FEATURES = ["contact", "daughters", "bright_tail"]
 
     cfg.NUCLEUS.TRAIN = CN()
     # Evaluation metric (as NucleusEvaluator names it) whose maximum is kept as model_best.pth; with
@@ -77,6 +79,9 @@ def add_nucleus_config(cfg: CN) -> None:
     # Instances scoring below this are left out of label images, CSVs and the DSB metric
     # (COCO AP still ranks every detection).
     cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.5
+    # Test-time augmentation: the four flips, detections fused and soft masks averaged (4x the compute;
+    # the pre-mask-head score floor is off, so label outputs cost more too).
+    cfg.NUCLEUS.PREDICT.TTA = False
 
     cfg.NUCLEUS.EVAL = CN()
     cfg.NUCLEUS.EVAL.MAX_DETS = (100, 1000)  # COCO AP reported at both caps

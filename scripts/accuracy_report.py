@@ -17,14 +17,23 @@ def _metrics(path: Path) -> dict:
     return {k: data.get(k) for k in KEYS}
 
 
+def _features(config: str, opts: list[str]) -> list[str]:
+    from nucleus_seg.config import get_nucleus_cfg
+
+    return list(get_nucleus_cfg(config, opts).NUCLEUS.SYNTH.FEATURES)
+
+
 def main() -> None:
     import torch
+
+    from nucleus_seg.data.synth import GENERATOR_VERSION
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--train-minutes", type=float, required=True)
     parser.add_argument("--total-minutes", type=float, required=True)
+    parser.add_argument("--out", type=Path, help="JSON to write (default benchmarks/results/accuracy_<date>.json)")
     parser.add_argument("opts", nargs="*")
     args = parser.parse_args()
     run = args.run
@@ -43,12 +52,17 @@ def main() -> None:
         "synthetic_val": _metrics(run / "eval" / "nucleus_synth_val" / "metrics.json"),
         "baseline_dsb_sample": _metrics(run / "baseline" / "nucleus_dsb_sample" / "metrics.json"),
         "baseline_synthetic_val": _metrics(run / "baseline" / "nucleus_synth_val" / "metrics.json"),
+        "untuned_dsb_sample": _metrics(run / "eval_untuned" / "nucleus_dsb_sample" / "metrics.json"),
+        "untuned_synthetic_val": _metrics(run / "eval_untuned" / "nucleus_synth_val" / "metrics.json"),
+        "tuned_inference": json.loads((run / "tune" / "tune.json").read_text())["best"],
+        "generator": {"version": GENERATOR_VERSION, "features": _features(args.config, args.opts)},
     }
-    out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / f"accuracy_{report['date']}.json"
+    out = args.out or (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                       / f"accuracy_{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: report[k] for k in ("dsb_sample", "synthetic_val", "baseline_dsb_sample",
-                                             "train_minutes")}))
+    print(json.dumps({k: report[k] for k in ("dsb_sample", "synthetic_val", "untuned_dsb_sample",
+                                             "baseline_dsb_sample", "tuned_inference", "train_minutes")}))
     print(f"wrote {out}")
 
 

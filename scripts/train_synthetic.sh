@@ -4,8 +4,9 @@
 # Usage: [NUCLEUS_NUM_GPUS=2] [NUCLEUS_PROCS_PER_GPU=2] scripts/train_synthetic.sh [OUT] [KEY VALUE ...]
 # With N training processes in all (GPUs x processes per GPU) the batch and LR scale by N and MAX_ITER
 # by 1/N (SOLVER.REFERENCE_WORLD_SIZE 1).
-# Writes OUT/train (checkpoints, curves), OUT/eval/<dataset>/metrics.json + overlays, OUT/baseline/...,
-# and benchmarks/results/accuracy_<date>.json.
+# Writes OUT/train (checkpoints, curves), OUT/tune (inference settings picked on synthetic val),
+# OUT/eval/<dataset>/metrics.json + overlays, OUT/eval_untuned, OUT/baseline/..., and
+# benchmarks/results/accuracy_<date>.json (or $NUCLEUS_ACCURACY_JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/synth_h100}; shift || true
@@ -14,12 +15,19 @@ start=$(date +%s)
 nucleus-train --config-file "$CFG" --num-gpus "${NUCLEUS_NUM_GPUS:-1}" \
   --procs-per-gpu "${NUCLEUS_PROCS_PER_GPU:-1}" OUTPUT_DIR "$OUT/train" DATASETS.TEST "()" "$@"
 train_end=$(date +%s)
+WEIGHTS=(MODEL.WEIGHTS "$OUT/train/model_final.pth")
+# inference settings (diameter rescale, flip TTA, score threshold) picked on the synthetic validation set
+# only; the real sample is scored once, with what was picked
+nucleus-eval --config-file "$CFG" --dataset nucleus_synth_val --tune "$OUT/tune" "${WEIGHTS[@]}" "$@"
+TUNED="$OUT/tune/tuned.yaml"
+nucleus-eval --config-file "$TUNED" --dataset nucleus_synth_val --dataset nucleus_dsb_sample --output "$OUT/eval"
+# the same model with the config's plain inference settings, for the record of what tuning moved
 nucleus-eval --config-file "$CFG" --dataset nucleus_synth_val --dataset nucleus_dsb_sample \
-  --output "$OUT/eval" MODEL.WEIGHTS "$OUT/train/model_final.pth" "$@"
+  --output "$OUT/eval_untuned" --num-worst 0 "${WEIGHTS[@]}" "$@"
 nucleus-eval --config-file "$CFG" --baseline watershed --dataset nucleus_synth_val --dataset nucleus_dsb_sample \
   --output "$OUT/baseline" "$@"
-nucleus-predict --config-file "$CFG" --input nucleus_seg/data/sample/image.tif --output "$OUT/predict" \
-  MODEL.WEIGHTS "$OUT/train/model_final.pth" "$@"
+nucleus-predict --config-file "$TUNED" --input nucleus_seg/data/sample/image.tif --output "$OUT/predict"
 python scripts/accuracy_report.py --run "$OUT" --config "$CFG" \
+  ${NUCLEUS_ACCURACY_JSON:+--out "$NUCLEUS_ACCURACY_JSON"} \
   --train-minutes "$(python -c "print(round(($train_end - $start) / 60, 2))")" \
   --total-minutes "$(python -c "import time; print(round((time.time() - $start) / 60, 2))")" -- "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -175,3 +176,48 @@ def test_items_broadcasts_scalars_to_empty_arrays():
     assert all(v.shape == (0,) for v in items.values())
     items = _items(x=np.arange(3.0), irregular=0.3)
     assert items["irregular"].tolist() == [0.3, 0.3, 0.3] and items["x"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_feature_switches():
+    from nucleus_seg.data.synth import FEATURES
+
+    rng = lambda: image_rng(0, 0, 7)  # noqa: E731
+    full = generate_image(rng(), 128)
+    assert all(np.array_equal(a, b) for a, b in zip(full, generate_image(rng(), 128, features=FEATURES)))
+    v1 = generate_image(rng(), 128, features=())
+    assert not np.array_equal(full[0], v1[0])
+    with pytest.raises(ValueError, match="unknown generator feature"):
+        generate_image(rng(), 128, features=("seams",))
+
+
+def test_contact_mode_paints_pressed_nuclei_over_each_other_with_a_dim_seam():
+    """Two overlapping discs of equal brightness: summed light makes a bright lens where they overlap;
+    'contact' painting keeps the overlap at one nucleus' level, and a seam makes it dimmer there."""
+    from nucleus_seg.data.synth import _TABLE, _items, _paint
+
+    items = _items(x=[20.0, 34.0], y=20.0, a=9.0, b=9.0, edge=1.0, value=1.0)
+    tables = np.ones((2, _TABLE), np.float32)
+    out = {}
+    for name, contact in (("add", None), ("over", (0.0, 1.0)), ("seam", (0.6, 1.0))):
+        canvas, label = np.zeros((40, 56), np.float32), np.zeros((40, 56), np.int32)
+        _paint(items, tables, canvas, label, np.zeros_like(canvas), contact=contact)
+        out[name] = canvas
+        assert set(np.unique(label)) == {0, 1, 2}
+    lens = (slice(18, 23), slice(26, 29))  # inside both discs
+    assert out["add"][lens].mean() > 1.8
+    assert out["over"][lens].mean() == pytest.approx(1.0, abs=0.02)
+    seam_row = out["seam"][20, 22:32]
+    assert seam_row.min() < 0.8 < seam_row.max()
+
+
+def test_daughter_pairs_are_two_touching_alike_nuclei():
+    from nucleus_seg.data.synth import _daughter_pair
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pair = _daughter_pair(rng, {"x": 50.0, "y": 40.0, "a": 12.0, "b": 9.0, "theta": 0.3}, 0.05, 1.0,
+                              1.0, 0.1, 1.0)
+        assert len(pair["x"]) == 2
+        gap = math.hypot(pair["x"][0] - pair["x"][1], pair["y"][0] - pair["y"][1])
+        assert 0.8 * (pair["b"][0] + pair["b"][1]) < gap < 1.3 * (pair["b"][0] + pair["b"][1])
+        assert pair["value"].min() > 1.0 and 0.7 < pair["a"][0] / pair["a"][1] < 1.4

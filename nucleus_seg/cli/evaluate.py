@@ -246,6 +246,92 @@ def evaluate_datasets(
     return reports
 
 
+TUNE_DIAMETERS = (0.0, 20.0, 28.0, 40.0)  # 0: no rescale; else TRAIN_DIAMETER with DIAMETER "auto"
+TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+TUNE_TTA_MARGIN = 0.005  # flip TTA costs 4x: it is chosen only if it beats the best single pass by more
+
+
+def tune_inference(
+    cfg, dataset: str, output: str | Path, diameters: tuple[float, ...] = TUNE_DIAMETERS,
+    tta: tuple[bool, ...] = (False, True), thresholds: tuple[float, ...] = TUNE_THRESHOLDS,
+) -> dict:
+    """Pick the inference settings (model scale, flip TTA, score threshold) that maximise the DSB score on
+    ``dataset``, as Cellpose's size model and StarDist's threshold optimisation do on validation data.
+
+    Writes ``output/tune.json`` (every setting's score) and ``output/tuned.yaml`` (``cfg`` with the chosen
+    ``NUCLEUS.PREDICT`` keys; pass it as ``--config-file``). Each scale/TTA pair is one inference pass;
+    thresholds are applied to its stored detections.
+    """
+    import json
+    import time
+
+    from detectron2.evaluation import inference_on_dataset
+
+    from ..engine.trainer import register_datasets_from_cfg
+    from ..evaluation.evaluator import NucleusEvaluator, build_report, gt_label_image, prediction_label_image
+    from ..evaluation.matching import image_counts
+
+    check = cfg.clone()
+    check.defrost()
+    check.DATASETS.TRAIN, check.DATASETS.TEST = (), (dataset,)
+    try:
+        register_datasets_from_cfg(check)
+    except KeyError as exc:
+        raise EvalError(str(exc.args[0])) from exc
+    rows, gt_cache = [], {}
+    for diameter in diameters:
+        for flips in tta:
+            trial = cfg.clone()
+            trial.defrost()
+            trial.NUCLEUS.PREDICT.DIAMETER = -1.0 if diameter > 0 else 0.0
+            if diameter > 0:
+                trial.NUCLEUS.PREDICT.TRAIN_DIAMETER = float(diameter)
+            trial.NUCLEUS.PREDICT.TTA = bool(flips)
+            trial.NUCLEUS.PREDICT.SCORE_THRESH = float(min(thresholds))
+            trial.NUCLEUS.EVAL.COCO = False
+            evaluator = NucleusEvaluator.from_config(trial, dataset, None)
+            inputs = [{k: r[k] for k in ("file_name", "image_id", "height", "width")}
+                      for r in evaluator.dataset_dicts]
+            if not inputs:
+                raise EvalError(f"dataset {dataset} has no images")
+            batch = max(int(trial.NUCLEUS.PREDICT.BATCH_SIZE), 1)
+            start = time.perf_counter()
+            inference_on_dataset(_predictor_model(trial), [inputs[i:i + batch] for i in range(0, len(inputs), batch)],
+                                 evaluator)
+            seconds = time.perf_counter() - start
+            for thresh in thresholds:
+                records = []
+                for r in evaluator.records:
+                    if r["image_id"] not in gt_cache:
+                        gt_cache[r["image_id"]] = gt_label_image(evaluator.gt_by_id[r["image_id"]])
+                    pred = prediction_label_image(r, thresh)
+                    records.append(dict(r, counts=image_counts(gt_cache[r["image_id"]], pred)))
+                report = build_report(records, dataset, thresh)
+                rows.append({"train_diameter": float(diameter), "tta": bool(flips), "score_thresh": float(thresh),
+                             "dsb_score": report["dsb_score"], "ap50": report["ap50"], "f1_50": report["f1_50"],
+                             "seconds": round(seconds, 2)})
+    best = max(rows, key=lambda r: r["dsb_score"])
+    single = max((r for r in rows if not r["tta"]), key=lambda r: r["dsb_score"], default=None)
+    if best["tta"] and single is not None and best["dsb_score"] - single["dsb_score"] <= TUNE_TTA_MARGIN:
+        best = single
+    tuned = cfg.clone()
+    tuned.defrost()
+    tuned.NUCLEUS.PREDICT.DIAMETER = -1.0 if best["train_diameter"] > 0 else 0.0
+    if best["train_diameter"] > 0:
+        tuned.NUCLEUS.PREDICT.TRAIN_DIAMETER = best["train_diameter"]
+    tuned.NUCLEUS.PREDICT.TTA = best["tta"]
+    tuned.NUCLEUS.PREDICT.SCORE_THRESH = best["score_thresh"]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuned.yaml").write_text(tuned.dump())
+    result = {"dataset": dataset, "best": best, "rows": rows}
+    (out / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
+    for r in sorted(rows, key=lambda r: -r["dsb_score"])[:10]:
+        logger.info("tune %s: diameter %s tta %s thresh %.1f -> dsb %.4f (%.1f s)", dataset,
+                    r["train_diameter"] or "as is", r["tta"], r["score_thresh"], r["dsb_score"], r["seconds"])
+    return result
+
+
 # ----------------------------------------------------------------------------- shared
 def _write_figures(report: dict, out_dir: Path, load: Callable, num_worst: int) -> None:
     """curves.png and overlays of the ``num_worst`` lowest-DSB images (``load(row) -> gt, pred, image``)."""
@@ -302,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="overlay PNGs of this many worst images (default NUCLEUS.EVAL.NUM_WORST_OVERLAYS)",
     )
+    parser.add_argument(
+        "--tune", metavar="DIR",
+        help="model mode: pick the diameter rescale, flip TTA and score threshold that score best on the "
+        "(first) --dataset; writes DIR/tuned.yaml (use it as --config-file) and DIR/tune.json",
+    )
     parser.add_argument("--version", action="store_true", help="print versions and exit")
     parser.add_argument("opts", nargs="*", default=[], help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     return parser
@@ -349,6 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         datasets = args.dataset or list(cfg.DATASETS.TEST)
         if not datasets:
             parser.error("no dataset: pass --dataset NAME or set DATASETS.TEST in the config")
+        if args.tune:
+            if args.baseline:
+                parser.error("--tune picks model inference settings; it does not apply to --baseline")
+            result = tune_inference(cfg, datasets[0], args.tune)
+            best = result["best"]
+            print(f"tuned on {datasets[0]}: diameter={best['train_diameter'] or 'as is'} tta={best['tta']} "
+                  f"score_thresh={best['score_thresh']} dsb_score={best['dsb_score']:.4f}; "
+                  f"config: {Path(args.tune) / 'tuned.yaml'}")
+            return 0
         output = Path(args.output or Path(cfg.OUTPUT_DIR) / "eval")
         num_worst = cfg.NUCLEUS.EVAL.NUM_WORST_OVERLAYS if args.num_worst is None else args.num_worst
         reports = evaluate_datasets(cfg, datasets, output, args.baseline, num_worst)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.synth import STYLES
+    from ..data.synth import FEATURES, STYLES
 
     parser = argparse.ArgumentParser(
         prog="nucleus-synth",
@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random stream of the seed (the built-in datasets use 0 for train, 1 for val)")
     parser.add_argument("--style", choices=STYLES, default="fluorescence")
     parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth")
+    parser.add_argument("--features", default=None,
+                        help="comma-separated generator features to use (default all: "
+                        f"{','.join(FEATURES)}; 'none' gives the version-1 generator)")
     parser.add_argument("--preview", action="store_true",
                         help="also write <out>/preview.png: the first 16 images with mask outlines")
     parser.add_argument("--version", action="store_true", help="print versions and exit")
@@ -46,13 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.size < 64:
         parser.error("--size must be at least 64")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from ..data.synth import write_dataset
+    from ..data.synth import FEATURES, check_features, write_dataset
 
+    if args.features is None:
+        features = FEATURES
+    else:
+        features = [] if args.features.strip().lower() == "none" else \
+            [f.strip() for f in args.features.split(",") if f.strip()]
+        try:
+            check_features(features)
+        except ValueError as exc:
+            parser.error(str(exc))
     start = time.perf_counter()
     try:
         records = write_dataset(
             args.out, args.num, size=args.size, style=args.style, seed=args.seed, bit_depth=args.bit_depth,
-            stream=args.stream, preview=args.out / "preview.png" if args.preview else None,
+            stream=args.stream, preview=args.out / "preview.png" if args.preview else None, features=features,
         )
     except (FileExistsError, OSError) as exc:
         print(f"nucleus-synth: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,8 @@ def synth_params_hash(params: dict[str, Any]) -> str:
 
 
 def ensure_synth_dataset(
-    folder: str | os.PathLike, num: int, size: int, style: str, seed: int, stream: int
+    folder: str | os.PathLike, num: int, size: int, style: str, seed: int, stream: int,
+    features: Iterable[str] | None = None,
 ) -> Path:
     """Generate a synthetic DSB-layout dataset into ``folder`` unless it is already complete.
 
@@ -103,7 +105,7 @@ def ensure_synth_dataset(
     The loader's cache is written with the images, so the first load needs no parse.
     """
     from .datasets import _cache_key, _dsb_sample_files, _write_cache
-    from .synth import write_dataset
+    from .synth import FEATURES, write_dataset
 
     folder = Path(folder)
     if folder.is_dir():
@@ -112,7 +114,8 @@ def ensure_synth_dataset(
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
     try:
         logger.info("Generating %d synthetic %s images (%d px) into %s", num, style, size, folder)
-        records = write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream)
+        records = write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream,
+                                features=FEATURES if features is None else features)
         items = [_dsb_sample_files(tmp / r["image_name"]) for r in records]
         key = _cache_key("dsb", tmp, [f for image, masks in items for f in (image, *masks)])
         _write_cache("dsb", tmp, key, records)
@@ -134,14 +137,16 @@ def register_synth_datasets(
     style: str = "fluorescence",
     seed: int = 0,
     root: str | os.PathLike | None = None,
+    features: Iterable[str] | None = None,
 ) -> None:
     """(Re)register ``nucleus_synth_train``/``_val`` with these generator parameters.
 
     The trainer calls this with ``cfg.NUCLEUS.SYNTH.*``. Images are generated on first use into
     ``<root>/nucleus_synth/<param-hash>/{train,val}`` (``root`` defaults to :func:`datasets_root`); train
-    and val come from different random streams of the same seed.
+    and val come from different random streams of the same seed. ``features`` picks the generator's
+    version-2 features (default all; see :data:`~nucleus_seg.data.synth.FEATURES`).
     """
-    from .synth import STYLES
+    from .synth import FEATURES, STYLES, check_features
 
     if style not in STYLES:
         raise ValueError(f"unknown synthetic style {style!r}; expected one of {STYLES}")
@@ -150,8 +155,9 @@ def register_synth_datasets(
             raise ValueError(f"{label} must be a {'positive' if label == 'size' else 'non-negative'} int")
     if size < 64:
         raise ValueError(f"size {size} is too small for synthetic nuclei; use >= 64")
+    chosen = sorted(check_features(FEATURES if features is None else features))
     params = {"num_train": int(num_train), "num_val": int(num_val), "size": int(size), "style": style,
-              "seed": int(seed)}
+              "seed": int(seed), "features": chosen}
     fixed_root = None if root is None else Path(root)
 
     def folder_of(split: str) -> Path:
@@ -162,7 +168,8 @@ def register_synth_datasets(
         def load() -> list[dict]:
             if num == 0:
                 return []
-            folder = ensure_synth_dataset(folder_of(split), num, size, style, seed, _SPLIT_STREAMS[split])
+            folder = ensure_synth_dataset(folder_of(split), num, size, style, seed, _SPLIT_STREAMS[split],
+                                          chosen)
             _write_params(folder.parent, params)
             return load_dsb_dataset(folder)
 

@@ -36,12 +36,18 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-GENERATOR_VERSION = 1  # bump when output changes: cached synthetic datasets are keyed by it
+GENERATOR_VERSION = 2  # bump when output changes: cached synthetic datasets are keyed by it
+# Version-2 additions, each switchable for ablations (none = version 1's images exactly):
+# "contact": pressed neighbours painted over each other, often with a dim seam, instead of summed light;
+# "daughters": pairs of small bright daughter nuclei side by side; "bright_tail": compact very bright
+# nuclei that set the normalisation's top percentile.
+FEATURES = ("contact", "daughters", "bright_tail")
 STYLES = ("fluorescence", "brightfield", "he")
 MIN_LABEL_AREA = 8  # px; smaller visible remnants (border slivers, hidden nuclei) stay unlabelled
 MAX_NUCLEI_PER_MPX = 2400  # ~630 in 512x512, above DSB-2018's densest fields
@@ -122,6 +128,22 @@ def _sample_scene(rng: np.random.Generator, h: int, w: int) -> dict[str, Any]:
     p["ghosts"] = rng.choice([0.0, rng.uniform(0.05, 0.4)], p=[0.55, 0.45])
     p["debris"] = rng.choice([0.0, float(_log_uniform(rng, 1.0, 40.0))], p=[0.4, 0.6])
     return p
+
+
+def _sample_scene_v2(rng: np.random.Generator, features: frozenset[str]) -> dict[str, Any]:
+    """Version-2 parameters, drawn from their own stream (``rng`` is a spawn of the image's), so
+    generating with ``features=()`` gives version 1's images bit for bit (ablations compare the two)."""
+    q: dict[str, Any] = {"contact": None, "p_daughters": 0.0, "bright_tail": None}
+    if "contact" in features and rng.random() < 0.65:
+        # (seam depth, seam width px): pressed nuclei painted over each other, some with a dim seam
+        q["contact"] = (rng.uniform(0.1, 0.7) if rng.random() < 0.7 else 0.0, rng.uniform(0.5, 1.5))
+    if "daughters" in features and rng.random() < 0.5:
+        q["p_daughters"] = rng.uniform(0.03, 0.15)
+    if "bright_tail" in features and rng.random() < 0.6:
+        # (fraction, brightness factor): compact very bright nuclei (prophase, apoptotic, G2) that set
+        # the normalisation's top percentile, so typical nuclei sit low after it, as in real fields
+        q["bright_tail"] = (float(_log_uniform(rng, 0.01, 0.08)), rng.uniform(2.0, 4.0))
+    return q
 
 
 def _nucleus_count(p: dict[str, Any], rng: np.random.Generator, h: int, w: int) -> int:
@@ -233,15 +255,20 @@ def _render_batch(items: dict[str, np.ndarray], tables: np.ndarray, size: int) -
     rr = np.minimum(rho / bound, f32(1.0))
     prof = items["profile"].astype(f32)[:, None, None]
     amp = items["value"].astype(f32)[:, None, None] * np.maximum(1.0 + prof * (f32(0.5) - rr * rr), f32(0.05))
-    return y0, x0, soft * amp, dist > 0
+    return y0, x0, soft * amp, dist > 0, soft, dist
 
 
 def _paint(
     items: dict[str, np.ndarray], tables: np.ndarray, canvas: np.ndarray,
     label: np.ndarray | None = None, gain: np.ndarray | None = None,
+    contact: tuple[float, float] | None = None,
 ) -> None:
     """Add items to ``canvas`` in item order (patches clipped at its edge); with ``label``, item i paints
     id i+1 over earlier ones, so the later item owns overlapping pixels, and its texture gain into ``gain``.
+
+    ``contact`` = (seam depth, seam width px) paints each item *over* what is below (alpha = its soft
+    coverage) instead of adding light, and darkens what is below in a band just outside its edge: pressed
+    neighbours then meet at a dim seam rather than a bright lens of summed light.
 
     Items are rendered in batches of similar size (patch side set by the largest in the batch)."""
     n = len(items["x"])
@@ -258,19 +285,25 @@ def _paint(
             stop += 1
         sel = by_size[start:stop]
         size = 2 * int(math.ceil(reach[sel].max())) + 3
-        y0, x0, patch, inside = _render_batch({k: v[sel] for k, v in items.items()}, tables[sel], size)
+        y0, x0, patch, inside, soft, dist = _render_batch({k: v[sel] for k, v in items.items()}, tables[sel], size)
         for j, i in enumerate(sel):
-            rendered[i] = (int(y0[j]), int(x0[j]), patch[j], inside[j])
+            rendered[i] = (int(y0[j]), int(x0[j]), patch[j], inside[j], soft[j], dist[j])
         start = stop
     for i in range(n):
-        y0, x0, patch, inside = rendered[i]
+        y0, x0, patch, inside, soft, dist = rendered[i]
         ys, xs = max(y0, 0), max(x0, 0)
         ye, xe = min(y0 + patch.shape[0], h), min(x0 + patch.shape[1], w)
         if ys >= ye or xs >= xe:
             continue
         box = (slice(ys, ye), slice(xs, xe))
         crop = (slice(ys - y0, ye - y0), slice(xs - x0, xe - x0))
-        canvas[box] += patch[crop]
+        if contact is None:
+            canvas[box] += patch[crop]
+        else:
+            depth, width = contact
+            d = np.minimum(dist[crop], 0.0) / np.float32(width)
+            keep = (1.0 - soft[crop]) * (1.0 - np.float32(depth) * np.exp(-d * d))
+            canvas[box] = canvas[box] * keep + patch[crop]
         if label is not None:
             own = inside[crop]
             label[box][own] = i + 1
@@ -290,9 +323,13 @@ def _concat(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _render_nuclei(
-    rng: np.random.Generator, p: dict[str, Any], h: int, w: int, floor: float
+    rng: np.random.Generator, p: dict[str, Any], h: int, w: int, floor: float,
+    extra: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(signal canvas, label image) of the labelled nuclei: intensity relative to a median nucleus = 1."""
+    """(signal canvas, label image) of the labelled nuclei: intensity relative to a median nucleus = 1.
+
+    ``extra`` draws the version-2 features (``p["bright_tail"]``, ``p["p_daughters"]``)."""
+    extra = extra if extra is not None else rng.spawn(1)[0]
     geo = _place_nuclei(rng, p, h, w)
     n = len(geo["x"])
     if n == 0:
@@ -311,10 +348,26 @@ def _render_nuclei(
     tex_gain = rng.uniform(0.5, 1.5, n)
     tex_gain[oof] *= 0.3
     normal = ~mitotic
-    profile = p["profile"] + 0.15 * rng.standard_normal(int(normal.sum()))
-    parts = [_items(x=geo["x"][normal], y=geo["y"][normal], a=geo["a"][normal], b=geo["b"][normal],
-                    theta=geo["theta"][normal], irregular=p["irregular"], edge=edge[normal],
-                    value=bright[normal], profile=profile, tex_gain=tex_gain[normal])]
+    profile = np.full(n, np.nan)
+    profile[normal] = p["profile"] + 0.15 * rng.standard_normal(int(normal.sum()))
+    if p.get("bright_tail"):
+        frac, factor = p["bright_tail"]
+        hot2 = (extra.random(n) < frac) & normal & ~oof
+        k = int(hot2.sum())
+        bright[hot2] = np.maximum(bright[hot2], 1.0) * factor * extra.uniform(0.8, 1.25, k)
+        shrink = extra.uniform(0.65, 0.95, k)
+        geo = dict(geo, a=geo["a"].copy(), b=geo["b"].copy())
+        geo["a"][hot2] *= shrink
+        geo["b"][hot2] *= shrink
+        tex_gain[hot2] *= extra.uniform(1.0, 2.5, k)  # condensed, speckled chromatin
+    daughters = (extra.random(n) < p.get("p_daughters", 0.0)) & normal & ~oof
+    single = normal & ~daughters
+    parts = [_items(x=geo["x"][single], y=geo["y"][single], a=geo["a"][single], b=geo["b"][single],
+                    theta=geo["theta"][single], irregular=p["irregular"], edge=edge[single],
+                    value=bright[single], profile=profile[single], tex_gain=tex_gain[single])]
+    for i in np.flatnonzero(daughters):
+        parts.append(_daughter_pair(extra, {k: v[i] for k, v in geo.items()}, p["irregular"], edge[i],
+                                    bright[i], profile[i], tex_gain[i]))
     for i in np.flatnonzero(mitotic):
         parts.append(_mitotic_figure(rng, geo["x"][i], geo["y"][i], geo["a"][i], geo["b"][i],
                                      geo["theta"][i], bright[i]))
@@ -326,7 +379,7 @@ def _render_nuclei(
     canvas = np.zeros((h, w), np.float32)
     label = np.zeros((h, w), np.int32)
     gain = np.zeros((h, w), np.float32)
-    _paint(items, tables, canvas, label, gain)
+    _paint(items, tables, canvas, label, gain, contact=p.get("contact"))
 
     # chromatin texture (fine + coarse, optional dark nucleoli), strength per nucleus via the gain map
     r_med = p["r_med"]
@@ -366,6 +419,24 @@ def _mitotic_figure(
     ox, oy = -math.sin(theta) * gap, math.cos(theta) * gap
     return _items(x=[x + ox, x - ox], y=[y + oy, y - oy], a=[length, length * rng.uniform(0.85, 1.1)],
                   b=width, theta=theta, **common)
+
+
+def _daughter_pair(
+    rng: np.random.Generator, geo: dict[str, float], irregular: float, edge: float, bright: float,
+    profile: float, tex_gain: float,
+) -> dict[str, np.ndarray]:
+    """Two daughter nuclei just after division in place of one nucleus: smaller, brighter, alike, and
+    pressed together flat side to flat side (labelled as two, as DSB annotators did)."""
+    r = math.sqrt(geo["a"] * geo["b"]) * rng.uniform(0.55, 0.75)
+    aspect = rng.uniform(1.05, 1.6)
+    phi = rng.uniform(0, np.pi)  # axis through both centres; each daughter is flattened across it
+    d = r / math.sqrt(aspect) * rng.uniform(0.9, 1.15)  # half the centre distance: touching, +- a px
+    ox, oy = d * math.cos(phi), d * math.sin(phi)
+    value = bright * rng.uniform(1.1, 1.8)
+    return _items(x=[geo["x"] + ox, geo["x"] - ox], y=[geo["y"] + oy, geo["y"] - oy],
+                  a=r * math.sqrt(aspect) * rng.uniform(0.9, 1.1, 2), b=r / math.sqrt(aspect),
+                  theta=phi + np.pi / 2 + rng.normal(0, 0.15, 2), irregular=irregular, edge=edge,
+                  value=value * rng.uniform(0.9, 1.1, 2), profile=profile, tex_gain=tex_gain)
 
 
 def _render_ghosts(rng: np.random.Generator, canvas: np.ndarray, p: dict[str, Any], count: int) -> None:
@@ -486,28 +557,42 @@ def _he(rng: np.random.Generator, density: np.ndarray, bit_depth: int) -> np.nda
     return _to_dtype(noisy * np.float32(white * rng.uniform(0.8, 0.97)), white, bit_depth)
 
 
+def check_features(features: Iterable[str]) -> frozenset[str]:
+    """The set of version-2 features, or ValueError naming the unknown ones."""
+    chosen = frozenset(features)
+    unknown = sorted(chosen - set(FEATURES))
+    if unknown:
+        raise ValueError(f"unknown generator feature(s) {unknown}; expected some of {list(FEATURES)}")
+    return chosen
+
+
 def generate_image(
     rng: np.random.Generator,
     size: int | tuple[int, int] = 512,
     style: str = "fluorescence",
     bit_depth: int = 8,
+    features: Iterable[str] = FEATURES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic field: (image, label) with image HxW (HxWx3 for colour styles) uint8 or uint16 and
-    label HxW int32 (0 background, 1..N nuclei, disjoint)."""
+    label HxW int32 (0 background, 1..N nuclei, disjoint). ``features`` picks the version-2 additions
+    (all by default; none gives version 1's images)."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+    features = check_features(features)
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     if min(h, w) < 16:
         raise ValueError(f"image size {h}x{w} is too small")
+    extra = rng.spawn(1)[0]  # version-2 draws: the main stream stays version 1's
     p = _sample_scene(rng, h, w)
+    p.update(_sample_scene_v2(extra, features))
     # camera first: dim nuclei are drawn relative to the noise they must stand out of
     background = float(_log_uniform(rng, 0.02, 0.9))
     photons = float(_log_uniform(rng, 20, 5000))
     noise_rel = math.sqrt((background + 0.05) / photons)
     floor = max(0.12, 3.0 * noise_rel)
-    signal, label = _render_nuclei(rng, p, h, w, floor)
+    signal, label = _render_nuclei(rng, p, h, w, floor, extra)
     if p["halo"]:  # faint cytoplasm autofluorescence / stain around nuclei
         around = _blur((label > 0).astype(np.float32), p["r_med"] * rng.uniform(0.5, 1.0))
         signal += p["halo"] * around * (1.0 + 0.5 * _smooth_field(rng, h, w, p["r_med"]))
@@ -558,12 +643,12 @@ def write_sample(folder: str | os.PathLike, name: str, image: np.ndarray, label:
     return paths
 
 
-def _write_one(job: tuple[Path, str, int, int, int, int, int, str]) -> dict:
+def _write_one(job: tuple[Path, str, int, int, int, int, int, str, tuple[str, ...]]) -> dict:
     """Generate, write and annotate one image (a process-pool task: everything derives from the seed)."""
     from .datasets import label_image_to_annotations
 
-    out_dir, name, index, size, seed, stream, bit_depth, style = job
-    image, label = generate_image(image_rng(seed, stream, index), size, style, bit_depth)
+    out_dir, name, index, size, seed, stream, bit_depth, style, features = job
+    image, label = generate_image(image_rng(seed, stream, index), size, style, bit_depth, features)
     write_sample(out_dir, name, image, label)
     return {
         "file_name": str(out_dir / name / "images" / f"{name}.png"),
@@ -586,6 +671,7 @@ def write_dataset(
     preview: str | os.PathLike | None = None,
     progress: bool = True,
     workers: int | None = None,
+    features: Iterable[str] = FEATURES,
 ) -> list[dict]:
     """Generate ``num`` images into an empty/new ``out_dir`` in the DSB layout; return their dataset dicts
     (exactly what :func:`~nucleus_seg.data.datasets.load_dsb_dataset` reads back). ``preview`` names a PNG
@@ -593,18 +679,20 @@ def write_dataset(
 
     Writing one PNG per nucleus dominates the cost (~5 images/s per core), so images are spread over
     ``workers`` processes (default: all cores, at most 16); the output does not depend on it.
+    ``features`` as in :func:`generate_image`.
     """
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
+    features = tuple(sorted(check_features(features)))
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; pick a new folder for the synthetic dataset")
     out_dir.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(num - 1)))
-    jobs = [(out_dir, f"synth_s{seed}_{stream}_{i:0{width}d}", i, size, seed, stream, bit_depth, style)
-            for i in range(num)]
+    jobs = [(out_dir, f"synth_s{seed}_{stream}_{i:0{width}d}", i, size, seed, stream, bit_depth, style,
+             features) for i in range(num)]
     workers = min(workers or os.cpu_count() or 1, 16, max(num, 1))
     bar = dict(total=num, desc=f"synth {style}", disable=not progress or num < 5)
     if workers > 1 and num >= 8:
@@ -613,7 +701,7 @@ def write_dataset(
     else:
         records = [_write_one(job) for job in tqdm(jobs, **bar)]
     if preview is not None and records:
-        shown = [generate_image(image_rng(seed, stream, i), size, style, bit_depth)
+        shown = [generate_image(image_rng(seed, stream, i), size, style, bit_depth, features)
                  for i in range(min(num, 16))]
         write_preview(preview, [s[0] for s in shown], [s[1] for s in shown])
     return records

@@ -65,7 +65,7 @@ def register_datasets_from_cfg(cfg: CfgNode) -> None:
 
         s = cfg.NUCLEUS.SYNTH
         register_synth_datasets(num_train=s.NUM_TRAIN, num_val=s.NUM_VAL, size=s.SIZE, style=s.STYLE,
-                                seed=s.SEED)
+                                seed=s.SEED, features=s.FEATURES)
     registered = set(DatasetCatalog.list())
     for key, group in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
         for name in group:
