@@ -246,7 +246,7 @@ def evaluate_datasets(
     return reports
 
 
-TUNE_DIAMETERS = (0.0, 20.0, 28.0, 40.0)  # 0: no rescale; else TRAIN_DIAMETER with DIAMETER "auto"
+TUNE_DIAMETERS = (0.0, 28.0)  # 0: no rescale; else TRAIN_DIAMETER with DIAMETER "auto"
 TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 TUNE_TTA_MARGIN = 0.005  # flip TTA costs 4x: it is chosen only if it beats the best single pass by more
 
@@ -278,38 +278,43 @@ def tune_inference(
         register_datasets_from_cfg(check)
     except KeyError as exc:
         raise EvalError(str(exc.args[0])) from exc
-    rows, gt_cache = [], {}
-    for diameter in diameters:
-        for flips in tta:
-            trial = cfg.clone()
-            trial.defrost()
-            trial.NUCLEUS.PREDICT.DIAMETER = -1.0 if diameter > 0 else 0.0
-            if diameter > 0:
-                trial.NUCLEUS.PREDICT.TRAIN_DIAMETER = float(diameter)
-            trial.NUCLEUS.PREDICT.TTA = bool(flips)
-            trial.NUCLEUS.PREDICT.SCORE_THRESH = float(min(thresholds))
-            trial.NUCLEUS.EVAL.COCO = False
-            evaluator = NucleusEvaluator.from_config(trial, dataset, None)
-            inputs = [{k: r[k] for k in ("file_name", "image_id", "height", "width")}
-                      for r in evaluator.dataset_dicts]
-            if not inputs:
-                raise EvalError(f"dataset {dataset} has no images")
-            batch = max(int(trial.NUCLEUS.PREDICT.BATCH_SIZE), 1)
-            start = time.perf_counter()
-            inference_on_dataset(_predictor_model(trial), [inputs[i:i + batch] for i in range(0, len(inputs), batch)],
-                                 evaluator)
-            seconds = time.perf_counter() - start
-            for thresh in thresholds:
-                records = []
-                for r in evaluator.records:
-                    if r["image_id"] not in gt_cache:
-                        gt_cache[r["image_id"]] = gt_label_image(evaluator.gt_by_id[r["image_id"]])
-                    pred = prediction_label_image(r, thresh)
-                    records.append(dict(r, counts=image_counts(gt_cache[r["image_id"]], pred)))
-                report = build_report(records, dataset, thresh)
-                rows.append({"train_diameter": float(diameter), "tta": bool(flips), "score_thresh": float(thresh),
-                             "dsb_score": report["dsb_score"], "ap50": report["ap50"], "f1_50": report["f1_50"],
-                             "seconds": round(seconds, 2)})
+    rows: list[dict] = []
+    gt_cache: dict = {}
+
+    def run_pass(diameter: float, flips: bool) -> None:
+        trial = cfg.clone()
+        trial.defrost()
+        trial.NUCLEUS.PREDICT.DIAMETER = -1.0 if diameter > 0 else 0.0
+        if diameter > 0:
+            trial.NUCLEUS.PREDICT.TRAIN_DIAMETER = float(diameter)
+        trial.NUCLEUS.PREDICT.TTA = bool(flips)
+        trial.NUCLEUS.PREDICT.SCORE_THRESH = float(min(thresholds))
+        trial.NUCLEUS.EVAL.COCO = False
+        evaluator = NucleusEvaluator.from_config(trial, dataset, None)
+        inputs = [{k: r[k] for k in ("file_name", "image_id", "height", "width")} for r in evaluator.dataset_dicts]
+        if not inputs:
+            raise EvalError(f"dataset {dataset} has no images")
+        batch = max(int(trial.NUCLEUS.PREDICT.BATCH_SIZE), 1)
+        start = time.perf_counter()
+        inference_on_dataset(_predictor_model(trial), [inputs[i:i + batch] for i in range(0, len(inputs), batch)],
+                             evaluator)
+        seconds = time.perf_counter() - start
+        for thresh in thresholds:
+            records = []
+            for r in evaluator.records:
+                if r["image_id"] not in gt_cache:
+                    gt_cache[r["image_id"]] = gt_label_image(evaluator.gt_by_id[r["image_id"]])
+                records.append(dict(r, counts=image_counts(gt_cache[r["image_id"]], prediction_label_image(r, thresh))))
+            report = build_report(records, dataset, thresh)
+            rows.append({"train_diameter": float(diameter), "tta": bool(flips), "score_thresh": float(thresh),
+                         "dsb_score": report["dsb_score"], "ap50": report["ap50"], "f1_50": report["f1_50"],
+                         "seconds": round(seconds, 2)})
+
+    if False in tta:
+        for diameter in diameters:
+            run_pass(diameter, False)
+    if True in tta:
+        run_pass(max(rows, key=lambda r: r["dsb_score"])["train_diameter"] if rows else diameters[0], True)
     best = max(rows, key=lambda r: r["dsb_score"])
     single = max((r for r in rows if not r["tta"]), key=lambda r: r["dsb_score"], default=None)
     if best["tta"] and single is not None and best["dsb_score"] - single["dsb_score"] <= TUNE_TTA_MARGIN:

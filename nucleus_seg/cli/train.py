@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = default_argument_parser(epilog=__doc__)
     parser.prog = "nucleus-train"
+    # detectron2's default port is fixed per user, so two trainings on one machine collided
+    # (EADDRINUSE); on one machine a free port is found instead ("auto"); several machines name one
+    parser.set_defaults(dist_url="auto")
+    for action in parser._actions:
+        if action.dest == "dist_url":
+            action.help = ("tcp://HOST:PORT of machine 0 when training on several machines; default 'auto' "
+                           "(a free local port, single machine only)")
     parser.add_argument("--version", action="store_true", help="print versions (nucleus_seg, detectron2, "
                         "torch, CUDA) and exit")
     parser.add_argument("--procs-per-gpu", type=int, default=1, metavar="K",
