@@ -12,7 +12,9 @@ from pathlib import Path
 KEYS = ("dsb_score", "ap50", "f1_50", "pq", "n_images", "n_gt", "n_pred")
 
 
-def _metrics(path: Path) -> dict:
+def _metrics(path: Path) -> dict | None:
+    if not path.is_file():  # a step the run skipped (NUCLEUS_SKIP_BASELINE)
+        return None
     data = json.loads(path.read_text())
     return {k: data.get(k) for k in KEYS}
 

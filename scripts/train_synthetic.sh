@@ -24,8 +24,9 @@ nucleus-eval --config-file "$TUNED" --dataset nucleus_synth_val --dataset nucleu
 # the same model with the config's plain inference settings, for the record of what tuning moved
 nucleus-eval --config-file "$CFG" --dataset nucleus_synth_val --dataset nucleus_dsb_sample \
   --output "$OUT/eval_untuned" --num-worst 0 "${WEIGHTS[@]}" "$@"
-nucleus-eval --config-file "$CFG" --baseline watershed --dataset nucleus_synth_val --dataset nucleus_dsb_sample \
-  --output "$OUT/baseline" "$@"
+# the classical baseline does not depend on the model: ablation runs may skip it (NUCLEUS_SKIP_BASELINE=1)
+[ -n "${NUCLEUS_SKIP_BASELINE:-}" ] || nucleus-eval --config-file "$CFG" --baseline watershed \
+  --dataset nucleus_synth_val --dataset nucleus_dsb_sample --output "$OUT/baseline" "$@"
 nucleus-predict --config-file "$TUNED" --input nucleus_seg/data/sample/image.tif --output "$OUT/predict"
 python scripts/accuracy_report.py --run "$OUT" --config "$CFG" \
   ${NUCLEUS_ACCURACY_JSON:+--out "$NUCLEUS_ACCURACY_JSON"} \
