@@ -194,18 +194,11 @@ def _predictor_model(cfg) -> Callable[[list[dict]], list[dict]]:
     return model
 
 
-def evaluate_datasets(
-    cfg, datasets: list[str], output: str | Path, baseline: str | None = None, num_worst: int = 4
-) -> dict[str, dict]:
-    """Run the model (or baseline) and ``NucleusEvaluator`` on each dataset; returns their reports."""
-    from detectron2.evaluation import inference_on_dataset, print_csv_format
+def _register_eval_datasets(cfg, datasets: list[str]) -> None:
+    """As the trainer does: synthetic sets regenerate with cfg.NUCLEUS.SYNTH.*, so training and evaluation
+    see the same images; unknown names fail with the list of nucleus datasets."""
+    from ..engine.trainer import register_datasets_from_cfg
 
-    from ..data.io import read_image
-    from ..engine.trainer import dataset_dirname, register_datasets_from_cfg
-    from ..evaluation.evaluator import NucleusEvaluator, gt_label_image, prediction_label_image
-
-    # as the trainer does: synthetic sets regenerate with cfg.NUCLEUS.SYNTH.*, so training and this
-    # evaluation see the same images; unknown names fail with the list of nucleus datasets
     check = cfg.clone()
     check.defrost()
     check.DATASETS.TRAIN, check.DATASETS.TEST = (), tuple(datasets)
@@ -213,19 +206,34 @@ def evaluate_datasets(
         register_datasets_from_cfg(check)
     except KeyError as exc:
         raise EvalError(str(exc.args[0])) from exc
+
+
+def _input_batches(evaluator, batch: int) -> list[list[dict]]:
+    """The evaluator's images as model inputs, ``batch`` per call; EvalError if there are none."""
+    inputs = [{k: r[k] for k in ("file_name", "image_id", "height", "width")} for r in evaluator.dataset_dicts]
+    if not inputs:
+        raise EvalError(f"dataset {evaluator.dataset_name} has no images")
+    return [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+
+
+def evaluate_datasets(
+    cfg, datasets: list[str], output: str | Path, baseline: str | None = None, num_worst: int = 4
+) -> dict[str, dict]:
+    """Run the model (or baseline) and ``NucleusEvaluator`` on each dataset; returns their reports."""
+    from detectron2.evaluation import inference_on_dataset, print_csv_format
+
+    from ..data.io import read_image
+    from ..engine.trainer import dataset_dirname
+    from ..evaluation.evaluator import NucleusEvaluator, gt_label_image, prediction_label_image
+
+    _register_eval_datasets(cfg, datasets)
     model = _watershed_model if baseline == "watershed" else _predictor_model(cfg)
     batch = max(int(cfg.NUCLEUS.PREDICT.BATCH_SIZE), 1) if baseline is None else 1
     reports = {}
     for name in datasets:
         out_dir = Path(output) / dataset_dirname(name)
         evaluator = NucleusEvaluator.from_config(cfg, name, str(out_dir))
-        inputs = [
-            {k: r[k] for k in ("file_name", "image_id", "height", "width")} for r in evaluator.dataset_dicts
-        ]
-        if not inputs:
-            raise EvalError(f"dataset {name} has no images")
-        loader = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
-        results = inference_on_dataset(model, loader, evaluator)
+        results = inference_on_dataset(model, _input_batches(evaluator, batch), evaluator)
         print_csv_format(results)
         report = evaluator.report
         if baseline:
@@ -267,17 +275,10 @@ def tune_inference(
 
     from detectron2.evaluation import inference_on_dataset
 
-    from ..engine.trainer import register_datasets_from_cfg
     from ..evaluation.evaluator import NucleusEvaluator, build_report, gt_label_image, prediction_label_image
     from ..evaluation.matching import image_counts
 
-    check = cfg.clone()
-    check.defrost()
-    check.DATASETS.TRAIN, check.DATASETS.TEST = (), (dataset,)
-    try:
-        register_datasets_from_cfg(check)
-    except KeyError as exc:
-        raise EvalError(str(exc.args[0])) from exc
+    _register_eval_datasets(cfg, [dataset])
     rows: list[dict] = []
     gt_cache: dict = {}
 
@@ -291,13 +292,9 @@ def tune_inference(
         trial.NUCLEUS.PREDICT.SCORE_THRESH = float(min(thresholds))
         trial.NUCLEUS.EVAL.COCO = False
         evaluator = NucleusEvaluator.from_config(trial, dataset, None)
-        inputs = [{k: r[k] for k in ("file_name", "image_id", "height", "width")} for r in evaluator.dataset_dicts]
-        if not inputs:
-            raise EvalError(f"dataset {dataset} has no images")
-        batch = max(int(trial.NUCLEUS.PREDICT.BATCH_SIZE), 1)
+        batches = _input_batches(evaluator, max(int(trial.NUCLEUS.PREDICT.BATCH_SIZE), 1))
         start = time.perf_counter()
-        inference_on_dataset(_predictor_model(trial), [inputs[i:i + batch] for i in range(0, len(inputs), batch)],
-                             evaluator)
+        inference_on_dataset(_predictor_model(trial), batches, evaluator)
         seconds = time.perf_counter() - start
         for thresh in thresholds:
             records = []
