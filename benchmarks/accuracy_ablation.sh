@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
-# Generator ablation: the accuracy recipe (scripts/train_synthetic.sh) once per generator feature set, each
-# arm alone on one GPU, all at once. Each arm writes OUT/arm_<name>.json (the recipe's accuracy JSON) and
-# OUT/arm_<name>.log. Usage: benchmarks/accuracy_ablation.sh OUT [KEY VALUE ...]  (opts go to every arm)
+# Recipe ablation: the accuracy recipe (scripts/train_synthetic.sh) once per arm, each arm alone on one GPU,
+# all at once. An arms file has one arm per line, "name [KEY VALUE ...]" (config overrides; '#' comments);
+# arms beyond the GPU count are skipped. Each arm writes OUT/arm_<name>.json (the recipe's accuracy JSON)
+# and OUT/arm_<name>.log.
+# Usage: [ABLATION_ARMS=benchmarks/arms/scale.txt] benchmarks/accuracy_ablation.sh OUT [KEY VALUE ...]
+# (trailing opts go to every arm, before the arm's own)
 set -uo pipefail
+set -f  # arm values such as [0.6] are config literals, not file globs
 cd "$(dirname "$0")/.."
 OUT=$1; shift
+ARMS_FILE=${ABLATION_ARMS:-benchmarks/arms/scale.txt}
 mkdir -p "$OUT"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-# name and NUCLEUS.SYNTH.FEATURES of each arm, most informative first (arms beyond the GPU count are skipped)
-ARMS=("all:['contact','daughters','bright_tail']" "v1:[]" "contact:['contact']"
-      "no_contact:['daughters','bright_tail']")
+CFG=${NUCLEUS_RECIPE_CONFIG:-configs/nucleus_R101_FPN_synth_h100.yaml}
+# arms that share generator settings would each generate the same images: make each set once, all cores
+mapfile -t ARMS < <(grep -v '^\s*#' "$ARMS_FILE" | grep -v '^\s*$')
+for arm in "${ARMS[@]:0:$NGPU}"; do
+  read -r -a opts <<< "$arm"
+  python3 - "$CFG" "$@" "${opts[@]:1}" <<'PY'
+import sys
+from detectron2.data import DatasetCatalog
+from nucleus_seg.engine.trainer import register_datasets_from_cfg
+from nucleus_seg.config import get_nucleus_cfg
+cfg = get_nucleus_cfg(sys.argv[1], sys.argv[2:])
+register_datasets_from_cfg(cfg)
+for name in ("nucleus_synth_train", "nucleus_synth_val"):
+    print(name, len(DatasetCatalog.get(name)), "images ready")
+PY
+done
 pids=()
 for i in "${!ARMS[@]}"; do
   [ "$i" -lt "$NGPU" ] || break
-  name=${ARMS[$i]%%:*}; features=${ARMS[$i]#*:}
+  read -r -a opts <<< "${ARMS[$i]}"
+  name=${opts[0]}
   CUDA_VISIBLE_DEVICES=$i NUCLEUS_ACCURACY_JSON="$OUT/arm_$name.json" \
-    bash scripts/train_synthetic.sh "/tmp/arm_$name" NUCLEUS.SYNTH.FEATURES "$features" "$@" \
-    > "$OUT/arm_$name.log" 2>&1 &
+    bash scripts/train_synthetic.sh "/tmp/arm_$name" "$@" "${opts[@]:1}" > "$OUT/arm_$name.log" 2>&1 &
   pids+=($!)
-  echo "arm $name (features $features) on GPU $i: pid ${pids[-1]}"
+  echo "arm $name (${opts[*]:1}) on GPU $i: pid ${pids[-1]}"
 done
 for pid in "${pids[@]}"; do wait "$pid"; echo "pid $pid exit $?"; done

@@ -32,6 +32,11 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.INPUT.NUCLEUS.CROP_NUCLEUS_PROB = 0.9  # chance a crop is centred near a nucleus
     cfg.INPUT.NUCLEUS.MIN_INSTANCE_AREA = 4  # px; smaller remnants after crop/scale are dropped
     cfg.INPUT.NUCLEUS.SCALE_RANGE = (0.5, 2.0)  # log-uniform rescale: nuclei come at many magnifications
+    # True: each training image is first rescaled so its median nucleus diameter is
+    # NUCLEUS.PREDICT.TRAIN_DIAMETER, and SCALE_RANGE jitters around that (Cellpose's training); the
+    # model learns one size band and the predictor's DIAMETER (-1: estimated) rescales inputs to it.
+    # False: SCALE_RANGE is relative to the image as it is (every size is learnt).
+    cfg.INPUT.NUCLEUS.SCALE_TO_DIAMETER = False
     cfg.INPUT.NUCLEUS.FLIP = True
     cfg.INPUT.NUCLEUS.ROT90 = True
     cfg.INPUT.NUCLEUS.BRIGHTNESS = 0.2  # +- fraction

@@ -16,7 +16,7 @@ from nucleus_seg.config import get_nucleus_cfg
 from nucleus_seg.data.datasets import mask_to_annotation
 from nucleus_seg.data.io import ImageReadError, normalize_image, read_image
 from nucleus_seg.data.mapper import AnnotationError, NucleusDatasetMapper, instance_label_layers
-from nucleus_seg.data.transforms import FastResizeTransform, Rot90Transform
+from nucleus_seg.data.transforms import FastResizeTransform, Rot90Transform, median_diameter
 
 NO_COLOUR = ["INPUT.NUCLEUS.BRIGHTNESS", 0.0, "INPUT.NUCLEUS.CONTRAST", 0.0,
              "INPUT.NUCLEUS.GAMMA", (1.0, 1.0),
@@ -342,3 +342,27 @@ def test_bad_inputs_name_the_file(tmp_path):
     no_mask = dict(d, annotations=[{k: v for k, v in d["annotations"][0].items() if k != "segmentation"}])
     with pytest.raises(AnnotationError, match=r"ok\.png: annotation 0 has no 'segmentation'"):
         mapper(no_mask)
+
+
+@pytest.mark.parametrize("target", [12.0, 32.0])
+def test_scale_to_diameter_brings_each_image_to_the_training_size(tmp_path, target):
+    """SCALE_TO_DIAMETER: small-nucleus and large-nucleus fields both come out at TRAIN_DIAMETER."""
+    opts = ["INPUT.NUCLEUS.CROP_SIZE", 192, "INPUT.NUCLEUS.SCALE_RANGE", (1.0, 1.0),
+            "INPUT.NUCLEUS.SCALE_TO_DIAMETER", True, "NUCLEUS.PREDICT.TRAIN_DIAMETER", target,
+            "INPUT.NUCLEUS.MIN_INSTANCE_AREA", 1, *RAW_INTENSITY, *NO_COLOUR]
+    mapper = make_mapper(opts)
+    for radius, count, name in (((3, 5), 400, "small.png"), ((12, 16), 40, "large.png")):
+        label = label_scene(256, 256, count, seed=7, radius=radius)
+        image = np.where(label > 0, 200, 10).astype(np.uint8)
+        d = write_dict(tmp_path, name, image, label)
+        found = []
+        for seed in range(4):
+            np.random.seed(seed)
+            out = mapper(d)
+            check_instances(out, 192, 1)
+            # whole nuclei only (not cut by the crop): their median diameter is the target
+            boxes = out["instances"].gt_boxes.tensor.numpy()
+            inside = (boxes[:, 0] > 0) & (boxes[:, 1] > 0) & (boxes[:, 2] < 192) & (boxes[:, 3] < 192)
+            areas = out["instances"].gt_masks.tensor.sum(dim=(1, 2)).numpy()[inside]
+            found.append(median_diameter(areas))
+        assert np.median(found) == pytest.approx(target, rel=0.2), (name, found)

@@ -22,6 +22,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..structures import LabelMasks
 from .io import normalize_image, read_image
+from .transforms import median_diameter
 
 __all__ = ["NucleusDatasetMapper", "instance_label_layers", "AnnotationError"]
 
@@ -365,6 +366,10 @@ class NucleusDatasetMapper:
         classes = np.asarray([int(a.get("category_id", 0)) for a in annos], dtype=np.int64)
 
         aug_input = T.AugInput(image, boxes=_annotation_boxes(annos), sem_seg=labels)
+        # per-instance areas (ids are unique across layers) for crops that scale to a nucleus size
+        areas = sum(np.bincount(labels[:, :, k].ravel(), minlength=len(annos) + 1)[1:]
+                    for k in range(labels.shape[2]))
+        aug_input.diameter = median_diameter(areas)
         self.augmentations(aug_input)
         dataset_dict["image"] = self._to_tensor(aug_input.image)
         instances = instances_from_labels(aug_input.sem_seg, layer_of, classes, self.min_instance_area)

@@ -22,7 +22,20 @@ __all__ = [
     "RandomGaussianBlur",
     "RandomGaussianNoise",
     "build_nucleus_augmentation",
+    "median_diameter",
 ]
+
+
+def median_diameter(areas: np.ndarray) -> float | None:
+    """Median equivalent-circle diameter of instance areas (px); None when there are none."""
+    areas = np.asarray(areas, dtype=np.float64)
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return None
+    return float(np.median(np.sqrt(4.0 * areas / math.pi)))
+
+
+TARGET_SCALE_LIMITS = (0.125, 8.0)  # bounds the work of one crop (window 64-4096 px for a 512 crop)
 
 
 def nearest_resize(array: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
@@ -104,22 +117,34 @@ class RandomScaledNucleusCrop(T.Augmentation):
     is resampled, never the whole image. With probability ``nucleus_prob`` the window contains the
     centre of a random nucleus box (dense training signal on sparse slides). Images smaller than the
     window are padded (at a random offset) to ``crop_size``.
+
+    With ``target_diameter`` > 0 the scale is relative to the image's own nuclei (Cellpose's
+    training): the image is first brought to a median nucleus diameter of ``target_diameter``
+    (AugInput ``diameter``, px) and ``scale_range`` jitters around that. The model then spends its
+    capacity on one size band, and the predictor's ``diameter`` setting brings every input to it.
     """
 
     def __init__(self, crop_size: int, scale_range: tuple[float, float] = (1.0, 1.0),
-                 nucleus_prob: float = 0.9):
+                 nucleus_prob: float = 0.9, target_diameter: float = 0.0):
         super().__init__()
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"INPUT.NUCLEUS.SCALE_RANGE must be 0 < low <= high, got {scale_range}")
         if crop_size < 1:
             raise ValueError(f"INPUT.NUCLEUS.CROP_SIZE must be positive, got {crop_size}")
-        self._init({"crop_size": int(crop_size), "scale_range": (lo, hi), "nucleus_prob": nucleus_prob})
+        if target_diameter < 0:
+            raise ValueError(f"INPUT.NUCLEUS.TARGET_DIAMETER must be >= 0, got {target_diameter}")
+        self._init({"crop_size": int(crop_size), "scale_range": (lo, hi), "nucleus_prob": nucleus_prob,
+                    "target_diameter": float(target_diameter)})
+        self.input_args = ("image", "boxes", "diameter") if target_diameter > 0 else ("image", "boxes")
 
-    def get_transform(self, image: np.ndarray, boxes: np.ndarray | None) -> T.Transform:
+    def get_transform(self, image: np.ndarray, boxes: np.ndarray | None,
+                      diameter: float | None = None) -> T.Transform:
         h, w = image.shape[:2]
         lo, hi = self.scale_range
         scale = math.exp(np.random.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
+        if self.target_diameter > 0 and diameter:
+            scale *= float(np.clip(self.target_diameter / diameter, *TARGET_SCALE_LIMITS))
         crop = self.crop_size
         win = max(1, int(round(crop / scale)))
         ch, cw = min(win, h), min(win, w)
@@ -230,7 +255,8 @@ def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
         return utils.build_augmentation(cfg, is_train=False)  # ResizeShortestEdge; MIN_SIZE_TEST 0 = none
     n = cfg.INPUT.NUCLEUS
     augs: list[T.Augmentation] = [
-        RandomScaledNucleusCrop(n.CROP_SIZE, tuple(n.SCALE_RANGE), n.CROP_NUCLEUS_PROB)
+        RandomScaledNucleusCrop(n.CROP_SIZE, tuple(n.SCALE_RANGE), n.CROP_NUCLEUS_PROB,
+                                target_diameter=cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER if n.SCALE_TO_DIAMETER else 0.0)
     ]
     if n.FLIP:
         augs += [T.RandomFlip(0.5, horizontal=True, vertical=False),

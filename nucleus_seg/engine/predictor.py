@@ -15,7 +15,6 @@ device; and the next batch normalised on a CPU thread while the GPU runs this on
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import types
@@ -40,6 +39,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..data.io import check_image_shape, normalize_from_cfg
+from ..data.transforms import median_diameter
 from .precision import inference_amp_dtype, use_half_group_norm
 from .tiling import LabelPrediction, Stitcher, Tile, TileInstances, finalize_labels, make_tiles
 
@@ -48,6 +48,12 @@ logger = logging.getLogger(__name__)
 Diameter = Union[float, str, None]
 AUTO_SCALE_RANGE = (0.25, 4.0)  # an estimated diameter further off than this is more likely wrong
 RESCALE_TOLERANCE = 0.05  # an auto scale this close to 1 reuses the first pass
+# "auto" for models that know one size band: nuclei far from it are found poorly, so the estimate is
+# refined from the rescaled pass (at most AUTO_MAX_PASSES in all), and a pass with no confident nucleus
+# is retried at these scales before giving up
+AUTO_REFINE_TOLERANCE = 0.1
+AUTO_MAX_PASSES = 3
+AUTO_PROBE_SCALES = (2.0, 0.5)
 PASTE_BUDGET = 1 << 25  # window pixels sampled per grid_sample call (bounds memory)
 
 
@@ -377,15 +383,6 @@ def diameter_to_scale(diameter: float, train_diameter: float) -> float:
     return train_diameter / diameter
 
 
-def median_diameter(areas: np.ndarray) -> float | None:
-    """Median equivalent-circle diameter of instance areas (px); None when there are none."""
-    areas = np.asarray(areas, dtype=np.float64)
-    areas = areas[areas > 0]
-    if areas.size == 0:
-        return None
-    return float(np.median(np.sqrt(4.0 * areas / math.pi)))
-
-
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize with detectron2's own transform (what DefaultPredictor resizes with)."""
     height, width = image.shape[:2]
@@ -566,23 +563,51 @@ class NucleusPredictor:
                 height, width, self.aug.short_edge_length[0], self.aug.max_size)
         return max(1, round(height * scale)), max(1, round(width * scale))
 
-    def _scale_from(self, dets: Sequence[Detections], thresh: float) -> float:
-        """Cellpose-style size estimate: median diameter of the confident first-pass instances."""
+    def _found_diameter(self, dets: Sequence[Detections], thresh: float) -> float | None:
+        """Median diameter (input px) of the confident instances; None when there are none."""
         areas = [d.windows[d.scores >= thresh].sum(dim=(1, 2)) for d in dets]
-        areas = torch.cat(areas).cpu().numpy() if areas else np.zeros(0)
-        found = median_diameter(areas)
-        if found is None:
-            warnings.warn("diameter 'auto': no confident nuclei in the first pass; not rescaling",
-                          UserWarning, stacklevel=3)
-            return 1.0
+        return median_diameter(torch.cat(areas).cpu().numpy() if areas else np.zeros(0))
+
+    def _auto_scale(self, found: float) -> float:
         scale = diameter_to_scale(found, self.train_diameter)
         lo, hi = AUTO_SCALE_RANGE
         if not lo <= scale <= hi:
             warnings.warn(f"diameter 'auto': estimated {found:.1f} px, rescale x{scale:.2f} clipped to "
-                          f"[{lo}, {hi}]; pass the diameter explicitly", UserWarning, stacklevel=3)
+                          f"[{lo}, {hi}]; pass the diameter explicitly", UserWarning, stacklevel=4)
             scale = min(max(scale, lo), hi)
         logger.info("estimated nucleus diameter %.1f px, rescaling by %.3f", found, scale)
         return scale
+
+    def _refine_scale(self, run_pass: Callable[[float], list[Detections]], dets: list[Detections],
+                      thresh: float) -> tuple[float, list[Detections]]:
+        """'auto' (Cellpose-style): the median diameter of the confident instances sets the scale.
+
+        A model trained on one size band finds nuclei far from it poorly, so the estimate is refined
+        from the rescaled pass, and a pass without confident nuclei is retried at AUTO_PROBE_SCALES;
+        at most AUTO_MAX_PASSES passes in all. Returns (scale, detections at that scale).
+        """
+        first = dets
+        used, passes, best = 1.0, 1, None
+        probes = list(AUTO_PROBE_SCALES)
+        while True:
+            found = self._found_diameter(dets, thresh)
+            if found is not None:
+                best, probes = (used, dets), []
+                want = self._auto_scale(found)
+                if abs(want / used - 1.0) <= (RESCALE_TOLERANCE if passes == 1 else AUTO_REFINE_TOLERANCE):
+                    break
+            elif probes:
+                want = probes.pop(0)
+            else:
+                break
+            if passes == AUTO_MAX_PASSES:
+                break
+            used, dets, passes = want, run_pass(want), passes + 1
+        if best is None:
+            warnings.warn("diameter 'auto': no confident nuclei at any probed scale; not rescaling",
+                          UserWarning, stacklevel=4)
+            return 1.0, first
+        return best
 
     def _detect(self, images: Sequence[np.ndarray], diameter: Diameter,
                 score_thresh: float | None = None) -> list[Detections]:
@@ -608,28 +633,25 @@ class NucleusPredictor:
                 results[i] = det
                 if scale is None:
                     norms[i] = norm
-        if scale is None:  # "auto": second pass, each image at its own estimated scale
+        if scale is None:
             thresh = self.score_thresh if score_thresh is None else score_thresh
-            own = [self._scale_from([det], thresh) for det in results]
-            redo: dict[tuple[int, int], list[int]] = {}
-            for i, s in enumerate(own):
-                if abs(s - 1.0) > RESCALE_TOLERANCE:
-                    redo.setdefault(self._model_size(*norms[i].shape[:2], s), []).append(i)
-            for chunk in [c for group in redo.values() for c in _chunks(group, self.batch_size)]:
-                arrays = [_resize(norms[i], self._model_size(*norms[i].shape[:2], own[i])) for i in chunk]
-                dets = self._to_images(self._forward(arrays, score_thresh), norms[chunk[0]].shape[:2],
-                                       score_thresh)
-                for i, det in zip(chunk, dets):
-                    results[i] = det
+            for i, norm in norms.items():
+                def run_pass(s: float, norm: np.ndarray = norm) -> list[Detections]:
+                    arrays = [_resize(norm, self._model_size(*norm.shape[:2], s))]
+                    return self._to_images(self._forward(arrays, score_thresh), norm.shape[:2], score_thresh)
+
+                results[i] = self._refine_scale(run_pass, [results[i]], thresh)[1][0]
         return results
 
     def _estimate_scale_tiled(self, norm: np.ndarray, tile: int, overlap: int) -> float:
-        """'auto' for large images: a first pass on up to four tiles spread over the image."""
-        tiles = make_tiles(norm.shape[:2], tile, overlap)
-        picks = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).round()
-                                             .astype(int))]
-        dets = [d for ds, _ in self._detect_tiles(norm, picks, 1.0, None) for d in ds]
-        return self._scale_from(dets, self.score_thresh)
+        """'auto' for large images: the passes run on up to four tiles spread over the image."""
+        def run_pass(scale: float) -> list[Detections]:
+            tiles = make_tiles(norm.shape[:2], max(1, round(tile / scale)), max(0, round(overlap / scale)))
+            picks = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).round()
+                                                 .astype(int))]
+            return [d for ds, _ in self._detect_tiles(norm, picks, scale, None) for d in ds]
+
+        return self._refine_scale(run_pass, run_pass(1.0), self.score_thresh)[0]
 
     def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,
                       score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:
