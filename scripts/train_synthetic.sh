@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy recipe: train R101-FPN from scratch on synthetic nuclei only, then score it on held-out
 # synthetic images and on the real DSB-2018 sample, next to the classical watershed baseline.
-# Usage: [NUCLEUS_NUM_GPUS=2] [NUCLEUS_PROCS_PER_GPU=2] scripts/train_synthetic.sh [OUT] [KEY VALUE ...]
+# Usage: [NUCLEUS_NUM_GPUS=2] [NUCLEUS_PROCS_PER_GPU=2 (default)] scripts/train_synthetic.sh [OUT] [KEY VALUE ...]
 # With N training processes in all (GPUs x processes per GPU) the batch and LR scale by N and MAX_ITER
 # by 1/N (SOLVER.REFERENCE_WORLD_SIZE 1).
 # Writes OUT/train (checkpoints, curves), OUT/tune (inference settings picked on synthetic val),
@@ -13,7 +13,7 @@ OUT=${1:-output/synth_h100}; shift || true
 CFG=${NUCLEUS_RECIPE_CONFIG:-configs/nucleus_R101_FPN_synth_h100.yaml}
 start=$(date +%s)
 nucleus-train --config-file "$CFG" --num-gpus "${NUCLEUS_NUM_GPUS:-1}" \
-  --procs-per-gpu "${NUCLEUS_PROCS_PER_GPU:-1}" OUTPUT_DIR "$OUT/train" DATASETS.TEST "()" "$@"
+  --procs-per-gpu "${NUCLEUS_PROCS_PER_GPU:-2}" OUTPUT_DIR "$OUT/train" DATASETS.TEST "()" "$@"
 train_end=$(date +%s)
 WEIGHTS=(MODEL.WEIGHTS "$OUT/train/model_final.pth")
 # inference settings (diameter rescale, flip TTA, score threshold) picked on the synthetic validation set
