@@ -273,3 +273,57 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
     assert {"AP", "AP@100", "AP@1000"} <= set(metrics["coco"]["segm"])
     assert (out / name / "curves.png").is_file()
     assert f"{name}: dsb_score=" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale_to_diameter", [False, True])
+def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, scale_to_diameter):
+    """``--tune DIR``: one pass per diameter (the model's own only, for one-size-band models) plus a flip-TTA
+    pass, every threshold scored on each; DIR/tuned.yaml carries the best row's settings."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.cli.evaluate import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN
+    from nucleus_seg.config import get_nucleus_cfg
+
+    opts = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+            "TEST.DETECTIONS_PER_IMAGE", "50", "NUCLEUS.PREDICT.AMP", "False",
+            "INPUT.NUCLEUS.SCALE_TO_DIAMETER", str(scale_to_diameter), "NUCLEUS.PREDICT.TRAIN_DIAMETER", "20.0"]
+    config = "configs/nucleus_R101_FPN_cpu_demo.yaml"
+    DetectionCheckpointer(build_model(get_nucleus_cfg(config, opts)), save_dir=str(tmp_path)).save("random")
+    label = np.zeros((64, 80), np.int32)
+    label[8:26, 8:28] = 1
+    label[36:56, 44:70] = 2
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, (label > 0).astype(np.uint16) * 3000 + 200)
+    anns = label_image_to_annotations(label)
+    name = f"nucleus_tune_test_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(
+        name, lambda: [{"file_name": str(path), "image_id": 0, "height": 64, "width": 80, "annotations": anns}])
+    MetadataCatalog.get(name).set(thing_classes=["nucleus"])
+    try:
+        out = tmp_path / "tune"
+        rc = main(["--config-file", config, "--dataset", name, "--tune", str(out),
+                   "MODEL.WEIGHTS", str(tmp_path / "random.pth"), *opts])
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert rc == 0
+    result = json.loads((out / "tune.json").read_text())
+    rows = result["rows"]
+    diameters = (20.0,) if scale_to_diameter else TUNE_DIAMETERS
+    single = [(r["train_diameter"], r["score_thresh"]) for r in rows if not r["tta"]]
+    assert sorted(single) == sorted((d, t) for d in diameters for t in TUNE_THRESHOLDS)
+    tta = [r for r in rows if r["tta"]]
+    assert len(tta) == len(TUNE_THRESHOLDS) and len({r["train_diameter"] for r in tta}) == 1
+    best = result["best"]
+    top_single = max(r["dsb_score"] for r in rows if not r["tta"])
+    assert best["dsb_score"] >= top_single  # never worse than the best single pass
+    if best["tta"]:
+        assert best["dsb_score"] > top_single + TUNE_TTA_MARGIN
+    tuned = get_nucleus_cfg(str(out / "tuned.yaml"))
+    assert best["score_thresh"] == tuned.NUCLEUS.PREDICT.SCORE_THRESH
+    assert best["tta"] == tuned.NUCLEUS.PREDICT.TTA
+    assert (-1.0 if best["train_diameter"] > 0 else 0.0) == tuned.NUCLEUS.PREDICT.DIAMETER
+    assert str(tmp_path / "random.pth") == tuned.MODEL.WEIGHTS

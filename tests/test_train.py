@@ -227,3 +227,23 @@ def test_ranks_sharing_gpus_map_to_consecutive_devices():
 
     assert [device_for_local_rank(r, 2) for r in range(6)] == [0, 0, 1, 1, 2, 2]
     assert [device_for_local_rank(r, 1) for r in range(3)] == [0, 1, 2]
+
+
+def test_synthetic_data_is_generated_once_before_the_processes_start(tiny_cfg, tmp_path, monkeypatch):
+    """Several local processes would each generate the same images; the launcher makes them first."""
+    from detectron2.data import DatasetCatalog
+
+    from nucleus_seg.engine.trainer import generate_synthetic_data
+
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list([str(x) for kv in TINY_SYNTH.items() for x in kv])
+    cfg.DATASETS.TRAIN = ("nucleus_synth_train",)
+    cfg.DATASETS.TEST = ("nucleus_synth_val", "nucleus_dsb_sample")
+    root = tmp_path / "datasets"
+    monkeypatch.setenv("NUCLEUS_DATASETS", str(root))
+    generate_synthetic_data(cfg)
+    images = {p: p.stat().st_mtime_ns for p in root.rglob("images/*.png")}
+    assert len(images) == 3  # 2 train + 1 val
+    generate_synthetic_data(cfg)  # a rank (or a rerun) reuses them
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("images/*.png")} == images
+    assert len(DatasetCatalog.get("nucleus_synth_train")) == 2

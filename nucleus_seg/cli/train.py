@@ -142,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nucleus-train: --procs-per-gpu must be >= 1, got {args.procs_per_gpu}", file=sys.stderr)
         return 2
     try:
+        if args.num_gpus * args.procs_per_gpu > 1 and not args.eval_only and len(args.opts or []) % 2 == 0:
+            from ..config import get_nucleus_cfg
+            from ..engine.trainer import generate_synthetic_data
+
+            generate_synthetic_data(get_nucleus_cfg(_resolve_config(args.config_file), args.opts or []))
         launch(main_worker, args.num_gpus, procs_per_gpu=args.procs_per_gpu, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except SystemExit as exc:

@@ -18,7 +18,8 @@ from detectron2.utils.logger import setup_logger
 from .hooks import BudgetReached, FinalMetrics, TimeBudget, TrainingCurves
 from .precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 
-__all__ = ["NucleusTrainer", "prepare_cfg", "register_datasets_from_cfg", "divergence_message",
+__all__ = ["NucleusTrainer", "prepare_cfg", "register_datasets_from_cfg", "generate_synthetic_data",
+           "divergence_message",
            "best_metric_key"]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,20 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
     if frozen:
         cfg.freeze()
     return cfg
+
+
+def generate_synthetic_data(cfg: CfgNode) -> None:
+    """Generate the config's synthetic datasets now, once, with every core.
+
+    Called before launching several local processes: otherwise each one generates the same images at once
+    (safe, the first complete copy wins, but N times the CPU work while the GPU waits).
+    """
+    from detectron2.data import DatasetCatalog
+
+    register_datasets_from_cfg(cfg)
+    for name in dict.fromkeys(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
+        if name.startswith(SYNTH_PREFIX):
+            DatasetCatalog.get(name)
 
 
 def register_datasets_from_cfg(cfg: CfgNode) -> None:
