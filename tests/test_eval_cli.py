@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -212,17 +213,37 @@ def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys):
     assert f"{name}: dsb_score=" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
-    """``--config-file F MODEL.WEIGHTS W``: the real R101-FPN (random weights, saved as a checkpoint)
-    through NucleusPredictor and NucleusEvaluator on a non-square 16-bit image."""
-    import tifffile
+@contextmanager
+def random_model_and_dataset(tmp_path, config: str, opts: list[str]):
+    """A random-weight checkpoint of ``config`` and a registered one-image 16-bit dataset with two nuclei."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
 
     from nucleus_seg.config import get_nucleus_cfg
 
+    DetectionCheckpointer(build_model(get_nucleus_cfg(config, opts)), save_dir=str(tmp_path)).save("random")
+    label = np.zeros((72, 96), np.int32)
+    label[10:30, 10:34] = 1
+    label[40:60, 50:80] = 2
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, (label > 0).astype(np.uint16) * 3000 + 200)
+    anns = label_image_to_annotations(label)
+    name = f"nucleus_model_test_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(
+        name, lambda: [{"file_name": str(path), "image_id": 0, "height": 72, "width": 96, "annotations": anns}])
+    MetadataCatalog.get(name).set(thing_classes=["nucleus"])
+    try:
+        yield name, tmp_path / "random.pth"
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+@pytest.mark.slow
+def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
+    """``--config-file F MODEL.WEIGHTS W``: the real R101-FPN (random weights, saved as a checkpoint)
+    through NucleusPredictor and NucleusEvaluator on a non-square 16-bit image."""
     opts = [
         "MODEL.RPN.PRE_NMS_TOPK_TEST",
         "200",
@@ -234,20 +255,7 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
         "0.0",
     ]
     config = "configs/nucleus_R101_FPN_cpu_demo.yaml"
-    DetectionCheckpointer(build_model(get_nucleus_cfg(config, opts)), save_dir=str(tmp_path)).save("random")
-    label = np.zeros((72, 96), np.int32)
-    label[10:30, 10:34] = 1
-    label[40:60, 50:80] = 2
-    path = tmp_path / "img.tif"
-    tifffile.imwrite(path, (label > 0).astype(np.uint16) * 3000 + 200)
-    anns = label_image_to_annotations(label)
-    name = f"nucleus_model_test_{uuid.uuid4().hex[:8]}"
-    DatasetCatalog.register(
-        name,
-        lambda: [{"file_name": str(path), "image_id": 0, "height": 72, "width": 96, "annotations": anns}],
-    )
-    MetadataCatalog.get(name).set(thing_classes=["nucleus"])
-    try:
+    with random_model_and_dataset(tmp_path, config, opts) as (name, weights):
         out = tmp_path / "out"
         rc = main(
             [
@@ -258,13 +266,10 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
                 "--output",
                 str(out),
                 "MODEL.WEIGHTS",
-                str(tmp_path / "random.pth"),
+                str(weights),
                 *opts,
             ]
         )
-    finally:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
     assert rc == 0
     metrics = json.loads((out / name / "metrics.json").read_text())
     assert (metrics["n_images"], metrics["n_gt"]) == (1, 2)
@@ -280,10 +285,6 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
 def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, scale_to_diameter):
     """``--tune DIR``: one pass per diameter (the model's own only, for one-size-band models) plus a flip-TTA
     pass, every threshold scored on each; DIR/tuned.yaml carries the best row's settings."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.modeling import build_model
-
     from nucleus_seg.cli.evaluate import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN
     from nucleus_seg.config import get_nucleus_cfg
 
@@ -291,24 +292,10 @@ def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, sca
             "TEST.DETECTIONS_PER_IMAGE", "50", "NUCLEUS.PREDICT.AMP", "False",
             "INPUT.NUCLEUS.SCALE_TO_DIAMETER", str(scale_to_diameter), "NUCLEUS.PREDICT.TRAIN_DIAMETER", "20.0"]
     config = "configs/nucleus_R101_FPN_cpu_demo.yaml"
-    DetectionCheckpointer(build_model(get_nucleus_cfg(config, opts)), save_dir=str(tmp_path)).save("random")
-    label = np.zeros((64, 80), np.int32)
-    label[8:26, 8:28] = 1
-    label[36:56, 44:70] = 2
-    path = tmp_path / "img.tif"
-    tifffile.imwrite(path, (label > 0).astype(np.uint16) * 3000 + 200)
-    anns = label_image_to_annotations(label)
-    name = f"nucleus_tune_test_{uuid.uuid4().hex[:8]}"
-    DatasetCatalog.register(
-        name, lambda: [{"file_name": str(path), "image_id": 0, "height": 64, "width": 80, "annotations": anns}])
-    MetadataCatalog.get(name).set(thing_classes=["nucleus"])
-    try:
+    with random_model_and_dataset(tmp_path, config, opts) as (name, weights):
         out = tmp_path / "tune"
         rc = main(["--config-file", config, "--dataset", name, "--tune", str(out),
-                   "MODEL.WEIGHTS", str(tmp_path / "random.pth"), *opts])
-    finally:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+                   "MODEL.WEIGHTS", str(weights), *opts])
     assert rc == 0
     result = json.loads((out / "tune.json").read_text())
     rows = result["rows"]
@@ -326,4 +313,4 @@ def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, sca
     assert best["score_thresh"] == tuned.NUCLEUS.PREDICT.SCORE_THRESH
     assert best["tta"] == tuned.NUCLEUS.PREDICT.TTA
     assert (-1.0 if best["train_diameter"] > 0 else 0.0) == tuned.NUCLEUS.PREDICT.DIAMETER
-    assert str(tmp_path / "random.pth") == tuned.MODEL.WEIGHTS
+    assert str(weights) == tuned.MODEL.WEIGHTS
