@@ -17,16 +17,10 @@ CFG=${NUCLEUS_RECIPE_CONFIG:-configs/nucleus_R101_FPN_synth_h100.yaml}
 mapfile -t ARMS < <(grep -v '^\s*#' "$ARMS_FILE" | grep -v '^\s*$')
 for arm in "${ARMS[@]:0:$NGPU}"; do
   read -r -a opts <<< "$arm"
-  python3 - "$CFG" "$@" "${opts[@]:1}" <<'PY'
-import sys
-from detectron2.data import DatasetCatalog
-from nucleus_seg.engine.trainer import register_datasets_from_cfg
+  python3 -c 'import sys
 from nucleus_seg.config import get_nucleus_cfg
-cfg = get_nucleus_cfg(sys.argv[1], sys.argv[2:])
-register_datasets_from_cfg(cfg)
-for name in ("nucleus_synth_train", "nucleus_synth_val"):
-    print(name, len(DatasetCatalog.get(name)), "images ready")
-PY
+from nucleus_seg.engine.trainer import generate_synthetic_data
+generate_synthetic_data(get_nucleus_cfg(sys.argv[1], sys.argv[2:]))' "$CFG" "$@" "${opts[@]:1}"
 done
 pids=()
 for i in "${!ARMS[@]}"; do

@@ -255,7 +255,6 @@ def evaluate_datasets(
 
 
 TUNE_DIAMETERS = (0.0, 28.0)  # 0: no rescale; else TRAIN_DIAMETER with DIAMETER "auto"
-# models trained with INPUT.NUCLEUS.SCALE_TO_DIAMETER know one size band: only their own TRAIN_DIAMETER
 TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 TUNE_TTA_MARGIN = 0.005  # flip TTA costs 4x: it is chosen only if it beats the best single pass by more
 
@@ -279,7 +278,7 @@ def tune_inference(
     from ..evaluation.evaluator import NucleusEvaluator, build_report, gt_label_image, prediction_label_image
     from ..evaluation.matching import image_counts
 
-    if diameters is None:
+    if diameters is None:  # a model trained with SCALE_TO_DIAMETER knows one size band: only its own
         diameters = ((float(cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER),) if cfg.INPUT.NUCLEUS.SCALE_TO_DIAMETER
                      else TUNE_DIAMETERS)
     _register_eval_datasets(cfg, [dataset])

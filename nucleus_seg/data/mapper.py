@@ -319,6 +319,8 @@ class NucleusDatasetMapper:
             raise ValueError(f"INPUT.FORMAT must be BGR or RGB for nucleus images, got {image_format!r}")
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
+        # the image's median nucleus diameter is measured only for augmentations that ask for it
+        self.needs_diameter = any("diameter" in (getattr(a, "input_args", None) or ()) for a in augmentations)
         self.image_format = image_format
         self.normalize = dict(normalize or {})
         self.use_instance_mask = use_instance_mask
@@ -366,10 +368,11 @@ class NucleusDatasetMapper:
         classes = np.asarray([int(a.get("category_id", 0)) for a in annos], dtype=np.int64)
 
         aug_input = T.AugInput(image, boxes=_annotation_boxes(annos), sem_seg=labels)
-        # per-instance areas (ids are unique across layers) for crops that scale to a nucleus size
-        areas = sum(np.bincount(labels[:, :, k].ravel(), minlength=len(annos) + 1)[1:]
-                    for k in range(labels.shape[2]))
-        aug_input.diameter = median_diameter(areas)
+        if self.needs_diameter:
+            # per-instance areas (ids are unique across layers) for crops that scale to a nucleus size
+            areas = sum(np.bincount(labels[:, :, k].ravel(), minlength=len(annos) + 1)[1:]
+                        for k in range(labels.shape[2]))
+            aug_input.diameter = median_diameter(areas)
         self.augmentations(aug_input)
         dataset_dict["image"] = self._to_tensor(aug_input.image)
         instances = instances_from_labels(aug_input.sem_seg, layer_of, classes, self.min_instance_area)

@@ -133,7 +133,8 @@ class RandomScaledNucleusCrop(T.Augmentation):
         if crop_size < 1:
             raise ValueError(f"INPUT.NUCLEUS.CROP_SIZE must be positive, got {crop_size}")
         if target_diameter < 0:
-            raise ValueError(f"INPUT.NUCLEUS.TARGET_DIAMETER must be >= 0, got {target_diameter}")
+            raise ValueError(f"target_diameter (NUCLEUS.PREDICT.TRAIN_DIAMETER with "
+                             f"INPUT.NUCLEUS.SCALE_TO_DIAMETER) must be >= 0, got {target_diameter}")
         self._init({"crop_size": int(crop_size), "scale_range": (lo, hi), "nucleus_prob": nucleus_prob,
                     "target_diameter": float(target_diameter)})
         self.input_args = ("image", "boxes", "diameter") if target_diameter > 0 else ("image", "boxes")
