@@ -50,6 +50,8 @@ def main() -> None:
         "config_text": Path(args.config).read_text(),
         "train_minutes": args.train_minutes,
         "total_minutes": args.total_minutes,
+        # ablation arms share data generated before they start; a recipe run's train_minutes include it
+        "data_generation_minutes_before_launch": float(os.environ.get("NUCLEUS_DATA_GENERATION_MINUTES", 0)),
         "dsb_sample": _metrics(run / "eval" / "nucleus_dsb_sample" / "metrics.json"),
         "synthetic_val": _metrics(run / "eval" / "nucleus_synth_val" / "metrics.json"),
         "baseline_dsb_sample": _metrics(run / "baseline" / "nucleus_dsb_sample" / "metrics.json"),

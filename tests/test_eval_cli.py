@@ -283,14 +283,16 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("scale_to_diameter", [False, True])
 def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, scale_to_diameter):
-    """``--tune DIR``: one pass per diameter (the model's own only, for one-size-band models) plus a flip-TTA
-    pass, every threshold scored on each; DIR/tuned.yaml carries the best row's settings."""
+    """``--tune DIR``: one pass per diameter (for one-size-band models: their own up to the top of their scale
+    jitter) plus a flip-TTA pass, every threshold scored on each; DIR/tuned.yaml carries the best row's
+    settings."""
     from nucleus_seg.cli.evaluate import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN
     from nucleus_seg.config import get_nucleus_cfg
 
     opts = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
             "TEST.DETECTIONS_PER_IMAGE", "50", "NUCLEUS.PREDICT.AMP", "False",
-            "INPUT.NUCLEUS.SCALE_TO_DIAMETER", str(scale_to_diameter), "NUCLEUS.PREDICT.TRAIN_DIAMETER", "20.0"]
+            "INPUT.NUCLEUS.SCALE_TO_DIAMETER", str(scale_to_diameter), "NUCLEUS.PREDICT.TRAIN_DIAMETER", "20.0",
+            "INPUT.NUCLEUS.SCALE_RANGE", "(0.7, 1.4)"]
     config = "configs/nucleus_R101_FPN_cpu_demo.yaml"
     with random_model_and_dataset(tmp_path, config, opts) as (name, weights):
         out = tmp_path / "tune"
@@ -299,7 +301,7 @@ def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, sca
     assert rc == 0
     result = json.loads((out / "tune.json").read_text())
     rows = result["rows"]
-    diameters = (20.0,) if scale_to_diameter else TUNE_DIAMETERS
+    diameters = (20.0, 24.0, 28.0) if scale_to_diameter else TUNE_DIAMETERS
     single = [(r["train_diameter"], r["score_thresh"]) for r in rows if not r["tta"]]
     assert sorted(single) == sorted((d, t) for d in diameters for t in TUNE_THRESHOLDS)
     tta = [r for r in rows if r["tta"]]
@@ -313,4 +315,6 @@ def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, sca
     assert best["score_thresh"] == tuned.NUCLEUS.PREDICT.SCORE_THRESH
     assert best["tta"] == tuned.NUCLEUS.PREDICT.TTA
     assert (-1.0 if best["train_diameter"] > 0 else 0.0) == tuned.NUCLEUS.PREDICT.DIAMETER
+    if best["train_diameter"] > 0:
+        assert best["train_diameter"] == tuned.NUCLEUS.PREDICT.TRAIN_DIAMETER
     assert str(weights) == tuned.MODEL.WEIGHTS

@@ -425,3 +425,34 @@ def test_flip_tta_predictions_are_flip_equivariant(cfg):
     # label outputs go through the same path
     labels = predictor.predict_labels([image])[0]
     assert len(labels) == int((a.scores >= predictor.score_thresh).sum())
+
+
+@pytest.mark.slow
+def test_cascade_heads_keep_the_score_floor_exact_and_run_flip_tta(cfg):
+    """Cascade R-CNN (a config away): its last stage's threshold is the one the label outputs move, and the
+    flip TTA path fuses the cascade's final boxes."""
+    cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    predictor = NucleusPredictor(cfg)
+    stages = predictor.model.roi_heads.box_predictor
+    assert isinstance(stages, torch.nn.ModuleList) and len(stages) == 3
+    image = blobs((100, 124), np.uint16, seed=2)
+    inst = predictor(image)["instances"]
+    thresh = float(inst.scores.median())
+    keep = inst.scores >= thresh
+    assert 0 < keep.sum() < len(inst)
+    rois = []
+    predictor.model.roi_heads.mask_head.predictor.register_forward_hook(
+        lambda module, args, out: rois.append(out.shape[0]))
+    got = predictor.predict_labels([image], score_thresh=thresh)[0]
+    assert rois == [int(keep.sum())]
+    np.testing.assert_array_equal(got.labels, kept_as_labels(inst, keep).labels)
+    assert stages[-1].test_score_thresh == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+
+    cfg.NUCLEUS.PREDICT.TTA = True
+    tta = NucleusPredictor(cfg)
+    tta.model.load_state_dict(predictor.model.state_dict())
+    a = tta(image)["instances"]
+    b = tta(np.ascontiguousarray(image[:, ::-1]))["instances"]
+    assert len(a) == len(b) > 0
+    assert torch.allclose(torch.sort(a.scores).values, torch.sort(b.scores).values, atol=1e-4)

@@ -255,8 +255,18 @@ def evaluate_datasets(
 
 
 TUNE_DIAMETERS = (0.0, 28.0)  # 0: no rescale; else TRAIN_DIAMETER with DIAMETER "auto"
-TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TUNE_TTA_MARGIN = 0.005  # flip TTA costs 4x: it is chosen only if it beats the best single pass by more
+
+
+def tune_diameters(cfg) -> tuple[float, ...]:
+    """Inference diameters worth trying: a model trained with SCALE_TO_DIAMETER knows one size band, from
+    its own diameter up to the top of its scale jitter; larger nuclei put more stride-4 feature cells across
+    each boundary, so the upper half of the band is where masks may get sharper. Others: as is, or 28 px."""
+    if not cfg.INPUT.NUCLEUS.SCALE_TO_DIAMETER:
+        return TUNE_DIAMETERS
+    own, top = float(cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER), max(float(cfg.INPUT.NUCLEUS.SCALE_RANGE[1]), 1.0)
+    return tuple(sorted({round(own * f, 1) for f in (1.0, (1.0 + top) / 2, top)}))
 
 
 def tune_inference(
@@ -278,9 +288,8 @@ def tune_inference(
     from ..evaluation.evaluator import NucleusEvaluator, build_report, gt_label_image, prediction_label_image
     from ..evaluation.matching import image_counts
 
-    if diameters is None:  # a model trained with SCALE_TO_DIAMETER knows one size band: only its own
-        diameters = ((float(cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER),) if cfg.INPUT.NUCLEUS.SCALE_TO_DIAMETER
-                     else TUNE_DIAMETERS)
+    if diameters is None:
+        diameters = tune_diameters(cfg)
     _register_eval_datasets(cfg, [dataset])
     rows: list[dict] = []
     gt_cache: dict = {}
@@ -332,7 +341,7 @@ def tune_inference(
     result = {"dataset": dataset, "best": best, "rows": rows}
     (out / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
     for r in sorted(rows, key=lambda r: -r["dsb_score"])[:10]:
-        logger.info("tune %s: diameter %s tta %s thresh %.1f -> dsb %.4f (%.1f s)", dataset,
+        logger.info("tune %s: diameter %s tta %s thresh %.2f -> dsb %.4f (%.1f s)", dataset,
                     r["train_diameter"] or "as is", r["tta"], r["score_thresh"], r["dsb_score"], r["seconds"])
     return result
 

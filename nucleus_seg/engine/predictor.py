@@ -364,14 +364,20 @@ def fuse_flip_detections(boxes: list[torch.Tensor], scores: list[torch.Tensor], 
     return fused, per_view.sum(dim=1) / views
 
 
+def final_box_predictor(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The box predictor whose score threshold and NMS decide the detections: Cascade R-CNN's last stage."""
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    return predictor[-1] if isinstance(predictor, torch.nn.ModuleList) else predictor
+
+
 def speed_up_inference(model: torch.nn.Module) -> None:
     """Swap, on this model instance only, detectron2's per-image NMS loops for the batched exact ones
     and GroupNorm for the half-precision one (other models and DefaultPredictor are untouched)."""
     rpn = getattr(model, "proposal_generator", None)
     if rpn is not None and type(rpn).predict_proposals is RPN.predict_proposals:
         rpn.predict_proposals = types.MethodType(_fast_predict_proposals, rpn)
-    box_predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    if box_predictor is not None and type(box_predictor).inference is FastRCNNOutputLayers.inference:
+    box_predictor = final_box_predictor(model)
+    if box_predictor is not None and getattr(type(box_predictor), "inference", None) is FastRCNNOutputLayers.inference:
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     use_half_group_norm(model)
 
@@ -673,7 +679,7 @@ class NucleusPredictor:
         suppress a higher one, so filtering first keeps exactly the same detections above it, and the
         mask head (the costliest part at hundreds of detections) runs on those alone.
         """
-        box_predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
+        box_predictor = final_box_predictor(self.model)
         if score_thresh is None or not hasattr(box_predictor, "test_score_thresh"):
             yield
             return
@@ -720,7 +726,7 @@ class NucleusPredictor:
         features = model.backbone(images.tensor)
         proposals, _ = model.proposal_generator(images, features, None)
         found = model.roi_heads._forward_box(features, proposals)
-        box_predictor = model.roi_heads.box_predictor
+        box_predictor = final_box_predictor(model)
         fused: list[tuple[torch.Tensor, torch.Tensor]] = []
         for k, t in enumerate(tensors):
             h, w = t.shape[1:]
