@@ -255,7 +255,7 @@ def evaluate_datasets(
 
 
 TUNE_DIAMETERS = (0.0, 28.0)  # 0: no rescale; else TRAIN_DIAMETER with DIAMETER "auto"
-TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TUNE_TTA_MARGIN = 0.005  # flip TTA costs 4x: it is chosen only if it beats the best single pass by more
 
 
