@@ -9,14 +9,22 @@ import json
 import os
 from pathlib import Path
 
-KEYS = ("dsb_score", "ap50", "f1_50", "pq", "n_images", "n_gt", "n_pred")
+KEYS = ("dsb_score", "ap50", "f1_50", "pq", "mean_matched_iou", "n_images", "n_gt", "n_pred")
 
 
 def _metrics(path: Path) -> dict | None:
     if not path.is_file():  # a step the run skipped (NUCLEUS_SKIP_BASELINE)
         return None
     data = json.loads(path.read_text())
-    return {k: data.get(k) for k in KEYS}
+    out = {k: data.get(k) for k in KEYS}
+    curve = data.get("iou_curve")
+    if curve:  # where the score is lost: detection (IoU 0.5) or boundaries (IoU >= 0.85)
+        out["accuracy_per_iou"] = {f"{t:.2f}": round(a, 4) for t, a in zip(curve["thresholds"], curve["accuracy"])}
+    return out
+
+
+def _final_iteration(path: Path) -> int | None:
+    return json.loads(path.read_text()).get("iteration") if path.is_file() else None
 
 
 def _features(config: str, opts: list[str]) -> list[str]:
@@ -49,6 +57,7 @@ def main() -> None:
         "opts": args.opts,
         "config_text": Path(args.config).read_text(),
         "train_minutes": args.train_minutes,
+        "iterations": _final_iteration(run / "train" / "final_metrics.json"),
         "total_minutes": args.total_minutes,
         # ablation arms share data generated before they start; a recipe run's train_minutes include it
         "data_generation_minutes_before_launch": float(os.environ.get("NUCLEUS_DATA_GENERATION_MINUTES", 0)),
