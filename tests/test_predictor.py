@@ -290,28 +290,22 @@ def test_batched_rpn_proposals_equal_detectron2s(levels):
 
 @pytest.mark.parametrize("count,topk", [(300, 50), (1200, -1)])  # offset trick / per-class path on CPU
 def test_batched_box_inference_equals_detectron2s(count, topk):
-    from types import SimpleNamespace
-
     from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-    from detectron2.structures import Instances
 
-    from nucleus_seg.engine.predictor import _fast_box_inference
+    from nucleus_seg.engine.predictor import batched_fast_rcnn_inference
 
     g = torch.Generator().manual_seed(count)
     sizes = [(100, 110), (80, 120)]
     counts = [count, count - 17]
-    boxes, probs, proposals = [], [], []
-    for (h, w), n in zip(sizes, counts):
+    boxes, probs = [], []
+    for n in counts:
         xy = torch.rand(n, 2, generator=g) * 120 - 10
         boxes.append(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 40], dim=1))
         fg = torch.rand(n, 1, generator=g)
         if count < 1000:  # ties; torchvision's per-class branch orders them by an unstable sort
             fg[10:14] = fg[9]
         probs.append(torch.cat([fg, 1 - fg], dim=1))
-        proposals.append(Instances((h, w)))
-    head = SimpleNamespace(predict_boxes=lambda p, props: boxes, predict_probs=lambda p, props: probs,
-                           test_score_thresh=0.05, test_nms_thresh=0.4, test_topk_per_image=topk)
-    ours, _ = _fast_box_inference(head, None, proposals)
+    ours, _ = batched_fast_rcnn_inference(boxes, probs, sizes, 0.05, 0.4, topk)
     ref, _ = fast_rcnn_inference(boxes, probs, sizes, 0.05, 0.4, topk)
     for a, b in zip(ours, ref):
         assert len(a) == len(b) > 0
@@ -320,9 +314,12 @@ def test_batched_box_inference_equals_detectron2s(count, topk):
         assert torch.equal(a.pred_classes, b.pred_classes)
 
 
-def test_fast_and_detectron2_inference_give_the_same_detections(cfg):
+@pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])
+def test_fast_and_detectron2_inference_give_the_same_detections(cfg, heads):
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000  # > 4000 box coordinates: torchvision's per-level branch
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 300
+    cfg.MODEL.ROI_HEADS.NAME = heads
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = heads == "CascadeROIHeads"
     fast = NucleusPredictor(cfg)
     plain = NucleusPredictor(cfg, fast=False)
     plain.model.load_state_dict(fast.model.state_dict())
@@ -332,6 +329,15 @@ def test_fast_and_detectron2_inference_give_the_same_detections(cfg):
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
     assert torch.equal(a.scores, b.scores)
     assert torch.equal(a.pred_masks, b.pred_masks)
+    if heads == "CascadeROIHeads":  # the batched path did run, and left detectron2's module as it was
+        from detectron2.modeling.roi_heads import cascade_rcnn
+        from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+
+        from nucleus_seg.engine.predictor import _fast_cascade_forward_box
+
+        assert fast.model.roi_heads._forward_box.__func__ is _fast_cascade_forward_box
+        assert "_forward_box" not in vars(plain.model.roi_heads)
+        assert cascade_rcnn.fast_rcnn_inference is fast_rcnn_inference
 
 
 def test_auto_diameter_tiled_and_untiled_agree(cfg):

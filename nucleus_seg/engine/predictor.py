@@ -33,7 +33,9 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.modeling.roi_heads import cascade_rcnn
+from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -292,11 +294,17 @@ def _fast_predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_d
 
 
 def _fast_box_inference(self, predictions, proposals):
-    """detectron2's ``FastRCNNOutputLayers.inference`` for one class, all images at once."""
-    boxes = self.predict_boxes(predictions, proposals)
-    scores = self.predict_probs(predictions, proposals)
+    """detectron2's ``FastRCNNOutputLayers.inference``, through :func:`batched_fast_rcnn_inference`."""
+    return batched_fast_rcnn_inference(
+        self.predict_boxes(predictions, proposals), self.predict_probs(predictions, proposals),
+        [x.image_size for x in proposals], self.test_score_thresh, self.test_nms_thresh, self.test_topk_per_image)
+
+
+def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_thresh, topk_per_image):
+    """detectron2's ``fast_rcnn_inference`` (same arguments, same detections) for one class, all images at
+    once: one NMS call instead of one per image."""
     if not boxes or boxes[0].shape[1] != 4 or scores[0].shape[1] != 2:
-        return type(self).inference(self, predictions, proposals)
+        return fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_thresh, topk_per_image)
     counts = [len(x) for x in boxes]
     n = max(counts)
     b = len(boxes)
@@ -306,22 +314,35 @@ def _fast_box_inference(self, predictions, proposals):
     for i, (bx, sc) in enumerate(zip(boxes, scores)):
         box[i, :len(bx)], score[i, :len(sc)], present[i, :len(bx)] = bx, sc, True
     valid = present & torch.isfinite(box).all(dim=2) & torch.isfinite(score).all(dim=2)
-    sizes = torch.tensor([x.image_size for x in proposals], dtype=box.dtype, device=box.device)
+    sizes = torch.tensor([tuple(x) for x in image_shapes], dtype=box.dtype, device=box.device)
     box = _clip(torch.where(valid[..., None], box, torch.zeros_like(box)), sizes)
     fg = score[..., 0]
-    valid &= fg > self.test_score_thresh
-    keep = _group_nms(box, fg, valid, [slice(0, n)], self.test_nms_thresh)
-    order, kept = _top_kept(fg, keep, self.test_topk_per_image)
+    valid &= fg > score_thresh
+    keep = _group_nms(box, fg, valid, [slice(0, n)], nms_thresh)
+    order, kept = _top_kept(fg, keep, topk_per_image)
     results, indices = [], []
-    for i, x in enumerate(proposals):
+    for i, shape in enumerate(image_shapes):
         sel = order[i, :kept[i]]
-        res = Instances(x.image_size)
+        res = Instances(tuple(shape))
         res.pred_boxes = Boxes(box[i, sel])
         res.scores = fg[i, sel]
         res.pred_classes = torch.zeros_like(sel)
         results.append(res)
         indices.append(sel)
     return results, indices
+
+
+def _fast_cascade_forward_box(self, features, proposals, targets=None):
+    """Cascade R-CNN's ``_forward_box`` with its final ``fast_rcnn_inference`` batched: detectron2 calls
+    that function by its module name, so it is swapped for the length of this (inference) call only."""
+    if self.training:
+        return type(self)._forward_box(self, features, proposals, targets)
+    original = cascade_rcnn.fast_rcnn_inference
+    cascade_rcnn.fast_rcnn_inference = batched_fast_rcnn_inference
+    try:
+        return type(self)._forward_box(self, features, proposals, targets)
+    finally:
+        cascade_rcnn.fast_rcnn_inference = original
 
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (horizontal, vertical)
@@ -379,6 +400,9 @@ def speed_up_inference(model: torch.nn.Module) -> None:
     box_predictor = final_box_predictor(model)
     if box_predictor is not None and getattr(type(box_predictor), "inference", None) is FastRCNNOutputLayers.inference:
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
+    heads = getattr(model, "roi_heads", None)
+    if getattr(type(heads), "_forward_box", None) is CascadeROIHeads._forward_box:
+        heads._forward_box = types.MethodType(_fast_cascade_forward_box, heads)
     use_half_group_norm(model)
 
 
