@@ -33,7 +33,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.modeling.roi_heads import cascade_rcnn
 from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
@@ -333,16 +332,25 @@ def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_t
 
 
 def _fast_cascade_forward_box(self, features, proposals, targets=None):
-    """Cascade R-CNN's ``_forward_box`` with its final ``fast_rcnn_inference`` batched: detectron2 calls
-    that function by its module name, so it is swapped for the length of this (inference) call only."""
+    """Cascade R-CNN's ``_forward_box`` with the final NMS batched: detectron2's inference branch (stages in
+    turn, scores averaged over stages, the last stage's boxes) with :func:`batched_fast_rcnn_inference` in
+    place of its per-image ``fast_rcnn_inference``."""
     if self.training:
         return type(self)._forward_box(self, features, proposals, targets)
-    original = cascade_rcnn.fast_rcnn_inference
-    cascade_rcnn.fast_rcnn_inference = batched_fast_rcnn_inference
-    try:
-        return type(self)._forward_box(self, features, proposals, targets)
-    finally:
-        cascade_rcnn.fast_rcnn_inference = original
+    features = [features[f] for f in self.box_in_features]
+    image_sizes = [x.image_size for x in proposals]
+    scores_per_stage, boxes = [], None
+    for k in range(self.num_cascade_stages):
+        if k > 0:
+            proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+        predictions = self._run_stage(features, proposals, k)
+        boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
+        scores_per_stage.append(self.box_predictor[k].predict_probs(predictions, proposals))
+    scores = [sum(list(per_image)) * (1.0 / self.num_cascade_stages) for per_image in zip(*scores_per_stage)]
+    last = self.box_predictor[-1]
+    instances, _ = batched_fast_rcnn_inference(boxes, scores, image_sizes, last.test_score_thresh,
+                                               last.test_nms_thresh, last.test_topk_per_image)
+    return instances
 
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (horizontal, vertical)
