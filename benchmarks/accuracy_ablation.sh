@@ -19,10 +19,11 @@ gen_start=$(date +%s)
 python3 -c 'import sys
 from nucleus_seg.config import get_nucleus_cfg
 from nucleus_seg.engine.trainer import generate_synthetic_data
-cfg_file, arms_file, ngpu, common = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-arms = [line.split() for line in open(arms_file) if line.strip() and not line.lstrip().startswith("#")]
-for arm in arms[:ngpu]:  # one process: one import; a set already made is only re-read
-    generate_synthetic_data(get_nucleus_cfg(cfg_file, common + arm[1:]))' "$CFG" "$ARMS_FILE" "$NGPU" "$@"
+args = sys.argv[2:]
+arms, common = args[:args.index("--")], args[args.index("--") + 1:]
+for arm in arms:  # one process: one import; a set already made is only re-read
+    generate_synthetic_data(get_nucleus_cfg(sys.argv[1], common + arm.split()[1:]))' \
+  "$CFG" "${ARMS[@]:0:$NGPU}" -- "$@"
 # a recipe run generates inside its training time; here it happened before: the report adds it back
 NUCLEUS_DATA_GENERATION_MINUTES=$(python3 -c "print(round(($(date +%s) - $gen_start) / 60, 2))")
 export NUCLEUS_DATA_GENERATION_MINUTES

@@ -405,12 +405,13 @@ def speed_up_inference(model: torch.nn.Module) -> None:
     rpn = getattr(model, "proposal_generator", None)
     if rpn is not None and type(rpn).predict_proposals is RPN.predict_proposals:
         rpn.predict_proposals = types.MethodType(_fast_predict_proposals, rpn)
-    box_predictor = final_box_predictor(model)
-    if box_predictor is not None and getattr(type(box_predictor), "inference", None) is FastRCNNOutputLayers.inference:
-        box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     heads = getattr(model, "roi_heads", None)
+    box_predictor = getattr(heads, "box_predictor", None)
     if getattr(type(heads), "_forward_box", None) is CascadeROIHeads._forward_box:
+        # the cascade runs its final NMS itself, never its stages' ``inference``
         heads._forward_box = types.MethodType(_fast_cascade_forward_box, heads)
+    elif getattr(type(box_predictor), "inference", None) is FastRCNNOutputLayers.inference:
+        box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     use_half_group_norm(model)
 
 
