@@ -12,22 +12,10 @@ OUT=$1; shift
 ARMS_FILE=${ABLATION_ARMS:-benchmarks/arms/scale.txt}
 mkdir -p "$OUT"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-CFG=${NUCLEUS_RECIPE_CONFIG:-configs/nucleus_R101_FPN_synth_h100.yaml}
-# arms that share generator settings would each generate the same images: make each set once, all cores
+# each arm is the recipe exactly, its own data generation inside its own time budget (the budget counts
+# from nucleus-train's launch); arms with the same generator settings race to write one copy, and the
+# first complete one is kept
 mapfile -t ARMS < <(grep -v '^\s*#' "$ARMS_FILE" | grep -v '^\s*$')
-gen_start=$(date +%s)
-python3 -c 'import sys
-from nucleus_seg.config import get_nucleus_cfg
-from nucleus_seg.engine.trainer import generate_synthetic_data
-args = sys.argv[2:]
-arms, common = args[:args.index("--")], args[args.index("--") + 1:]
-for arm in arms:  # one process: one import; a set already made is only re-read
-    generate_synthetic_data(get_nucleus_cfg(sys.argv[1], common + arm.split()[1:]))' \
-  "$CFG" "${ARMS[@]:0:$NGPU}" -- "$@"
-# a recipe run generates inside its training time; here it happened before: the report adds it back
-NUCLEUS_DATA_GENERATION_MINUTES=$(python3 -c "print(round(($(date +%s) - $gen_start) / 60, 2))")
-export NUCLEUS_DATA_GENERATION_MINUTES
-echo "data generation: $NUCLEUS_DATA_GENERATION_MINUTES min"
 pids=()
 for i in "${!ARMS[@]}"; do
   [ "$i" -lt "$NGPU" ] || break

@@ -64,6 +64,9 @@ def add_nucleus_config(cfg: CN) -> None:
     # Wall-clock budget for the training loop (0 = none): after ~70 iterations MAX_ITER shrinks to what
     # fits and the LR schedule is rescaled to it, so a recipe keeps its promise on a slower machine.
     cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES = 0.0
+    # When that budget starts (a Unix time; 0 = at the first step). nucleus-train sets its own launch
+    # time (not saved in config.yaml), so the budget covers data generation and model set-up as well.
+    cfg.NUCLEUS.TRAIN.TIME_BUDGET_START = 0.0
     # Mixed precision (SOLVER.AMP.ENABLED) in bfloat16: float16's GradScaler costs a host wait per step.
     # "float16" is detectron2's behaviour; GPUs without bfloat16 fall back to it.
     cfg.NUCLEUS.TRAIN.AMP_DTYPE = "bfloat16"
@@ -84,6 +87,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # Instances scoring below this are left out of label images, CSVs and the DSB metric
     # (COCO AP still ranks every detection).
     cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.5
+    # Score an instance needs to count in the estimated diameter (DIAMETER -1). Separate from SCORE_THRESH
+    # so an output threshold does not move the scale: nucleus-eval --tune scores every threshold on one
+    # pass per scale and gets exactly what the tuned config then does.
+    cfg.NUCLEUS.PREDICT.DIAMETER_SCORE_THRESH = 0.5
     # Test-time augmentation: the four flips, detections fused and soft masks averaged (4x the compute;
     # the pre-mask-head score floor is off, so label outputs cost more too).
     cfg.NUCLEUS.PREDICT.TTA = False

@@ -59,8 +59,6 @@ def main() -> None:
         "train_minutes": args.train_minutes,
         "iterations": _final_iteration(run / "train" / "final_metrics.json"),
         "total_minutes": args.total_minutes,
-        # ablation arms share data generated before they start; a recipe run's train_minutes include it
-        "data_generation_minutes_before_launch": float(os.environ.get("NUCLEUS_DATA_GENERATION_MINUTES", 0)),
         "dsb_sample": _metrics(run / "eval" / "nucleus_dsb_sample" / "metrics.json"),
         "synthetic_val": _metrics(run / "eval" / "nucleus_synth_val" / "metrics.json"),
         "baseline_dsb_sample": _metrics(run / "baseline" / "nucleus_dsb_sample" / "metrics.json"),

@@ -44,6 +44,7 @@ def blobs(shape, dtype=np.uint16, seed=0, channels=None):
 def cfg(tiny_cfg):
     tiny_cfg.TEST.DETECTIONS_PER_IMAGE = 20  # CPU time goes into the mask head
     tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.1  # random weights score ~0.5: keep enough to compare
+    tiny_cfg.NUCLEUS.PREDICT.DIAMETER_SCORE_THRESH = 0.1
     torch.manual_seed(0)  # the random init, so every run sees the same model
     return tiny_cfg
 
@@ -203,7 +204,7 @@ def test_diameter_rescales_the_input_and_returns_full_resolution(cfg):
     # "auto": first pass as is, then again at TRAIN_DIAMETER / median diameter of confident nuclei
     sizes.clear()
     first = predictor(image, diameter=0)["instances"]
-    confident = first.pred_masks[first.scores >= predictor.score_thresh]
+    confident = first.pred_masks[first.scores >= predictor.diameter_score_thresh]
     found = median_diameter(confident.sum(dim=(1, 2)).numpy())
     scale = float(np.clip(train / found, 0.25, 4.0))
     sizes.clear()
@@ -216,7 +217,7 @@ def test_diameter_rescales_the_input_and_returns_full_resolution(cfg):
 
 
 def test_auto_diameter_without_confident_nuclei_keeps_the_first_pass(cfg):
-    cfg.NUCLEUS.PREDICT.SCORE_THRESH = 1.01  # nothing is confident
+    cfg.NUCLEUS.PREDICT.DIAMETER_SCORE_THRESH = 1.01  # nothing is confident enough to size
     predictor = NucleusPredictor(cfg)
     sizes = record_input_sizes(predictor)
     image = blobs((64, 64), np.uint16, seed=5)
@@ -379,6 +380,25 @@ def test_label_outputs_run_the_mask_head_only_on_kept_detections(cfg):
     np.testing.assert_array_equal(got.scores, expected.scores)
     np.testing.assert_allclose(got.boxes, expected.boxes)
     assert predictor.model.roi_heads.box_predictor.test_score_thresh == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+
+
+def test_auto_diameter_does_not_depend_on_the_output_threshold(cfg):
+    """nucleus-eval --tune scores every output threshold from one pass: that is exact only if the output
+    threshold leaves the estimated scale alone, so labels at any threshold = one pass's instances filtered."""
+    cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER = 30.0  # far from what the random model finds: a rescaled pass
+    predictor = NucleusPredictor(cfg)
+    sizes = record_input_sizes(predictor)
+    image = blobs((96, 128), np.uint16, seed=4)
+    inst = predictor(image, diameter="auto")["instances"]
+    passes = list(sizes)
+    thresh = float(inst.scores.median())  # above DIAMETER_SCORE_THRESH: it must not size the image
+    assert thresh > predictor.diameter_score_thresh and len(passes) > 1
+    sizes.clear()
+    got = predictor.predict_labels([image], diameter="auto", score_thresh=thresh)[0]
+    assert sizes == passes
+    expected = kept_as_labels(inst, inst.scores >= thresh)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_array_equal(got.scores, expected.scores)
 
 
 def test_flip_boxes_is_its_own_inverse_and_mirrors():

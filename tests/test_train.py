@@ -46,9 +46,13 @@ def test_train_writes_checkpoints_curves_metrics_and_eval_only_reproduces(tiny_c
     # DATASETS.TRAIN empty: the synthetic default, registered from NUCLEUS.SYNTH and generated on use
     yaml = config_file(tiny_cfg, tmp_path, **{
         "DATASETS.TRAIN": "()", "DATASETS.TEST": "('nucleus_synth_val', 'nucleus_dsb_sample')",
-        "SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 2, "SOLVER.CHECKPOINT_PERIOD": 100})
+        "SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 2, "SOLVER.CHECKPOINT_PERIOD": 100,
+        "NUCLEUS.TRAIN.TIME_BUDGET_MINUTES": 60.0})
     out = tmp_path / "out"
     assert main(["--config-file", yaml]) == 0
+    # the budget counts from the launch (data generation included); the saved config keeps no start time
+    assert "counts from launch" in (out / "log.txt").read_text()
+    assert "TIME_BUDGET_START: 0.0" in (out / "config.yaml").read_text()
 
     assert list(synth_root.glob("nucleus_synth/*/train/*"))  # generated where NUCLEUS_DATASETS says
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 2

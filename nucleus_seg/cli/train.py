@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def setup(args: argparse.Namespace):
     cfg = prepare_cfg(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    if getattr(args, "launched_at", None) and not cfg.NUCLEUS.TRAIN.TIME_BUDGET_START:
+        # after default_setup saved config.yaml, so a reused config never carries a stale start
+        cfg.defrost()
+        cfg.NUCLEUS.TRAIN.TIME_BUDGET_START = args.launched_at
+        cfg.freeze()
     return cfg
 
 
@@ -130,6 +136,7 @@ def main_worker(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 3 diverged, 130 interrupted)."""
+    launched_at = time.time()
     args = build_parser().parse_args(argv)
     if args.version:
         from ..utils.env import version_report
@@ -141,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.procs_per_gpu < 1:
         print(f"nucleus-train: --procs-per-gpu must be >= 1, got {args.procs_per_gpu}", file=sys.stderr)
         return 2
+    args.launched_at = launched_at  # a time budget counts from here (see setup)
     try:
         if args.num_gpus * args.procs_per_gpu > 1 and not args.eval_only and len(args.opts or []) % 2 == 0:
             from ..config import get_nucleus_cfg

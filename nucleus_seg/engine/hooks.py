@@ -207,18 +207,28 @@ class TimeBudget(HookBase):
     to what the measured speed allows and rescale the LR schedule to it, so warm-up and decay steps
     still happen (a run cut off mid-schedule would never decay its LR).
 
+    ``started_at`` (a ``time.time()``) makes the budget count from then instead of from the first step, so
+    data generation and model set-up before the loop are inside it: ``nucleus-train`` passes its own
+    start, and "N minutes" means launch to ``model_final``.
+
     Needs to sit after the PeriodicCheckpointer, which saves ``model_final`` at the new last iteration.
     """
 
-    def __init__(self, minutes: float, measure_from: int = 20, measure_iters: int = 50):
+    def __init__(self, minutes: float, measure_from: int = 20, measure_iters: int = 50,
+                 started_at: float | None = None):
         self._budget = minutes * 60.0
+        self._started_at = started_at
         self._measure_from = measure_from
         self._measure_iters = measure_iters
         self._decided = False
         self._shrunk = False
 
     def before_train(self) -> None:
-        self._start = time.perf_counter()
+        before_loop = time.time() - self._started_at if self._started_at else 0.0
+        self._start = time.perf_counter() - before_loop
+        if before_loop > 0:
+            logger.info("Time budget %.1f min counts from launch: %.1f min spent before the first step "
+                        "(data, model set-up)", self._budget / 60, before_loop / 60)
         self._first_iter = self.trainer.iter
 
     def after_step(self) -> None:
@@ -232,6 +242,9 @@ class TimeBudget(HookBase):
             left = self._budget - (time.perf_counter() - self._start)
             new_max = min(trainer.max_iter, trainer.iter + 1 + max(0, int(left / per_iter)))
             new_max = min(comm.all_gather(new_max))  # every rank must stop at the same iteration
+            if left <= 0:
+                logger.warning("Time budget %.1f min was spent before training could use it; stopping at "
+                               "iteration %d", self._budget / 60, new_max)
             if new_max < trainer.max_iter:
                 logger.info(
                     "Time budget %.1f min at %.3f s/iter: MAX_ITER %d -> %d, LR schedule rescaled to it",
@@ -253,6 +266,8 @@ class TimeBudget(HookBase):
         for hook in trainer._hooks:
             if isinstance(hook, PeriodicCheckpointer):
                 hook.max_iter = new_max
+                if new_max == trainer.iter + 1:  # this step is the last: the hook's save for it has passed
+                    hook.checkpointer.save(f"{hook.file_prefix}_final", iteration=trainer.iter)
             for writer in getattr(hook, "_writers", ()):  # PeriodicWriter's CommonMetricPrinter: the ETA
                 if hasattr(writer, "_max_iter"):
                     writer._max_iter = new_max

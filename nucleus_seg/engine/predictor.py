@@ -74,6 +74,12 @@ class Detections:
     ox: torch.Tensor  # (N,) long
 
 
+def _keep_scores(det: Detections, score_thresh: float) -> Detections:
+    keep = det.scores >= score_thresh
+    return Detections(det.image_shape, det.boxes[keep], det.scores[keep], det.classes[keep], det.windows[keep],
+                      det.oy[keep], det.ox[keep])
+
+
 def paste_mask_windows(
     mask_probs: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], threshold: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -488,6 +494,7 @@ class NucleusPredictor:
         self.amp_dtype = inference_amp_dtype(self.device) if pred.AMP else None
         self.amp = self.amp_dtype is not None
         self.score_thresh = float(pred.SCORE_THRESH)
+        self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
         if self.device.type == "cuda":
@@ -665,21 +672,23 @@ class NucleusPredictor:
         chunks = [c for group in by_shape.values() for c in _chunks(group, self.batch_size)]
         results: list[Detections | None] = [None] * len(images)
         norms: dict[int, np.ndarray] = {}
+        # 'auto' passes keep what the diameter estimate needs as well as what the output keeps
+        floor = score_thresh if scale is not None or score_thresh is None else min(
+            score_thresh, self.diameter_score_thresh)
         for chunk, prepared in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale))):
-            raws = self._forward([p[1] for p in prepared], score_thresh)
-            dets = self._to_images(raws, prepared[0][0].shape[:2], score_thresh)
+            raws = self._forward([p[1] for p in prepared], floor)
+            dets = self._to_images(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
                 if scale is None:
                     norms[i] = norm
-        if scale is None:
-            thresh = self.score_thresh if score_thresh is None else score_thresh
-            for i, norm in norms.items():
-                def run_pass(s: float, norm: np.ndarray = norm) -> list[Detections]:
-                    arrays = [_resize(norm, self._model_size(*norm.shape[:2], s))]
-                    return self._to_images(self._forward(arrays, score_thresh), norm.shape[:2], score_thresh)
+        for i, norm in norms.items():
+            def run_pass(s: float, norm: np.ndarray = norm) -> list[Detections]:
+                arrays = [_resize(norm, self._model_size(*norm.shape[:2], s))]
+                return self._to_images(self._forward(arrays, floor), norm.shape[:2], floor)
 
-                results[i] = self._refine_scale(run_pass, [results[i]], thresh)[1][0]
+            det = self._refine_scale(run_pass, [results[i]], self.diameter_score_thresh)[1][0]
+            results[i] = det if floor == score_thresh else _keep_scores(det, score_thresh)
         return results
 
     def _estimate_scale_tiled(self, norm: np.ndarray, tile: int, overlap: int) -> float:
@@ -690,7 +699,7 @@ class NucleusPredictor:
                                                  .astype(int))]
             return [d for ds, _ in self._detect_tiles(norm, picks, scale, None) for d in ds]
 
-        return self._refine_scale(run_pass, run_pass(1.0), self.score_thresh)[0]
+        return self._refine_scale(run_pass, run_pass(1.0), self.diameter_score_thresh)[0]
 
     def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,
                       score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:

@@ -340,7 +340,8 @@ class NucleusTrainer(DefaultTrainer):
         period = self.cfg.SOLVER.CHECKPOINT_PERIOD
         ret += [TrainingCurves(self.cfg.OUTPUT_DIR, period), FinalMetrics(self.cfg.OUTPUT_DIR, best)]
         if self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES > 0:  # after PeriodicCheckpointer (saves model_final)
-            ret.append(TimeBudget(self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES))
+            ret.append(TimeBudget(self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES,
+                                  started_at=self.cfg.NUCLEUS.TRAIN.TIME_BUDGET_START or None))
         return ret
 
     def run_step(self) -> None:
