@@ -12,9 +12,8 @@ OUT=$1; shift
 ARMS_FILE=${ABLATION_ARMS:-benchmarks/arms/scale.txt}
 mkdir -p "$OUT"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-# each arm is the recipe exactly, its own data generation inside its own time budget (the budget counts
-# from nucleus-train's launch); arms with the same generator settings race to write one copy, and the
-# first complete one is kept
+# each arm is the recipe exactly, as from a clean checkout: its own data generation, into its own
+# NUCLEUS_DATASETS folder, inside its own time budget (the budget counts from nucleus-train's launch)
 mapfile -t ARMS < <(grep -v '^\s*#' "$ARMS_FILE" | grep -v '^\s*$')
 pids=()
 for i in "${!ARMS[@]}"; do
@@ -22,6 +21,7 @@ for i in "${!ARMS[@]}"; do
   read -r -a opts <<< "${ARMS[$i]}"
   name=${opts[0]}
   CUDA_VISIBLE_DEVICES=$i NUCLEUS_ACCURACY_JSON="$OUT/arm_$name.json" \
+    NUCLEUS_DATASETS="${NUCLEUS_DATASETS:-/tmp/nucleus_datasets}/arm_$name" \
     bash scripts/train_synthetic.sh "/tmp/arm_$name" "$@" "${opts[@]:1}" > "$OUT/arm_$name.log" 2>&1 &
   pids+=($!)
   echo "arm $name (${opts[*]:1}) on GPU $i: pid ${pids[-1]}"
