@@ -98,6 +98,21 @@ def test_dsb_round_trip_matches_written_pngs(synth_dsb):
         assert record["annotations"] == expected["annotations"]
 
 
+def test_label_layout_writes_what_the_dsb_layout_writes_in_two_files_per_image(synth_dsb, tmp_path):
+    root, written = synth_dsb
+    labels_root = tmp_path / "labels_layout"
+    records = write_dataset(labels_root, 4, size=96, seed=5, progress=False, layout="labels")
+    assert sorted(p.name for p in labels_root.iterdir()) == ["images", "labels"]
+    assert len(list((labels_root / "labels").iterdir())) == 4
+    assert load_label_image_dataset(labels_root, cache=False, num_workers=0) == records
+    for record, dsb in zip(records, written):
+        assert record["annotations"] == dsb["annotations"] and record["image_name"] == dsb["image_name"]
+        assert np.array_equal(cv2.imread(record["file_name"], cv2.IMREAD_UNCHANGED),
+                              cv2.imread(dsb["file_name"], cv2.IMREAD_UNCHANGED))
+    with pytest.raises(ValueError, match="layout"):
+        write_dataset(tmp_path / "other", 1, size=96, layout="coco")
+
+
 def test_parallel_parse_equals_serial(synth_dsb):
     root, _ = synth_dsb
     items = [ds._dsb_sample_files(d) for d in sorted(p for p in root.iterdir() if p.is_dir())] * 5
@@ -424,10 +439,15 @@ def test_synth_builtin_generates_once_atomically(tmp_path):
     images = [cv2.imread(r["file_name"], cv2.IMREAD_UNCHANGED) for r in train + val]
     assert not any(np.array_equal(images[i], images[j]) for i in range(5) for j in range(i + 1, 5))
     assert MetadataCatalog.get("nucleus_synth_val").synth_params["split"] == "val"
-    # second use: same dicts, from the cache written at generation time, equal to a full parse
+    # second use: same dicts, from the cache written at generation time, equal to a full parse, and the
+    # cache is the one a verified load of the label layout hits
     assert DatasetCatalog.get("nucleus_synth_train") == train
-    assert load_dsb_dataset(base / "train", cache=False, num_workers=0) == train
-    assert (base / "train" / ".nucleus_seg_cache_dsb.json").is_file()
+    assert load_label_image_dataset(base / "train", cache=False, num_workers=0) == train
+    assert sorted(p.name for p in (base / "train").iterdir()) == [".nucleus_seg_cache_labels.json", "images",
+                                                                   "labels"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ds, "_parse_label_pair", lambda item: pytest.fail(f"parsed {item[0]} despite the cache"))
+        assert load_label_image_dataset(base / "train", num_workers=0) == train
     # other parameters -> another folder; defaults restored afterwards for the other tests
     register_synth_datasets(num_train=1, num_val=0, size=80, seed=11, root=tmp_path)
     assert DatasetCatalog.get("nucleus_synth_val") == []
@@ -449,7 +469,7 @@ def test_concurrent_generation_leaves_one_complete_dataset(tmp_path):
         results = pool.map(_ensure_in_subprocess, [str(folder)] * 2)
     assert results == [str(folder)] * 2
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["train"]  # no temp folder left
-    assert len(load_dsb_dataset(folder, num_workers=0)) == 2
+    assert len(load_label_image_dataset(folder, num_workers=0)) == 2
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):

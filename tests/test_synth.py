@@ -150,6 +150,15 @@ def test_cli_writes_dsb_layout_with_preview(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_cli_writes_label_layout(tmp_path):
+    out = tmp_path / "synth"
+    assert synth_main(["--out", str(out), "--num", "2", "--size", "96", "--seed", "4", "--layout", "labels"]) == 0
+    for i in range(2):
+        _, label = generate_image(image_rng(4, 0, i), 96, "fluorescence", 8)
+        (path,) = (out / "labels").glob(f"*_{i:05d}.png")
+        np.testing.assert_array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), label)
+
+
 def test_cli_version_and_usage_errors(capsys):
     assert synth_main(["--version"]) == 0
     assert "nucleus_seg" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``nucleus-synth``: write a synthetic nucleus dataset in the DSB-2018 layout (one PNG per nucleus)."""
+"""``nucleus-synth``: write a synthetic nucleus dataset in the DSB-2018 layout (one PNG per nucleus) or as
+images/ + label images (StarDist's layout)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.synth import FEATURES, STYLES
+    from ..data.synth import FEATURES, LAYOUTS, STYLES
 
     parser = argparse.ArgumentParser(
         prog="nucleus-synth",
-        description="Generate synthetic nucleus images with exact masks, in the DSB-2018 folder layout "
-        "(<out>/<id>/images/<id>.png + <out>/<id>/masks/*.png), deterministic per seed.",
+        description="Generate synthetic nucleus images with exact masks, deterministic per seed, in the "
+        "DSB-2018 folder layout (<out>/<id>/images/<id>.png + <out>/<id>/masks/*.png) or with --layout labels "
+        "as <out>/images/<id>.png + <out>/labels/<id>.png (16-bit label images).",
     )
     parser.add_argument("--out", type=Path, help="new or empty output folder")
     parser.add_argument("--num", type=int, default=20, help="number of images (default 20)")
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", default=None,
                         help="comma-separated generator features to use (default all: "
                         f"{','.join(FEATURES)}; 'none' gives the version-1 generator)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="dsb",
+                        help="dsb: one PNG per nucleus (default); labels: one label image per image")
     parser.add_argument("--preview", action="store_true",
                         help="also write <out>/preview.png: the first 16 images with mask outlines")
     parser.add_argument("--version", action="store_true", help="print versions and exit")
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         records = write_dataset(
             args.out, args.num, size=args.size, style=args.style, seed=args.seed, bit_depth=args.bit_depth,
             stream=args.stream, preview=args.out / "preview.png" if args.preview else None, features=features,
+            layout=args.layout,
         )
     except (FileExistsError, OSError) as exc:
         print(f"nucleus-synth: error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .datasets import _register, load_dsb_dataset, load_label_image_pairs
+from .datasets import _register, load_dsb_dataset, load_label_image_dataset, load_label_image_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,14 @@ def ensure_synth_dataset(
     folder: str | os.PathLike, num: int, size: int, style: str, seed: int, stream: int,
     features: Iterable[str] | None = None,
 ) -> Path:
-    """Generate a synthetic DSB-layout dataset into ``folder`` unless it is already complete.
+    """Generate a synthetic dataset (label-image layout: images/ + labels/) into ``folder`` unless it is
+    already complete.
 
     Writes into a hidden temp folder beside it and renames that into place, so concurrent DDP ranks or an
     interrupted run never leave half a dataset: the first rename wins and later ones discard their copy.
     The loader's cache is written with the images, so the first load needs no parse.
     """
-    from .datasets import _cache_key, _dsb_sample_files, _write_cache
+    from .datasets import _cache_key, _write_cache
     from .synth import FEATURES, write_dataset
 
     folder = Path(folder)
@@ -115,10 +116,9 @@ def ensure_synth_dataset(
     try:
         logger.info("Generating %d synthetic %s images (%d px) into %s", num, style, size, folder)
         records = write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream,
-                                features=FEATURES if features is None else features)
-        items = [_dsb_sample_files(tmp / r["image_name"]) for r in records]
-        key = _cache_key("dsb", tmp, [f for image, masks in items for f in (image, *masks)])
-        _write_cache("dsb", tmp, key, records)
+                                features=FEATURES if features is None else features, layout="labels")
+        files = [f for r in records for f in (Path(r["file_name"]), tmp / "labels" / f"{r['image_name']}.png")]
+        _write_cache("labels", tmp, _cache_key("labels", tmp, files), records)  # the key a verified load makes
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -157,7 +157,7 @@ def register_synth_datasets(
         raise ValueError(f"size {size} is too small for synthetic nuclei; use >= 64")
     chosen = sorted(check_features(FEATURES if features is None else features))
     params = {"num_train": int(num_train), "num_val": int(num_val), "size": int(size), "style": style,
-              "seed": int(seed), "features": chosen}
+              "seed": int(seed), "features": chosen, "layout": "labels"}  # older DSB-layout sets hash apart
     fixed_root = None if root is None else Path(root)
 
     def folder_of(split: str) -> Path:
@@ -171,12 +171,12 @@ def register_synth_datasets(
             folder = ensure_synth_dataset(folder_of(split), num, size, style, seed, _SPLIT_STREAMS[split],
                                           chosen)
             _write_params(folder.parent, params)
-            return load_dsb_dataset(folder, verify_cache=False)  # written once with its cache, never edited
+            return load_label_image_dataset(folder, verify_cache=False)  # written once with its cache
 
         return load
 
     for split, num in (("train", num_train), ("val", num_val)):
-        _register(f"nucleus_synth_{split}", make_loader(split, num), dataset_format="dsb",
+        _register(f"nucleus_synth_{split}", make_loader(split, num), dataset_format="labels",
                   synth_params=dict(params, split=split))
 
 

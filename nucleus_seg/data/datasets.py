@@ -441,18 +441,21 @@ def _label_folder(root: Path) -> Path:
 
 
 def load_label_image_dataset(
-    root: str | os.PathLike, cache: bool = True, num_workers: int | None = None
+    root: str | os.PathLike, cache: bool = True, num_workers: int | None = None, verify_cache: bool = True
 ) -> list[dict]:
     """Dataset dicts of ``<root>/images/<stem>.*`` with label images ``<root>/labels/<stem>.*`` (or masks/).
 
     Stems must match one to one: two files with one stem in a folder, or an image without a label, is an
     error naming them; a label without an image is ignored with a warning. An all-zero label image is a
     negative example. Label images must be 2-D (a z-stack or multi-channel label is an error).
+    ``verify_cache`` as in :func:`load_dsb_dataset`.
     """
     root = Path(root)
     images_dir = root / "images"
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{root}: no images/ folder (label layout is images/ + labels/ or masks/)")
+    if cache and not verify_cache and (records := _read_cache("labels", root, None)) is not None:
+        return records
     labels_dir = _label_folder(root)
     images = _stem_map(images_dir, IMAGE_SUFFIXES)
     labels = _stem_map(labels_dir, MASK_SUFFIXES)

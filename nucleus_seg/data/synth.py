@@ -612,17 +612,44 @@ def generate_image(
 # Writing datasets and previews
 
 
-def write_sample(folder: str | os.PathLike, name: str, image: np.ndarray, label: np.ndarray) -> list[Path]:
-    """Write one DSB-layout sample: ``<folder>/<name>/images/<name>.png`` and one 1-bit PNG per id (in
-    id order, so the loader's sorted order is the label order). Returns the mask paths."""
+LAYOUTS = ("dsb", "labels")
+
+
+def sample_image_path(folder: str | os.PathLike, name: str, layout: str = "dsb") -> Path:
+    """Where :func:`write_sample` puts a sample's image."""
+    if layout == "dsb":
+        return Path(folder) / name / "images" / f"{name}.png"
+    if layout == "labels":
+        return Path(folder) / "images" / f"{name}.png"
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def write_sample(folder: str | os.PathLike, name: str, image: np.ndarray, label: np.ndarray,
+                 layout: str = "dsb") -> list[Path]:
+    """Write one sample; returns its annotation files.
+
+    ``dsb``: ``<folder>/<name>/images/<name>.png`` and one 1-bit PNG per id in ``masks/`` (in id order, so
+    the loader's sorted order is the label order). ``labels``: ``<folder>/images/<name>.png`` and a 16-bit
+    label PNG ``<folder>/labels/<name>.png`` (StarDist's layout): two files instead of one per nucleus
+    (~175 at 512x512), and creating files is where generation time goes on slow disks.
+    """
     import cv2
     from scipy import ndimage
 
-    sample = Path(folder) / name
-    (sample / "images").mkdir(parents=True, exist_ok=True)
+    image_path = sample_image_path(folder, name, layout)
+    image_path.parent.mkdir(parents=True, exist_ok=True)
     pixels = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    if not cv2.imwrite(str(sample / "images" / f"{name}.png"), pixels):
-        raise OSError(f"cannot write {sample / 'images' / (name + '.png')}")
+    if not cv2.imwrite(str(image_path), pixels):
+        raise OSError(f"cannot write {image_path}")
+    if layout == "labels":
+        if label.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ValueError(f"{name}: {label.max()} nuclei do not fit a 16-bit label image")
+        path = Path(folder) / "labels" / f"{name}.png"
+        path.parent.mkdir(exist_ok=True)
+        if not cv2.imwrite(str(path), label.astype(np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise OSError(f"cannot write {path}")
+        return [path]
+    sample = image_path.parent.parent
     paths: list[Path] = []
     boxes = ndimage.find_objects(label)
     if not boxes:
@@ -643,15 +670,15 @@ def write_sample(folder: str | os.PathLike, name: str, image: np.ndarray, label:
     return paths
 
 
-def _write_one(job: tuple[Path, str, int, int, int, int, int, str, tuple[str, ...]]) -> dict:
+def _write_one(job: tuple[Path, str, int, int, int, int, int, str, tuple[str, ...], str]) -> dict:
     """Generate, write and annotate one image (a process-pool task: everything derives from the seed)."""
     from .datasets import label_image_to_annotations
 
-    out_dir, name, index, size, seed, stream, bit_depth, style, features = job
+    out_dir, name, index, size, seed, stream, bit_depth, style, features, layout = job
     image, label = generate_image(image_rng(seed, stream, index), size, style, bit_depth, features)
-    write_sample(out_dir, name, image, label)
+    write_sample(out_dir, name, image, label, layout)
     return {
-        "file_name": str(out_dir / name / "images" / f"{name}.png"),
+        "file_name": str(sample_image_path(out_dir, name, layout)),
         "image_name": name,
         "image_id": index,
         "height": int(label.shape[0]),
@@ -672,13 +699,15 @@ def write_dataset(
     progress: bool = True,
     workers: int | None = None,
     features: Iterable[str] = FEATURES,
+    layout: str = "dsb",
 ) -> list[dict]:
-    """Generate ``num`` images into an empty/new ``out_dir`` in the DSB layout; return their dataset dicts
-    (exactly what :func:`~nucleus_seg.data.datasets.load_dsb_dataset` reads back). ``preview`` names a PNG
+    """Generate ``num`` images into an empty/new ``out_dir`` in ``layout`` (see :func:`write_sample`);
+    return their dataset dicts (exactly what :func:`~nucleus_seg.data.datasets.load_dsb_dataset` or
+    :func:`~nucleus_seg.data.datasets.load_label_image_dataset` reads back). ``preview`` names a PNG
     montage of the first 16 images with mask outlines.
 
-    Writing one PNG per nucleus dominates the cost (~5 images/s per core), so images are spread over
-    ``workers`` processes (default: all cores, at most 16); the output does not depend on it.
+    Writing one PNG per nucleus dominates the cost of the DSB layout (~5 images/s per core), so images are
+    spread over ``workers`` processes (default: all cores, at most 16); the output does not depend on it.
     ``features`` as in :func:`generate_image`.
     """
     from concurrent.futures import ProcessPoolExecutor
@@ -686,13 +715,15 @@ def write_dataset(
     from tqdm import tqdm
 
     features = tuple(sorted(check_features(features)))
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; pick a new folder for the synthetic dataset")
     out_dir.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(num - 1)))
     jobs = [(out_dir, f"synth_s{seed}_{stream}_{i:0{width}d}", i, size, seed, stream, bit_depth, style,
-             features) for i in range(num)]
+             features, layout) for i in range(num)]
     workers = min(workers or os.cpu_count() or 1, 16, max(num, 1))
     bar = dict(total=num, desc=f"synth {style}", disable=not progress or num < 5)
     if workers > 1 and num >= 8:
