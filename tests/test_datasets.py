@@ -366,26 +366,6 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert again[0]["file_name"] == str(moved / "s1" / "images" / "s1.png")
 
 
-def test_unverified_cache_skips_the_file_check_and_parses_without_a_cache(tmp_path, monkeypatch):
-    a, b = disk((24, 32), 8, 8, 4), disk((24, 32), 16, 22, 5)
-    make_sample(tmp_path, "s1", [a, b])
-    # no cache yet: parsed (and cached) like a verified load
-    first = load_dsb_dataset(tmp_path, num_workers=0, verify_cache=False)
-    assert len(first[0]["annotations"]) == 2 and (tmp_path / ".nucleus_seg_cache_dsb.json").is_file()
-    # a changed mask: the verified load sees it, the unverified one trusts the cache and lists nothing
-    c = disk((24, 32), 18, 26, 3)
-    write_png(tmp_path / "s1" / "masks" / "m1.png", c.astype(np.uint8) * 255)
-    os.utime(tmp_path / "s1" / "masks" / "m1.png", ns=(1, 1))
-
-    def no_listing(*args):
-        raise AssertionError("listed the folder although the cache is trusted")
-
-    with monkeypatch.context() as m:
-        m.setattr(ds, "_dsb_sample_files", no_listing)
-        assert load_dsb_dataset(tmp_path, num_workers=0, verify_cache=False) == first
-    np.testing.assert_array_equal(decode(load_dsb_dataset(tmp_path, num_workers=0)[0])[1], c)
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 def test_cache_falls_back_to_user_cache_when_root_is_read_only(tmp_path, monkeypatch):
     root = tmp_path / "ro"

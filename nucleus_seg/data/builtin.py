@@ -171,7 +171,7 @@ def register_synth_datasets(
             folder = ensure_synth_dataset(folder_of(split), num, size, style, seed, _SPLIT_STREAMS[split],
                                           chosen)
             _write_params(folder.parent, params)
-            return load_label_image_dataset(folder, verify_cache=False)  # written once with its cache
+            return load_label_image_dataset(folder)
 
         return load
 

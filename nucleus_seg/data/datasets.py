@@ -139,8 +139,7 @@ def _cache_paths(fmt: str, root: Path) -> list[Path]:
     return [root / f"{CACHE_PREFIX}_{fmt}.json", _user_cache_dir() / f"{fmt}_{digest}.json"]
 
 
-def _read_cache(fmt: str, root: Path, key: str | None) -> list[dict] | None:
-    """The cached records if a cache matches ``key``; ``key`` None takes any cache of this version."""
+def _read_cache(fmt: str, root: Path, key: str) -> list[dict] | None:
     for path in _cache_paths(fmt, root):
         if not path.is_file():
             continue
@@ -150,7 +149,7 @@ def _read_cache(fmt: str, root: Path, key: str | None) -> list[dict] | None:
         except (OSError, ValueError) as exc:
             logger.warning("Ignoring unreadable dataset cache %s (%s)", path, exc)
             continue
-        if data.get("key") == key or (key is None and data.get("version") == CACHE_VERSION):
+        if data.get("key") == key:
             logger.info("Loaded %d %s records of %s from cache %s", len(data["records"]), fmt, root, path)
             return _records_from_json(data["records"], root)
     return None
@@ -333,7 +332,6 @@ def load_dsb_dataset(
     split: str | None = None,
     cache: bool = True,
     num_workers: int | None = None,
-    verify_cache: bool = True,
 ) -> list[dict]:
     """Dataset dicts of a DSB-2018-layout folder (``<root>/<id>/images/<id>.png`` + ``<id>/masks/*``).
 
@@ -343,17 +341,12 @@ def load_dsb_dataset(
     without ``masks/`` (or with an empty one) is kept with no annotations as a negative example; mask
     files are taken in sorted name order, empty ones dropped, and a pixel claimed by several masks goes to
     the first (both counted in the log); a mask whose size differs from the image is an error naming both.
-    The cache is keyed on every file's size and mtime; ``verify_cache`` False skips that check (listing
-    and stat-ing ~130 files per image: ~25 s per process for 4000 synthetic images) for folders that are
-    written once, cache included, and never edited, like the synthetic sets.
     """
     root = Path(root)
     if split not in (None, "train", "val"):
         raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"DSB dataset folder {root} does not exist")
-    if cache and not verify_cache and (records := _read_cache("dsb", root, None)) is not None:
-        return _select_split(records, split, root)
     sample_dirs = sorted((Path(e.path) for e in os.scandir(root) if _is_visible_dir(e)), key=lambda p: p.name)
     if not sample_dirs:
         raise FileNotFoundError(f"{root}: no sample folders (DSB layout is <root>/<id>/images/<id>.png)")
@@ -441,21 +434,18 @@ def _label_folder(root: Path) -> Path:
 
 
 def load_label_image_dataset(
-    root: str | os.PathLike, cache: bool = True, num_workers: int | None = None, verify_cache: bool = True
+    root: str | os.PathLike, cache: bool = True, num_workers: int | None = None
 ) -> list[dict]:
     """Dataset dicts of ``<root>/images/<stem>.*`` with label images ``<root>/labels/<stem>.*`` (or masks/).
 
     Stems must match one to one: two files with one stem in a folder, or an image without a label, is an
     error naming them; a label without an image is ignored with a warning. An all-zero label image is a
     negative example. Label images must be 2-D (a z-stack or multi-channel label is an error).
-    ``verify_cache`` as in :func:`load_dsb_dataset`.
     """
     root = Path(root)
     images_dir = root / "images"
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{root}: no images/ folder (label layout is images/ + labels/ or masks/)")
-    if cache and not verify_cache and (records := _read_cache("labels", root, None)) is not None:
-        return records
     labels_dir = _label_folder(root)
     images = _stem_map(images_dir, IMAGE_SUFFIXES)
     labels = _stem_map(labels_dir, MASK_SUFFIXES)
