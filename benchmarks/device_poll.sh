@@ -9,6 +9,12 @@ set -uo pipefail
 RC=$1; WAIT=$2; OUT=$3; shift 3
 DIRS=("$@")
 [ ${#DIRS[@]} -gt 0 ] || DIRS=(/tmp/suite_out /tmp/arm_* /tmp/acc)
+# a machine handed back between calls comes back bare: say so at once instead of polling it for WAIT seconds
+# (session 7 spent 9 device-minutes polling a fresh machine after a reply was delayed past the idle release)
+found=0; for d in "${DIRS[@]}"; do [ -e "$d" ] && found=1; done
+if [ ! -f "$RC" ] && [ $found = 0 ]; then
+  echo "no run on this machine: none of ${DIRS[*]} exists (it was handed back; this one is fresh)"; exit 3
+fi
 end=$(( $(date +%s) + WAIT ))
 while [ ! -f "$RC" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
 if [ -f "$RC" ]; then echo "finished: exit $(cat "$RC")"; else echo "still running"; fi
