@@ -234,14 +234,15 @@ class TimeBudget(HookBase):
     def after_step(self) -> None:
         trainer = self.trainer
         done = trainer.iter + 1 - self._first_iter
-        if done == 1 and self._started_at:
-            # a budget already spent before the loop stops now, not after the measuring window (~1 min on
-            # an H100); one collective, so every rank stops at the same iteration
-            if any(comm.all_gather(time.perf_counter() - self._start >= self._budget)):
-                logger.warning("Time budget %.1f min was spent before training could use it; stopping at "
-                               "iteration %d", self._budget / 60, trainer.iter + 1)
-                self._decided = self._shrunk = True
-                self._shrink(trainer.iter + 1)
+        # a budget already spent before the loop stops now, not after the measuring window (~1 min on an
+        # H100); one collective at the first step, so every rank stops at the same iteration
+        if done == 1 and self._started_at and any(
+            comm.all_gather(time.perf_counter() - self._start >= self._budget)
+        ):
+            logger.warning("Time budget %.1f min was spent before training could use it; stopping at "
+                           "iteration %d", self._budget / 60, trainer.iter + 1)
+            self._decided = self._shrunk = True
+            self._shrink(trainer.iter + 1)
         if done == self._measure_from:
             self._t_from = time.perf_counter()
         if not self._decided and done == self._measure_from + self._measure_iters:
