@@ -23,6 +23,14 @@ def _metrics(path: Path) -> dict | None:
     return out
 
 
+def _scale_sweep(path: Path) -> dict | None:
+    """DSB score per zoom of the real sample and mode (benchmarks/scale_sweep.py's line), if it ran."""
+    if not path.is_file() or not path.read_text().strip():
+        return None
+    sweep = json.loads(path.read_text().strip().splitlines()[-1])
+    return {mode: {zoom: row["dsb_score"] for zoom, row in rows.items()} for mode, rows in sweep["by_mode"].items()}
+
+
 def _final_iteration(path: Path) -> int | None:
     return json.loads(path.read_text()).get("iteration") if path.is_file() else None
 
@@ -66,6 +74,7 @@ def main() -> None:
         "untuned_dsb_sample": _metrics(run / "eval_untuned" / "nucleus_dsb_sample" / "metrics.json"),
         "untuned_synthetic_val": _metrics(run / "eval_untuned" / "nucleus_synth_val" / "metrics.json"),
         "tuned_inference": json.loads((run / "tune" / "tune.json").read_text())["best"],
+        "dsb_sample_by_zoom": _scale_sweep(run / "scale_sweep.json"),
         "generator": {"version": GENERATOR_VERSION, "features": _features(args.config, args.opts)},
     }
     out = args.out or (Path(__file__).resolve().parent.parent / "benchmarks" / "results"

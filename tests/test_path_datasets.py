@@ -41,3 +41,38 @@ def test_eval_on_a_path_dataset_writes_under_a_safe_folder(dsb_folder, tmp_path)
     metrics = json.loads((out / dataset_dirname(str(dsb_folder)) / "metrics.json").read_text())
     assert metrics["n_images"] == 3 and metrics["n_gt"] > 0
     assert "/" not in dataset_dirname(str(dsb_folder))
+
+
+def test_zoomed_names_rescale_images_and_labels(dsb_folder, tmp_path, monkeypatch):
+    """NAME@xZ: the base's nuclei, each Z^2 as large, on an image Z times the size; x1 is the base itself."""
+    import numpy as np
+
+    from nucleus_seg.data.io import read_image
+    from nucleus_seg.evaluation.evaluator import gt_label_image
+
+    monkeypatch.setenv("NUCLEUS_DATASETS", str(tmp_path / "roots"))
+    cfg = get_nucleus_cfg("nucleus_R101_FPN_cpu_demo.yaml")
+    cfg.DATASETS.TRAIN = ()
+    cfg.DATASETS.TEST = (f"{dsb_folder}@x2", f"{dsb_folder}@x1", "nucleus_dsb_sample@x.5")
+    register_datasets_from_cfg(cfg)  # the path base registers on the way
+    base = sorted(DatasetCatalog.get(str(dsb_folder)), key=lambda r: r["image_name"])
+    same = sorted(DatasetCatalog.get(f"{dsb_folder}@x1"), key=lambda r: r["image_name"])
+    for b, s in zip(base, same, strict=True):
+        assert np.array_equal(read_image(b["file_name"]), read_image(s["file_name"]))
+        assert np.array_equal(gt_label_image(b) > 0, gt_label_image(s) > 0)
+    double = sorted(DatasetCatalog.get(f"{dsb_folder}@x2"), key=lambda r: r["image_name"])
+    for b, d in zip(base, double, strict=True):
+        assert (d["height"], d["width"]) == (2 * b["height"], 2 * b["width"])
+        areas_b = np.bincount(gt_label_image(b).ravel())[1:]
+        areas_d = np.bincount(gt_label_image(d).ravel())[1:]
+        assert len(d["annotations"]) == len(b["annotations"]) == len(areas_d)
+        assert np.allclose(areas_d, 4 * areas_b, rtol=0.05, atol=4)
+    half = DatasetCatalog.get("nucleus_dsb_sample@x.5")[0]
+    assert (half["height"], half["width"]) == (256, 256)
+    assert read_image(half["file_name"]).dtype == np.uint16  # the sample's dtype is kept
+    cfg.DATASETS.TEST = (f"{dsb_folder / 'missing'}@x2",)
+    with pytest.raises(KeyError, match="missing"):
+        register_datasets_from_cfg(cfg)
+    cfg.DATASETS.TEST = ("nucleus_dsb_sample@x100",)
+    with pytest.raises(ValueError, match="outside"):
+        register_datasets_from_cfg(cfg)

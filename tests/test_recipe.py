@@ -28,7 +28,8 @@ def test_recipe_script_writes_the_result_the_issue_asks_for(tmp_path):
     out, result = tmp_path / "run", tmp_path / "accuracy.json"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                NUCLEUS_DATASETS=str(tmp_path / "datasets"), NUCLEUS_PROCS_PER_GPU="1",
-               NUCLEUS_ACCURACY_JSON=str(result), MPLBACKEND="Agg")
+               NUCLEUS_ACCURACY_JSON=str(result), MPLBACKEND="Agg",
+               NUCLEUS_SCALE_SWEEP_ZOOMS="0.5")  # one zoom: a 256x256 copy of the real sample
     proc = subprocess.run(["bash", "scripts/train_synthetic.sh", str(out), *TINY], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,6 +42,8 @@ def test_recipe_script_writes_the_result_the_issue_asks_for(tmp_path):
     assert report["synthetic_val"]["n_images"] == 2
     assert report["iterations"] == 2 and report["train_minutes"] > 0 and report["device"]
     assert "CascadeROIHeads" in report["config_text"] and report["opts"] == TINY
+    by_zoom = report["dsb_sample_by_zoom"]
+    assert set(by_zoom) == {"auto", "own_scale", "watershed"} and all(set(v) == {"x0.5"} for v in by_zoom.values())
     # tuning saw the recipe model's own size band, every threshold, and wrote a config the eval used
     rows = json.loads((out / "tune" / "tune.json").read_text())["rows"]
     cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_synth_h100.yaml", TINY)

@@ -8,6 +8,8 @@ dataset is first used (so setting the variable after import still works):
 * ``nucleus_synth_train`` / ``nucleus_synth_val``: generated on first use into
   ``<root>/nucleus_synth/<param-hash>/{train,val}`` (see :func:`register_synth_datasets`).
 * ``nucleus_dsb_sample``: the one real DSB image shipped with the package (test use only).
+* ``NAME@xZ`` (e.g. ``nucleus_dsb_sample@x0.5``): any dataset with images and labels rescaled by Z, written
+  on first use into ``<root>/nucleus_zoom/<hash>`` (see :func:`register_zoomed_dataset`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .datasets import _register, load_dsb_dataset, load_label_image_dataset, load_label_image_pairs
 
@@ -33,6 +38,9 @@ __all__ = [
     "ensure_synth_dataset",
     "register_all_builtin",
     "register_synth_datasets",
+    "register_zoomed_dataset",
+    "split_zoom",
+    "write_zoomed_dataset",
 ]
 
 # The validation ids of matterport/Mask_RCNN samples/nucleus/nucleus.py (VAL_IMAGE_IDS), copied verbatim
@@ -68,6 +76,9 @@ DSB2018_VAL_IMAGE_IDS: tuple[str, ...] = (
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 DSB2018_SUBDIR = Path("dsb2018") / "stage1_train"
 SYNTH_SUBDIR = "nucleus_synth"
+ZOOM_SUBDIR = "nucleus_zoom"
+ZOOM_LIMITS = (0.05, 20.0)
+_ZOOM_NAME = re.compile(r"^(?P<base>.+)@x(?P<zoom>\d+(?:\.\d*)?|\.\d+)$")
 _SPLIT_STREAMS = {"train": 0, "val": 1}  # separate random streams: val never repeats a train image
 
 
@@ -94,31 +105,16 @@ def synth_params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def ensure_synth_dataset(
-    folder: str | os.PathLike, num: int, size: int, style: str, seed: int, stream: int,
-    features: Iterable[str] | None = None,
-) -> Path:
-    """Generate a synthetic dataset (label-image layout: images/ + labels/) into ``folder`` unless it is
-    already complete.
-
-    Writes into a hidden temp folder beside it and renames that into place, so concurrent DDP ranks or an
-    interrupted run never leave half a dataset: the first rename wins and later ones discard their copy.
-    The loader's cache is written with the images, so the first load needs no parse.
-    """
-    from .datasets import _cache_key, _write_cache
-    from .synth import FEATURES, write_dataset
-
-    folder = Path(folder)
+def _build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` into a hidden temp folder beside ``folder`` and rename it into place, unless
+    ``folder`` exists: concurrent DDP ranks or an interrupted run never leave half a dataset, the first
+    rename wins and later ones discard their copy."""
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
     try:
-        logger.info("Generating %d synthetic %s images (%d px) into %s", num, style, size, folder)
-        records = write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream,
-                                features=FEATURES if features is None else features, layout="labels")
-        files = [f for r in records for f in (Path(r["file_name"]), tmp / "labels" / f"{r['image_name']}.png")]
-        _write_cache("labels", tmp, _cache_key("labels", tmp, files), records)  # the key a verified load makes
+        build(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -128,6 +124,27 @@ def ensure_synth_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def ensure_synth_dataset(
+    folder: str | os.PathLike, num: int, size: int, style: str, seed: int, stream: int,
+    features: Iterable[str] | None = None,
+) -> Path:
+    """Generate a synthetic dataset (label-image layout: images/ + labels/) into ``folder`` unless it is
+    already complete (written aside and renamed into place). The loader's cache is written with the
+    images, so the first load needs no parse.
+    """
+    from .datasets import _cache_key, _write_cache
+    from .synth import FEATURES, write_dataset
+
+    def build(tmp: Path) -> None:
+        logger.info("Generating %d synthetic %s images (%d px) into %s", num, style, size, folder)
+        records = write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream,
+                                features=FEATURES if features is None else features, layout="labels")
+        files = [f for r in records for f in (Path(r["file_name"]), tmp / "labels" / f"{r['image_name']}.png")]
+        _write_cache("labels", tmp, _cache_key("labels", tmp, files), records)  # the key a verified load makes
+
+    return _build_once(Path(folder), build)
 
 
 def register_synth_datasets(
@@ -206,3 +223,83 @@ def register_all_builtin() -> None:
                   dataset_format="dsb", split=split)
     register_synth_datasets()
     _register("nucleus_dsb_sample", _load_sample, dataset_format="labels", dataset_root=str(SAMPLE_DIR))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zoomed views: a model's score at magnifications its test data does not have
+
+
+def split_zoom(name: str) -> tuple[str, float | None]:
+    """``"nucleus_dsb_sample@x0.5"`` -> ``("nucleus_dsb_sample", 0.5)``; a name without ``@xZ`` -> (name, None)."""
+    match = _ZOOM_NAME.match(name)
+    if not match:
+        return name, None
+    zoom = float(match["zoom"])
+    if not ZOOM_LIMITS[0] <= zoom <= ZOOM_LIMITS[1]:
+        raise ValueError(f"{name}: zoom {zoom:g} is outside {ZOOM_LIMITS[0]:g}-{ZOOM_LIMITS[1]:g}")
+    return match["base"], zoom
+
+
+def write_zoomed_dataset(records: Sequence[dict], zoom: float, folder: str | os.PathLike) -> None:
+    """Write ``records``' images and instance labels rescaled by ``zoom`` in the label layout (TIFF, dtype
+    and channels kept; images area-averaged when shrunk, bilinear when grown, labels nearest)."""
+    import tifffile
+    from tqdm import tqdm
+
+    from ..evaluation.evaluator import gt_label_image
+    from .io import read_image
+    from .transforms import FastResizeTransform
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(exist_ok=True)
+    stems: set[str] = set()
+    for r in tqdm(records, desc=f"zoom x{zoom:g}", disable=len(records) < 20):
+        image = read_image(r["file_name"])
+        label = gt_label_image(r)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{r['file_name']}: image size {image.shape[:2]} differs from its record's "
+                             f"{label.shape}")
+        h, w = label.shape
+        new_h, new_w = max(1, round(h * zoom)), max(1, round(w * zoom))
+        if min(new_h, new_w) < 16:
+            raise ValueError(f"{r['file_name']}: x{zoom:g} makes it {new_w}x{new_h} px, too small to score")
+        resize = FastResizeTransform(h, w, new_h, new_w)
+        dtype = image.dtype
+        if dtype not in (np.uint8, np.uint16, np.float32):  # what cv2.resize takes
+            image = image.astype(np.float32)
+        image = resize.apply_image(image)
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            image = np.clip(np.rint(image), info.min, info.max)
+        stem = str(r.get("image_name") or Path(r["file_name"]).stem)
+        stem = stem if stem not in stems else f"{stem}_{r.get('image_id', len(stems))}"
+        stems.add(stem)
+        tifffile.imwrite(folder / "images" / f"{stem}.tif", image.astype(dtype, copy=False))
+        label = resize.apply_segmentation(label)
+        tifffile.imwrite(folder / "labels" / f"{stem}.tif",
+                         label.astype(np.uint16 if label.max() < 2**16 else np.uint32))
+
+
+def register_zoomed_dataset(name: str, base: str, zoom: float) -> None:
+    """Register ``name`` as ``base`` (a registered dataset) rescaled by ``zoom``: how a model fares at
+    another magnification (Cellpose-style ``diameter`` estimation is meant to hold it). Written on first
+    use under ``<root>/nucleus_zoom/``, keyed by the base's files and their stat, so it never goes stale.
+    """
+    from detectron2.data import DatasetCatalog
+
+    def load() -> list[dict]:
+        records = DatasetCatalog.get(base)
+        stats = [(r["file_name"], os.stat(r["file_name"]).st_mtime_ns, os.stat(r["file_name"]).st_size)
+                 for r in records]
+        key = hashlib.sha1(json.dumps([base, zoom, stats]).encode()).hexdigest()[:12]
+        folder = datasets_root() / ZOOM_SUBDIR / f"x{zoom:g}-{key}"
+
+        def build(tmp: Path) -> None:
+            logger.info("Writing %s: %d images of %s rescaled x%g into %s", name, len(records), base, zoom,
+                        folder)
+            write_zoomed_dataset(records, zoom, tmp)
+
+        return load_label_image_dataset(_build_once(folder, build))
+
+    _register(name, load, dataset_format="labels", zoom_of=base, zoom=zoom)

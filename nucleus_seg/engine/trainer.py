@@ -84,14 +84,27 @@ def register_datasets_from_cfg(cfg: CfgNode) -> None:
     registered = set(DatasetCatalog.list())
     for key, group in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
         for name in group:
-            if name not in registered and not register_path_dataset(name):
+            if name not in registered and not _register_by_name(name, registered):
                 nucleus = sorted(n for n in registered if n.startswith("nucleus_"))
                 raise KeyError(
                     f"{key} names dataset {name!r}, which is not registered and is no existing folder or "
-                    f"COCO JSON file (FOLDER or FOLDER@train / FOLDER@val). Register it with "
-                    f"nucleus_seg.data.register_nucleus_dataset(name, folder) before training, or use one "
-                    f"of {nucleus}"
+                    f"COCO JSON file (FOLDER or FOLDER@train / FOLDER@val; NAME@xZ rescales a dataset by Z). "
+                    f"Register it with nucleus_seg.data.register_nucleus_dataset(name, folder) before "
+                    f"training, or use one of {nucleus}"
                 )
+
+
+def _register_by_name(name: str, registered: set[str]) -> bool:
+    """Register a dataset its name describes: a path, or ``NAME@xZ`` (NAME registered or a path)."""
+    from ..data.builtin import register_zoomed_dataset, split_zoom
+
+    base, zoom = split_zoom(name)
+    if zoom is None:
+        return register_path_dataset(name)
+    if base not in registered and not register_path_dataset(base):
+        return False
+    register_zoomed_dataset(name, base, zoom)
+    return True
 
 
 def dataset_dirname(name: str) -> str:
