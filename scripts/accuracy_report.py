@@ -25,9 +25,10 @@ def _metrics(path: Path) -> dict | None:
 
 def _scale_sweep(path: Path) -> dict | None:
     """DSB score per zoom of the real sample and mode (benchmarks/scale_sweep.py's line), if it ran."""
-    if not path.is_file() or not path.read_text().strip():
+    lines = path.read_text().strip().splitlines() if path.is_file() else []
+    if not lines:
         return None
-    sweep = json.loads(path.read_text().strip().splitlines()[-1])
+    sweep = json.loads(lines[-1])
     return {mode: {zoom: row["dsb_score"] for zoom, row in rows.items()} for mode, rows in sweep["by_mode"].items()}
 
 

@@ -290,8 +290,10 @@ def register_zoomed_dataset(name: str, base: str, zoom: float) -> None:
 
     def load() -> list[dict]:
         records = DatasetCatalog.get(base)
-        stats = [(r["file_name"], os.stat(r["file_name"]).st_mtime_ns, os.stat(r["file_name"]).st_size)
-                 for r in records]
+        stats = []
+        for r in records:
+            st = os.stat(r["file_name"])
+            stats.append((r["file_name"], st.st_mtime_ns, st.st_size))
         key = hashlib.sha1(json.dumps([base, zoom, stats]).encode()).hexdigest()[:12]
         folder = datasets_root() / ZOOM_SUBDIR / f"x{zoom:g}-{key}"
 
