@@ -1,0 +1,96 @@
+"""``nucleus-predict`` writes the same files as the recorded reference run (a fixed random-init model).
+
+The reference outputs in ``tests/golden/predict/`` were written by this module's :func:`run_reference`
+(``python tests/test_golden_predict.py --regenerate``) before the package was restructured; any change to
+what a user gets (label pixels, scores, CSV columns, RLE, COCO entries) fails here. Regenerate them only
+for an intended change of output, and say so in the commit.
+
+The model is the real R101-FPN of the CPU demo config with seeded random weights, in fp32 (bfloat16
+kernels differ between CPUs); one image is tiled (``--tile``), one goes the batched small-image way,
+both with ``--diameter auto``. fp32 convolutions may still round differently on another instruction set,
+so the reference records the CPU capability it was made on and the comparison is skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "predict"
+SAMPLE = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "sample" / "image.tif"
+TEXT_FILES = ("sample_measurements.csv", "crop_measurements.csv", "submission.csv", "coco_results.json")
+LABEL_FILES = ("sample_labels.tif", "crop_labels.tif")
+
+
+def _environment() -> dict:
+    import tifffile
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "tifffile": tifffile.__version__}
+
+
+def run_reference(out: Path) -> None:
+    """Write a seeded random-init checkpoint and two inputs, then run ``nucleus-predict`` into ``out``."""
+    import tifffile
+    import torch
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.cli.predict import main
+    from nucleus_seg.config import get_nucleus_cfg
+
+    work = out / "work"
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    image = tifffile.imread(SAMPLE)
+    tifffile.imwrite(work / "images" / "sample.tif", image)
+    tifffile.imwrite(work / "images" / "crop.tif", image[40:296, 100:420])
+    cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_cpu_demo.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.save({"model": model.state_dict()}, work / "random.pth")
+    status = main([
+        "--config-file", "configs/nucleus_R101_FPN_cpu_demo.yaml", "--input", str(work / "images"),
+        "--output", str(out), "--diameter", "auto", "--tile", "384",
+        "MODEL.WEIGHTS", str(work / "random.pth"), "NUCLEUS.PREDICT.AMP", "False",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "300", "TEST.DETECTIONS_PER_IMAGE", "100",
+    ])
+    assert status == 0
+
+
+@pytest.mark.slow
+def test_predict_outputs_match_the_reference(tmp_path):
+    import tifffile
+
+    recorded = json.loads((GOLDEN / "environment.json").read_text())
+    here = _environment()
+    if here["cpu_capability"] != recorded["cpu_capability"] or here["torch"] != recorded["torch"]:
+        pytest.skip(f"reference made with {recorded}, this machine has {here}: fp32 kernels may round apart")
+    run_reference(tmp_path)
+    for name in TEXT_FILES:
+        assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+    for name in LABEL_FILES:
+        got, want = tifffile.imread(tmp_path / name), tifffile.imread(GOLDEN / name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+        if here["tifffile"] == recorded["tifffile"]:
+            assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+    # the reference is not trivially empty: both images have nuclei painted
+    assert all(tifffile.imread(GOLDEN / name).max() > 0 for name in LABEL_FILES)
+
+
+if __name__ == "__main__":  # python tests/test_golden_predict.py --regenerate
+    if sys.argv[1:] != ["--regenerate"]:
+        raise SystemExit("usage: python tests/test_golden_predict.py --regenerate")
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_reference(Path(tmp))
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        for name in TEXT_FILES + LABEL_FILES:
+            shutil.copy(Path(tmp) / name, GOLDEN / name)
+    (GOLDEN / "environment.json").write_text(json.dumps(_environment(), indent=1) + "\n")
+    print(f"wrote {GOLDEN}")
