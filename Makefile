@@ -11,12 +11,12 @@ setup:
 demo: setup
 	@PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
-test: setup
-	@$(PY) -m ruff check nucleus_seg tests benchmarks scripts
+test: lint
 	@$(PY) -m pytest -q tests
 
 lint: setup
 	@$(PY) -m ruff check nucleus_seg tests benchmarks scripts
+	@$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf build output .pytest_cache

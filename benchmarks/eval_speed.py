@@ -80,8 +80,8 @@ def bench_coco(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from nucleus_seg.data.datasets import label_image_to_annotations
     from nucleus_seg.evaluation.coco import coco_evaluate, dataset_dicts_to_coco
+    from nucleus_seg.structures import label_image_to_annotations
 
     rng = np.random.default_rng(seed)
     dicts, results = [], []

@@ -47,7 +47,7 @@ def main() -> None:
     from detectron2.engine import DefaultPredictor
     from detectron2.modeling import build_model
 
-    from nucleus_seg.engine.predictor import NucleusPredictor
+    from nucleus_seg.inference.predictor import NucleusPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default="configs/nucleus_R101_FPN_scratch.yaml")

@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args.root = args.root or Path(f"/tmp/nucleus_load_bench_{args.images}_{args.masks}")
     if not args.root.is_dir():
         build(args.root, args.images, args.masks, args.seed)
-    from nucleus_seg.data.datasets import _cache_paths, load_dsb_dataset
+    from nucleus_seg.data.cache import cache_paths
+    from nucleus_seg.data.datasets import load_dsb_dataset
 
-    for path in _cache_paths("dsb", args.root):
+    for path in cache_paths("dsb", args.root):
         path.unlink(missing_ok=True)
     start = time.perf_counter()
     records = load_dsb_dataset(args.root, num_workers=args.workers)

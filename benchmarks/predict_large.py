@@ -47,8 +47,8 @@ def main() -> None:
     import torch
 
     from nucleus_seg.config import get_nucleus_cfg
-    from nucleus_seg.engine.predictor import NucleusPredictor
     from nucleus_seg.evaluation.matching import dsb_score, matching_stats
+    from nucleus_seg.inference.predictor import NucleusPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default="configs/nucleus_R101_FPN_scratch.yaml")

@@ -22,7 +22,7 @@ from common import inference_cfg, inference_images  # noqa: E402
 def main() -> None:
     import torch
 
-    from nucleus_seg.engine.predictor import NucleusPredictor
+    from nucleus_seg.inference.predictor import NucleusPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default="configs/nucleus_R101_FPN_scratch.yaml")

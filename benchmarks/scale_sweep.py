@@ -30,7 +30,7 @@ METRICS = ("dsb_score", "ap50", "f1_50", "pq", "n_pred")
 def evaluate(args: argparse.Namespace, datasets: list[str], mode: str, out: Path) -> dict[str, dict]:
     """One nucleus-eval run (one model build) over every zoomed copy; metrics per dataset."""
     from nucleus_seg.cli.evaluate import main as eval_main
-    from nucleus_seg.engine.trainer import dataset_dirname
+    from nucleus_seg.data.catalog import dataset_dirname
 
     argv = ["--config-file", args.config_file, "--output", str(out / mode), "--num-worst", "0"]
     argv += [a for d in datasets for a in ("--dataset", d)]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from .cli.common import add_version
 from .utils.env import version_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nucleus_seg", description=__doc__)
-    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    parser = add_version(argparse.ArgumentParser(prog="python -m nucleus_seg", description=__doc__))
     parser.parse_args(argv)
     print(version_report())
     return 0

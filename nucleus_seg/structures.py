@@ -1,12 +1,27 @@
-"""Conversions between per-instance masks and label images, shared by evaluation, prediction and data."""
+"""Instances as label images, masks, RLEs and detectron2 annotations, shared by data, inference and evaluation.
+
+One painting rule everywhere: where instances overlap, the higher score wins the pixel (as the Matterport
+sample's submission did), so instances are painted lowest score first (:func:`paint_order`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
-from detectron2.structures import BitMasks
+from detectron2.structures import BitMasks, BoxMode
+from scipy import ndimage
+
+
+def paint_order(scores: Sequence[float] | np.ndarray | None, n: int) -> np.ndarray:
+    """Indices of ``n`` instances in painting order: lowest score first (stable), so the best one is painted
+    last and wins each pixel it shares; input order when there are no scores."""
+    if scores is None:
+        return np.arange(n)
+    return np.argsort(np.asarray(scores), kind="stable")
 
 
 def masks_to_label_image(
@@ -14,16 +29,14 @@ def masks_to_label_image(
 ) -> np.ndarray:
     """Paint N HxW boolean masks into one label image (ids 1..N in input order).
 
-    Overlaps go to the higher-scoring instance (as the Matterport sample's submission did): masks are
-    painted from lowest to highest score so the best one wins each pixel. Instance k keeps id k+1 even
-    if it ends up with no pixels.
+    Overlaps go to the higher-scoring instance (:func:`paint_order`). Instance k keeps id k+1 even if it
+    ends up with no pixels.
     """
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 3:
         raise ValueError(f"masks must be NxHxW, got shape {masks.shape}")
     label = np.zeros(masks.shape[1:], dtype=dtype)
-    order = np.arange(len(masks)) if scores is None else np.argsort(np.asarray(scores), kind="stable")
-    for k in order:
+    for k in paint_order(scores, len(masks)):
         label[masks[k]] = k + 1
     return label
 
@@ -86,3 +99,91 @@ class LabelMasks(BitMasks):
 
     def __repr__(self) -> str:
         return f"LabelMasks(num_instances={len(self)}, layers={self.labels.shape[0]}, image_size={self.image_size})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Annotations (detectron2 dataset dicts) and COCO RLE
+
+
+def rle_to_annotation(rle: dict) -> dict[str, Any]:
+    """A detectron2 annotation (XYWH box from the mask, class 0) of a freshly encoded COCO RLE."""
+    bbox = [float(v) for v in mask_util.toBbox(rle)]
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"bbox": bbox, "bbox_mode": BoxMode.XYWH_ABS, "segmentation": rle, "category_id": 0, "iscrowd": 0}
+
+
+def mask_to_annotation(mask: np.ndarray) -> dict[str, Any]:
+    """One detectron2 annotation from an HxW boolean mask: RLE segmentation, bbox derived from it."""
+    return rle_to_annotation(mask_util.encode(np.asfortranarray(mask, dtype=np.uint8)))
+
+
+def label_image_to_annotations(label: np.ndarray) -> list[dict[str, Any]]:
+    """Annotations for each nonzero id of a 2-D label image, in ascending id order.
+
+    One id is one instance even when its pixels are split in pieces (the label's author said so).
+    """
+    if label.ndim != 2:
+        raise ValueError(f"label image must be 2-D, got shape {label.shape}")
+    ids, inverse = np.unique(label, return_inverse=True)
+    seq = inverse.reshape(label.shape).astype(np.int32)
+    if ids[0] != 0:
+        seq += 1  # no background pixel at all: every id is an instance
+    annotations = []
+    buf = np.zeros(label.shape, dtype=np.uint8, order="F")
+    for k, box in enumerate(ndimage.find_objects(seq), start=1):
+        if box is None:
+            continue
+        buf[box] = seq[box] == k
+        annotations.append(rle_to_annotation(mask_util.encode(buf)))
+        buf[box] = 0
+    return annotations
+
+
+def annotation_to_rle(annotation: dict, height: int, width: int) -> dict:
+    """Compressed RLE of an annotation's ``segmentation`` (compressed or uncompressed RLE, or polygons)."""
+    seg = annotation.get("segmentation")
+    if seg is None:
+        raise ValueError("annotation has no 'segmentation'")
+    if isinstance(seg, list):  # polygons
+        polygons = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in seg if len(p) >= 6]
+        if not polygons:
+            return mask_util.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
+        return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+    if isinstance(seg, dict):
+        if tuple(seg.get("size", ())) != (height, width):
+            raise ValueError(f"RLE size {seg.get('size')} differs from the image size {[height, width]}")
+        if isinstance(seg.get("counts"), list):  # uncompressed RLE
+            return mask_util.frPyObjects(seg, height, width)
+        return seg
+    raise TypeError(f"unknown segmentation type {type(seg).__name__} (expected polygons or an RLE dict)")
+
+
+def rles_to_label_image(
+    rles: Sequence[dict], height: int, width: int, scores: Sequence[float] | None = None
+) -> np.ndarray:
+    """Label image from COCO RLEs with the painting rule of ``masks_to_label_image``.
+
+    Ids are 1..N in input order; with ``scores``, overlaps go to the higher score. Masks are decoded one
+    at a time (and written only inside their box), so hundreds of full-size masks never coexist.
+    """
+    label = np.zeros((height, width), dtype=np.int32)
+    for k in paint_order(scores, len(rles)):
+        rle = rles[k]
+        x, y, w, h = (int(v) for v in np.round(mask_util.toBbox(rle)))
+        if w == 0 or h == 0:
+            continue
+        mask = mask_util.decode(rle)[y : y + h, x : x + w].astype(bool)
+        label[y : y + h, x : x + w][mask] = k + 1
+    return label
+
+
+def gt_label_image(record: dict) -> np.ndarray:
+    """Ground-truth label image of a detectron2 dataset dict (RLE or polygon annotations, later wins)."""
+    h, w = int(record["height"]), int(record["width"])
+    try:
+        rles = [annotation_to_rle(a, h, w) for a in record.get("annotations", [])]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{record.get('file_name', record.get('image_id'))}: bad annotation ({exc})"
+        ) from exc
+    return rles_to_label_image(rles, h, w)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from nucleus_seg.engine.trainer import QueuedAMPTrainer
+from nucleus_seg.engine.amp import QueuedAMPTrainer
 
 
 class TwoLosses(torch.nn.Module):

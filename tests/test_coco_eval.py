@@ -9,8 +9,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from nucleus_seg.data.datasets import mask_to_annotation
-from nucleus_seg.evaluation.coco import annotation_to_rle, coco_evaluate, dataset_dicts_to_coco
+from nucleus_seg.evaluation.coco import coco_evaluate, dataset_dicts_to_coco
+from nucleus_seg.structures import annotation_to_rle, mask_to_annotation
 
 
 def _rle(mask: np.ndarray) -> dict:

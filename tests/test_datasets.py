@@ -27,7 +27,7 @@ from nucleus_seg.data import (
     register_synth_datasets,
 )
 from nucleus_seg.data import datasets as ds
-from nucleus_seg.data.builtin import ensure_synth_dataset
+from nucleus_seg.data.catalog import ensure_synth_dataset
 from nucleus_seg.data.io import ImageReadError
 from nucleus_seg.data.synth import write_dataset
 
@@ -453,7 +453,7 @@ def test_concurrent_generation_leaves_one_complete_dataset(tmp_path):
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
-    from nucleus_seg.data import synth
+    from nucleus_seg.data.synth import files as synth
 
     real = synth.write_sample
     calls = []

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from nucleus_seg.cli.evaluate import main, match_key
-from nucleus_seg.data.datasets import label_image_to_annotations
+from nucleus_seg.cli.evaluate import main
 from nucleus_seg.evaluation.matching import dsb_score
+from nucleus_seg.evaluation.runner import match_key
+from nucleus_seg.structures import label_image_to_annotations
 
 DOCUMENTED_KEYS = {
     "dataset",
@@ -286,8 +287,8 @@ def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, sca
     """``--tune DIR``: one pass per diameter (for one-size-band models: their own up to the top of their scale
     jitter) plus a flip-TTA pass, every threshold scored on each; DIR/tuned.yaml carries the best row's
     settings."""
-    from nucleus_seg.cli.evaluate import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN
     from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.evaluation.tune import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN
 
     opts = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
             "TEST.DETECTIONS_PER_IMAGE", "50", "NUCLEUS.PREDICT.AMP", "False",

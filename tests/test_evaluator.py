@@ -12,16 +12,9 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, Instances
 
-from nucleus_seg.baseline import watershed_segment
-from nucleus_seg.data.datasets import mask_to_annotation
-from nucleus_seg.evaluation.evaluator import (
-    NucleusEvaluator,
-    build_nucleus_evaluator,
-    gt_label_image,
-    prediction_label_image,
-    rles_to_label_image,
-)
-from nucleus_seg.structures import masks_to_label_image
+from nucleus_seg.evaluation.evaluator import NucleusEvaluator, build_nucleus_evaluator, prediction_label_image
+from nucleus_seg.inference.baseline import watershed_segment
+from nucleus_seg.structures import gt_label_image, mask_to_annotation, masks_to_label_image, rles_to_label_image
 
 H, W = 40, 48
 

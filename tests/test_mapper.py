@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nucleus_seg.config import get_nucleus_cfg
-from nucleus_seg.data.datasets import mask_to_annotation
 from nucleus_seg.data.io import ImageReadError, normalize_image, read_image
 from nucleus_seg.data.mapper import AnnotationError, NucleusDatasetMapper, instance_label_layers
 from nucleus_seg.data.transforms import FastResizeTransform, Rot90Transform, median_diameter
+from nucleus_seg.structures import mask_to_annotation
 
 NO_COLOUR = ["INPUT.NUCLEUS.BRIGHTNESS", 0.0, "INPUT.NUCLEUS.CONTRAST", 0.0,
              "INPUT.NUCLEUS.GAMMA", (1.0, 1.0),

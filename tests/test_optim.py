@@ -8,7 +8,7 @@ import torch
 from detectron2.solver.build import _create_gradient_clipper
 from fvcore.common.config import CfgNode
 
-from nucleus_seg.engine.trainer import clip_grad_norm_per_param_
+from nucleus_seg.engine.optim import clip_grad_norm_per_param_
 
 
 def test_foreach_clipping_equals_detectron2_per_param_clipping():

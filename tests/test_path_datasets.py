@@ -9,8 +9,8 @@ from detectron2.data import DatasetCatalog
 
 from nucleus_seg.cli.evaluate import main as eval_main
 from nucleus_seg.config import get_nucleus_cfg
+from nucleus_seg.data.catalog import dataset_dirname, register_datasets_from_cfg
 from nucleus_seg.data.synth import write_dataset
-from nucleus_seg.engine.trainer import dataset_dirname, register_datasets_from_cfg
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_zoomed_names_rescale_images_and_labels(dsb_folder, tmp_path, monkeypatc
     import numpy as np
 
     from nucleus_seg.data.io import read_image
-    from nucleus_seg.evaluation.evaluator import gt_label_image
+    from nucleus_seg.structures import gt_label_image
 
     monkeypatch.setenv("NUCLEUS_DATASETS", str(tmp_path / "roots"))
     cfg = get_nucleus_cfg("nucleus_R101_FPN_cpu_demo.yaml")

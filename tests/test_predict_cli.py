@@ -12,8 +12,7 @@ import pytest
 import tifffile
 
 from nucleus_seg.cli.predict import main
-from nucleus_seg.engine.outputs import (
-    atomic_path,
+from nucleus_seg.inference.outputs import (
     coco_results,
     overlay_image,
     submission_rows,
@@ -23,6 +22,7 @@ from nucleus_seg.engine.outputs import (
     write_overlay_png,
     write_submission_csv,
 )
+from nucleus_seg.utils.files import atomic_path
 from nucleus_seg.utils.rle import rle_decode
 
 pytestmark = pytest.mark.filterwarnings("ignore:MODEL.WEIGHTS is empty")

@@ -7,17 +7,12 @@ import pytest
 import torch
 
 from nucleus_seg.data.io import ImageReadError, normalize_from_cfg
-from nucleus_seg.engine.precision import cpu_has_native_bfloat16
-from nucleus_seg.engine.predictor import (
-    AUTO_MAX_PASSES,
-    AUTO_PROBE_SCALES,
-    NucleusPredictor,
-    median_diameter,
-    paste_mask_windows,
-    windows_to_label,
-    windows_to_masks,
-)
-from nucleus_seg.engine.tiling import LabelPrediction, masks_to_prediction
+from nucleus_seg.data.transforms import median_diameter
+from nucleus_seg.inference.masks import paste_mask_windows, windows_to_label, windows_to_masks
+from nucleus_seg.inference.predictor import NucleusPredictor
+from nucleus_seg.inference.scale import AUTO_MAX_PASSES, AUTO_PROBE_SCALES
+from nucleus_seg.inference.tiling import LabelPrediction, masks_to_prediction
+from nucleus_seg.modeling.precision import cpu_has_native_bfloat16
 from nucleus_seg.structures import masks_to_label_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:MODEL.WEIGHTS is empty")
@@ -275,7 +270,7 @@ def test_batched_rpn_proposals_equal_detectron2s(levels):
 
     from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 
-    from nucleus_seg.engine.predictor import _fast_predict_proposals
+    from nucleus_seg.modeling.fast_inference import _fast_predict_proposals
 
     sizes = [(100, 110), (90, 120), (100, 110)]
     boxes, logits = random_proposals(sizes, levels, seed=len(levels) + levels[0])
@@ -293,7 +288,7 @@ def test_batched_rpn_proposals_equal_detectron2s(levels):
 def test_batched_box_inference_equals_detectron2s(count, topk):
     from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
-    from nucleus_seg.engine.predictor import batched_fast_rcnn_inference
+    from nucleus_seg.modeling.fast_inference import batched_fast_rcnn_inference
 
     g = torch.Generator().manual_seed(count)
     sizes = [(100, 110), (80, 120)]
@@ -331,7 +326,7 @@ def test_fast_and_detectron2_inference_give_the_same_detections(cfg, heads):
     assert torch.equal(a.scores, b.scores)
     assert torch.equal(a.pred_masks, b.pred_masks)
     if heads == "CascadeROIHeads":  # the comparison is between the two paths
-        from nucleus_seg.engine.predictor import _fast_cascade_forward_box
+        from nucleus_seg.modeling.fast_inference import _fast_cascade_forward_box
 
         assert fast.model.roi_heads._forward_box.__func__ is _fast_cascade_forward_box
         assert "_forward_box" not in vars(plain.model.roi_heads)
@@ -402,7 +397,7 @@ def test_auto_diameter_does_not_depend_on_the_output_threshold(cfg):
 
 
 def test_flip_boxes_is_its_own_inverse_and_mirrors():
-    from nucleus_seg.engine.predictor import FLIPS, flip_boxes
+    from nucleus_seg.inference.tta import FLIPS, flip_boxes
 
     boxes = torch.tensor([[2.0, 3.0, 10.0, 7.0], [0.0, 0.0, 40.0, 30.0]])
     for f in FLIPS:
@@ -412,7 +407,7 @@ def test_flip_boxes_is_its_own_inverse_and_mirrors():
 
 
 def test_flip_fusion_averages_boxes_and_discounts_nuclei_seen_in_few_views():
-    from nucleus_seg.engine.predictor import fuse_flip_detections
+    from nucleus_seg.inference.tta import fuse_flip_detections
 
     a = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
     b = torch.tensor([[12.0, 10.0, 22.0, 20.0]])  # the same nucleus, 2 px off (IoU 0.67)

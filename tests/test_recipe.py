@@ -22,8 +22,8 @@ TINY = ["MODEL.DEVICE", "cpu", "NUCLEUS.SYNTH.NUM_TRAIN", "4", "NUCLEUS.SYNTH.NU
 
 @pytest.mark.slow
 def test_recipe_script_writes_the_result_the_issue_asks_for(tmp_path):
-    from nucleus_seg.cli.evaluate import TUNE_THRESHOLDS, tune_diameters
     from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.evaluation.tune import TUNE_THRESHOLDS, tune_diameters
 
     out, result = tmp_path / "run", tmp_path / "accuracy.json"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nucleus_seg.engine.tiling import (
+from nucleus_seg.inference.tiling import (
     Stitcher,
     Tile,
     TileInstances,

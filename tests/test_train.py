@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from nucleus_seg.cli.train import EXIT_DIVERGED, main
-from nucleus_seg.engine.precision import cpu_has_native_bfloat16
-from nucleus_seg.engine.trainer import (
-    NucleusTrainer,
-    divergence_message,
-    prepare_cfg,
-    register_datasets_from_cfg,
-)
+from nucleus_seg.data.catalog import register_datasets_from_cfg
+from nucleus_seg.engine.trainer import NucleusTrainer, divergence_message, prepare_cfg
+from nucleus_seg.modeling.precision import cpu_has_native_bfloat16
 
 TINY_SYNTH = {"NUCLEUS.SYNTH.NUM_TRAIN": 2, "NUCLEUS.SYNTH.NUM_VAL": 1, "NUCLEUS.SYNTH.SIZE": 128}
 
@@ -192,7 +188,9 @@ def test_curves_after_resume_keep_the_later_record_and_skip_a_cut_line(tmp_path)
 
 
 def test_version_prints_the_report(capsys):
-    assert main(["--version"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
     printed = capsys.readouterr().out
     assert printed.startswith("nucleus_seg ") and "detectron2 " in printed and "torch " in printed
 
@@ -237,7 +235,7 @@ def test_synthetic_data_is_generated_once_before_the_processes_start(tiny_cfg, t
     """Several local processes would each generate the same images; the launcher makes them first."""
     from detectron2.data import DatasetCatalog
 
-    from nucleus_seg.engine.trainer import generate_synthetic_data
+    from nucleus_seg.data.catalog import generate_synthetic_data
 
     cfg = tiny_cfg.clone()
     cfg.merge_from_list([str(x) for kv in TINY_SYNTH.items() for x in kv])

@@ -1,0 +1,1 @@
+"""Console scripts: argument parsing, then one library call each."""

@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..data.synth import FEATURES, LAYOUTS, STYLES, check_features, write_dataset
+from .common import add_version
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.synth import FEATURES, LAYOUTS, STYLES
-
     parser = argparse.ArgumentParser(
         prog="nucleus-synth",
         description="Generate synthetic nucleus images with exact masks, deterministic per seed, in the "
@@ -34,18 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dsb: one PNG per nucleus (default); labels: one label image per image")
     parser.add_argument("--preview", action="store_true",
                         help="also write <out>/preview.png: the first 16 images with mask outlines")
-    parser.add_argument("--version", action="store_true", help="print versions and exit")
-    return parser
+    return add_version(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
-        from ..utils.env import version_report
-
-        print(version_report())
-        return 0
     if args.out is None:
         parser.error("--out is required")
     if args.num < 1:
@@ -53,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.size < 64:
         parser.error("--size must be at least 64")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from ..data.synth import FEATURES, check_features, write_dataset
-
     if args.features is None:
         features = FEATURES
     else:

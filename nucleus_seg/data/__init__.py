@@ -1,16 +1,22 @@
-"""Nucleus datasets: loaders, registration in DatasetCatalog, the mapper and the synthetic generator.
+"""Nucleus datasets: readers (:mod:`.io`), loaders (:mod:`.datasets`), every registered name (:mod:`.catalog`),
+the training mapper and augmentations (:mod:`.mapper`, :mod:`.transforms`) and the generator (:mod:`.synth`).
 
-Importing this package registers the built-in dataset names (see :mod:`nucleus_seg.data.builtin`).
+Importing this package registers the built-in dataset names in detectron2's DatasetCatalog.
 """
 
-from .builtin import DSB2018_VAL_IMAGE_IDS, datasets_root, register_all_builtin, register_synth_datasets
-from .datasets import (
+from .catalog import (
     NUCLEUS_METADATA,
+    datasets_root,
+    register_all_builtin,
+    register_nucleus_dataset,
+    register_synth_datasets,
+)
+from .datasets import (
+    DSB2018_VAL_IMAGE_IDS,
     load_coco_nucleus_json,
     load_dsb_dataset,
     load_label_image_dataset,
     load_label_image_pairs,
-    register_nucleus_dataset,
 )
 
 __all__ = [

@@ -19,201 +19,76 @@ Bad input, as documented per loader: unreadable files raise :class:`ImageReadErr
 size mismatches name both files; empty masks are dropped and overlapping pixels go to the first mask
 in sorted file order (both logged with counts); an image without masks is kept as a negative example.
 
-Parsing ~29k DSB mask PNGs takes a while, so the dicts are cached as JSON keyed by the list of files
-with their sizes and mtimes (any added, removed, or rewritten file invalidates it): inside the dataset
-root when it is writable, else under ``~/.cache/nucleus_seg``.
+Parsed dicts are cached as JSON keyed by the files' sizes and mtimes (:mod:`.cache`). Registration of
+these loaders under dataset names is in :mod:`.catalog`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import multiprocessing
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
+import cv2
 import numpy as np
+import pycocotools.mask as mask_util
+from detectron2.data.datasets import load_coco_json
+from tqdm import tqdm
 
+from ..structures import label_image_to_annotations, rle_to_annotation
+from ..utils.files import IMAGE_SUFFIXES, LABEL_SUFFIXES
+from .cache import cached
 from .io import ImageReadError, read_image, read_label_image, read_mask
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "NUCLEUS_METADATA",
+    "DSB2018_VAL_IMAGE_IDS",
+    "FORMATS",
     "detect_format",
-    "label_image_to_annotations",
     "load_coco_nucleus_json",
     "load_dsb_dataset",
     "load_label_image_dataset",
     "load_label_image_pairs",
-    "mask_to_annotation",
-    "register_nucleus_dataset",
 ]
 
 FORMATS = ("dsb", "labels", "coco")
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
-# Bump when the record layout or parsing rules change: old caches then miss instead of lying.
-CACHE_VERSION = 1
-CACHE_PREFIX = ".nucleus_seg_cache"
 
-NUCLEUS_METADATA: dict[str, Any] = {
-    "thing_classes": ["nucleus"],
-    "thing_colors": [(0, 220, 90)],
-    "evaluator_type": "nucleus",
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Masks -> annotations
-
-
-def mask_to_annotation(mask: np.ndarray) -> dict[str, Any]:
-    """One detectron2 annotation from an HxW boolean mask: RLE segmentation, bbox derived from it."""
-    import pycocotools.mask as mask_util
-    from detectron2.structures import BoxMode
-
-    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return _annotation_from_rle(rle, BoxMode.XYWH_ABS)
-
-
-def _annotation_from_rle(rle: dict, box_mode: Any) -> dict[str, Any]:
-    import pycocotools.mask as mask_util
-
-    bbox = [float(v) for v in mask_util.toBbox(rle)]
-    rle["counts"] = rle["counts"].decode("ascii")
-    return {"bbox": bbox, "bbox_mode": box_mode, "segmentation": rle, "category_id": 0, "iscrowd": 0}
-
-
-def label_image_to_annotations(label: np.ndarray) -> list[dict[str, Any]]:
-    """Annotations for each nonzero id of a 2-D label image, in ascending id order.
-
-    One id is one instance even when its pixels are split in pieces (the label's author said so).
-    """
-    import pycocotools.mask as mask_util
-    from detectron2.structures import BoxMode
-    from scipy import ndimage
-
-    if label.ndim != 2:
-        raise ValueError(f"label image must be 2-D, got shape {label.shape}")
-    ids, inverse = np.unique(label, return_inverse=True)
-    seq = inverse.reshape(label.shape).astype(np.int32)
-    if ids[0] != 0:
-        seq += 1  # no background pixel at all: every id is an instance
-    annotations = []
-    buf = np.zeros(label.shape, dtype=np.uint8, order="F")
-    for k, box in enumerate(ndimage.find_objects(seq), start=1):
-        if box is None:
-            continue
-        buf[box] = seq[box] == k
-        annotations.append(_annotation_from_rle(mask_util.encode(buf), BoxMode.XYWH_ABS))
-        buf[box] = 0
-    return annotations
-
-
-# ---------------------------------------------------------------------------------------------------
-# Cache
-
-
-def _cache_key(fmt: str, root: Path, files: Iterable[Path]) -> str:
-    """sha1 of every file's relative path, size and mtime: any change to the dataset misses the cache."""
-    h = hashlib.sha1(f"{fmt}:{CACHE_VERSION}".encode())
-    for path in files:
-        st = path.stat()
-        h.update(f"\0{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nucleus_seg"
-
-
-def _cache_paths(fmt: str, root: Path) -> list[Path]:
-    """Where a cache may live: the dataset root first, the user cache as fallback."""
-    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / f"{CACHE_PREFIX}_{fmt}.json", _user_cache_dir() / f"{fmt}_{digest}.json"]
-
-
-def _read_cache(fmt: str, root: Path, key: str) -> list[dict] | None:
-    for path in _cache_paths(fmt, root):
-        if not path.is_file():
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as exc:
-            logger.warning("Ignoring unreadable dataset cache %s (%s)", path, exc)
-            continue
-        if data.get("key") == key:
-            logger.info("Loaded %d %s records of %s from cache %s", len(data["records"]), fmt, root, path)
-            return _records_from_json(data["records"], root)
-    return None
-
-
-def _write_cache(fmt: str, root: Path, key: str, records: Sequence[dict]) -> Path | None:
-    """Write atomically (temp file + rename) so a reader never sees half a cache."""
-    payload = json.dumps({"key": key, "version": CACHE_VERSION, "records": _records_to_json(records, root)})
-    for path in _cache_paths(fmt, root):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(payload)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            return path
-        except OSError as exc:
-            logger.debug("Cannot write dataset cache %s (%s)", path, exc)
-    logger.warning("Could not write a dataset cache for %s anywhere; the next load parses again", root)
-    return None
-
-
-def _records_to_json(records: Sequence[dict], root: Path) -> list[dict]:
-    out = []
-    for r in records:
-        r = dict(r, file_name=Path(r["file_name"]).relative_to(root).as_posix())
-        r["annotations"] = [dict(a, bbox_mode=int(a["bbox_mode"])) for a in r["annotations"]]
-        out.append(r)
-    return out
-
-
-def _records_from_json(records: list[dict], root: Path) -> list[dict]:
-    from detectron2.structures import BoxMode
-
-    for r in records:
-        r["file_name"] = str(root / r["file_name"])
-        for a in r["annotations"]:
-            a["bbox_mode"] = BoxMode(a["bbox_mode"])
-    return records
-
-
-def _cached(
-    fmt: str, root: Path, files: list[Path], parse: Callable[[], list[dict]], cache: bool
-) -> list[dict]:
-    if not cache:
-        return parse()
-    key = _cache_key(fmt, root, files)
-    records = _read_cache(fmt, root, key)
-    if records is None:
-        records = parse()
-        _write_cache(fmt, root, key, records)
-    return records
-
+# The validation ids of matterport/Mask_RCNN samples/nucleus/nucleus.py (VAL_IMAGE_IDS), copied verbatim
+# so a DSB-2018 train/val split here is the same as there.
+DSB2018_VAL_IMAGE_IDS: tuple[str, ...] = (
+    "0c2550a23b8a0f29a7575de8c61690d3c31bc897dd5ba66caec201d201a278c2",
+    "92f31f591929a30e4309ab75185c96ff4314ce0a7ead2ed2c2171897ad1da0c7",
+    "1e488c42eb1a54a3e8412b1f12cde530f950f238d71078f2ede6a85a02168e1f",
+    "c901794d1a421d52e5734500c0a2a8ca84651fb93b19cec2f411855e70cae339",
+    "8e507d58f4c27cd2a82bee79fe27b069befd62a46fdaed20970a95a2ba819c7b",
+    "60cb718759bff13f81c4055a7679e81326f78b6a193a2d856546097c949b20ff",
+    "da5f98f2b8a64eee735a398de48ed42cd31bf17a6063db46a9e0783ac13cd844",
+    "9ebcfaf2322932d464f15b5662cae4d669b2d785b8299556d73fffcae8365d32",
+    "1b44d22643830cd4f23c9deadb0bd499fb392fb2cd9526d81547d93077d983df",
+    "97126a9791f0c1176e4563ad679a301dac27c59011f579e808bbd6e9f4cd1034",
+    "e81c758e1ca177b0942ecad62cf8d321ffc315376135bcbed3df932a6e5b40c0",
+    "f29fd9c52e04403cd2c7d43b6fe2479292e53b2f61969d25256d2d2aca7c6a81",
+    "0ea221716cf13710214dcd331a61cea48308c3940df1d28cfc7fd817c83714e1",
+    "3ab9cab6212fabd723a2c5a1949c2ded19980398b56e6080978e796f45cbbc90",
+    "ebc18868864ad075548cc1784f4f9a237bb98335f9645ee727dac8332a3e3716",
+    "bb61fc17daf8bdd4e16fdcf50137a8d7762bec486ede9249d92e511fcb693676",
+    "e1bcb583985325d0ef5f3ef52957d0371c96d4af767b13e48102bca9d5351a9b",
+    "947c0d94c8213ac7aaa41c4efc95d854246550298259cf1bb489654d0e969050",
+    "cbca32daaae36a872a11da4eaff65d1068ff3f154eedc9d3fc0c214a4e5d32bd",
+    "f4c4db3df4ff0de90f44b027fc2e28c16bf7e5c75ea75b0a9762bbb7ac86e7a3",
+    "4193474b2f1c72f735b13633b219d9cabdd43c21d9c2bb4dfc4809f104ba4c06",
+    "f73e37957c74f554be132986f38b6f1d75339f636dfe2b681a0cf3f88d2733af",
+    "a4c44fc5f5bf213e2be6091ccaed49d8bf039d78f6fbd9c4d7b7428cfcb2eda4",
+    "cab4875269f44a701c5e58190a1d2f6fcb577ea79d842522dcab20ccb39b7ad2",
+    "8ecdb93582b2d5270457b36651b62776256ade3aaa2d7432ae65c14f07432d49",
+)
 
 def _map(fn: Callable, items: list, num_workers: int | None, desc: str) -> list:
     """Ordered map with a progress bar, over a process pool when there is enough work for one."""
-    import multiprocessing
-
-    from tqdm import tqdm
-
     workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
     show = len(items) > 20
     # daemonic processes (DataLoader workers, pool workers) may not start a pool of their own
@@ -259,15 +134,11 @@ def _dsb_sample_files(sample_dir: Path) -> tuple[Path, list[Path]]:
     else:
         names = ", ".join(p.name for p in (preferred or candidates))
         raise ValueError(f"{images_dir}: several candidate images for id {sample_dir.name} ({names})")
-    return image, _list_files(sample_dir / "masks", MASK_SUFFIXES)
+    return image, _list_files(sample_dir / "masks", LABEL_SUFFIXES)
 
 
 def _parse_dsb_sample(item: tuple[Path, list[Path]]) -> tuple[dict, dict[str, int]]:
     """Record (no image_id yet) and counts of dropped-empty / overlap-trimmed masks for one sample."""
-    import cv2
-    import pycocotools.mask as mask_util
-    from detectron2.structures import BoxMode
-
     image_path, mask_paths = item
     image = read_image(image_path)
     height, width = image.shape[:2]
@@ -296,7 +167,7 @@ def _parse_dsb_sample(item: tuple[Path, list[Path]]) -> tuple[dict, dict[str, in
                 continue
         taken[box] |= crop
         buf[box] = own
-        annotations.append(_annotation_from_rle(mask_util.encode(buf), BoxMode.XYWH_ABS))
+        annotations.append(rle_to_annotation(mask_util.encode(buf)))
         buf[box] = 0
     record = {
         "file_name": str(image_path),
@@ -361,14 +232,12 @@ def load_dsb_dataset(
         _log_counts(root, records, (s for _, s in results))
         return records
 
-    return _select_split(_cached("dsb", root, files, parse, cache), split, root)
+    return _select_split(cached("dsb", root, files, parse, cache), split, root)
 
 
 def _select_split(records: list[dict], split: str | None, root: Path) -> list[dict]:
     if split is None:
         return records
-    from .builtin import DSB2018_VAL_IMAGE_IDS
-
     val_ids = set(DSB2018_VAL_IMAGE_IDS)
     selected = [r for r in records if (r["image_name"] in val_ids) == (split == "val")]
     found = sum(1 for r in records if r["image_name"] in val_ids)
@@ -448,7 +317,7 @@ def load_label_image_dataset(
         raise FileNotFoundError(f"{root}: no images/ folder (label layout is images/ + labels/ or masks/)")
     labels_dir = _label_folder(root)
     images = _stem_map(images_dir, IMAGE_SUFFIXES)
-    labels = _stem_map(labels_dir, MASK_SUFFIXES)
+    labels = _stem_map(labels_dir, LABEL_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"{images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     missing = sorted(set(images) - set(labels))
@@ -472,7 +341,7 @@ def load_label_image_dataset(
                     sum(len(r["annotations"]) for r in records))
         return records
 
-    return _cached("labels", root, files, parse, cache)
+    return cached("labels", root, files, parse, cache)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,8 +354,6 @@ def load_coco_nucleus_json(json_file: str | os.PathLike, image_root: str | os.Pa
     Multi-class nucleus sets (e.g. per cell type) are merged into the one class this model has; a note
     is logged when that happens.
     """
-    from detectron2.data.datasets import load_coco_json
-
     json_file = Path(json_file)
     if not json_file.is_file():
         raise FileNotFoundError(f"COCO annotation file {json_file} does not exist")
@@ -501,7 +368,8 @@ def load_coco_nucleus_json(json_file: str | os.PathLike, image_root: str | os.Pa
     return records
 
 
-def _coco_json_of(root: Path) -> Path:
+def coco_json_of(root: Path) -> Path:
+    """The COCO JSON a dataset path names: the file itself, or the one .json at the top of a folder."""
     if root.is_file():
         return root
     found = sorted(p for p in root.glob("*.json") if not p.name.startswith("."))
@@ -510,10 +378,6 @@ def _coco_json_of(root: Path) -> Path:
             f"{root}: COCO format needs exactly one *.json at the top (found {len(found)}); pass the file"
         )
     return found[0]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Registration
 
 
 def detect_format(root: str | os.PathLike) -> str:
@@ -537,58 +401,3 @@ def detect_format(root: str | os.PathLike) -> str:
         f"{root}: unknown dataset layout; expected <id>/images/ + <id>/masks/ (dsb), images/ + labels/ "
         "(labels) or a COCO .json (coco)"
     )
-
-
-def _register(name: str, loader: Callable[[], list[dict]], **metadata: Any) -> None:
-    """Register (or replace) ``name`` with the nucleus metadata plus ``metadata``."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**NUCLEUS_METADATA, **metadata)
-
-
-def register_nucleus_dataset(
-    name: str,
-    root: str | os.PathLike,
-    fmt: str = "auto",
-    split: str | None = None,
-    image_root: str | os.PathLike | None = None,
-    cache: bool = True,
-) -> None:
-    """Register a nucleus dataset in DatasetCatalog/MetadataCatalog (an existing ``name`` is replaced).
-
-    ``fmt`` is "dsb", "labels", "coco" or "auto" (detected now from ``root``, which must then exist).
-    ``split`` ("train"/"val", Matterport's validation ids) applies to DSB folders only. For COCO, ``root``
-    is the .json or a folder holding exactly one; images are looked up under ``image_root``, by default
-    the json's folder. Loading is lazy: a missing folder is reported when the dataset is first used.
-    """
-    root = Path(root)
-    if fmt == "auto":
-        fmt = detect_format(root)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS} or 'auto'")
-    if split not in (None, "train", "val"):
-        raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
-    if split is not None and fmt != "dsb":
-        raise ValueError(f"split={split!r} selects DSB-2018 validation ids and needs fmt 'dsb', not {fmt!r}")
-    if fmt == "dsb":
-        _register(name, lambda: load_dsb_dataset(root, split=split, cache=cache),
-                  dataset_root=str(root), dataset_format=fmt, split=split)
-    elif fmt == "labels":
-        _register(name, lambda: load_label_image_dataset(root, cache=cache),
-                  dataset_root=str(root), dataset_format=fmt)
-    else:
-
-        def load_coco() -> list[dict]:
-            json_file = _coco_json_of(root)
-            return load_coco_nucleus_json(json_file, image_root or json_file.parent)
-
-        meta = {"dataset_root": str(root), "dataset_format": fmt}
-        if root.suffix.lower() == ".json":
-            meta["json_file"] = str(root)
-            meta["image_root"] = str(image_root or root.parent)
-        _register(name, load_coco, **meta)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
+import tifffile
+from PIL import Image
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+from ..utils.files import TIFF_SUFFIXES
 
 
 class ImageReadError(ValueError):
@@ -23,15 +26,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     PNG/JPEG/BMP via OpenCV (unchanged depth, RGB(A) channel order), TIFF via tifffile.
     """
-    import cv2
-
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
             image = tifffile.imread(str(path))
         else:
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -187,8 +186,6 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if path.suffix.lower() != ".png":
         data = read_image(path)
     else:
-        from PIL import Image
-
         if not path.is_file():
             raise ImageReadError(f"{path}: no such file")
         try:

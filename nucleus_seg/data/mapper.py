@@ -14,15 +14,17 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
+from scipy import ndimage
 
 from ..structures import LabelMasks
 from .io import normalize_image, read_image
-from .transforms import median_diameter
+from .transforms import build_nucleus_augmentation, median_diameter
 
 __all__ = ["NucleusDatasetMapper", "instance_label_layers", "AnnotationError"]
 
@@ -86,8 +88,6 @@ def _segmentation_runs(
     segms: Sequence, height: int, width: int, source: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, instance index) of the foreground runs, column-major, of every segmentation."""
-    import pycocotools.mask as mask_util
-
     compressed: list[bytes] = []
     compressed_idx: list[int] = []
     plain_counts: list[np.ndarray] = []
@@ -249,8 +249,6 @@ def instances_from_labels(
     scipy's find_objects in one pass; each mask is then filled inside its own box only, so the work
     is one pass over the label image plus the instances' areas, not N full-size comparisons.
     """
-    from scipy import ndimage
-
     labels = np.ascontiguousarray(labels)
     h, w = labels.shape[:2]
     n = len(layer_of)
@@ -331,8 +329,6 @@ class NucleusDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
-        from .transforms import build_nucleus_augmentation
-
         n = cfg.INPUT.NORMALIZE
         return {
             "is_train": is_train,

@@ -11,6 +11,7 @@ import math
 
 import cv2
 import numpy as np
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 __all__ = [
@@ -251,8 +252,6 @@ def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
     photometric.
     """
     if not is_train:
-        from detectron2.data import detection_utils as utils
-
         return utils.build_augmentation(cfg, is_train=False)  # ResizeShortestEdge; MIN_SIZE_TEST 0 = none
     n = cfg.INPUT.NUCLEUS
     augs: list[T.Augmentation] = [

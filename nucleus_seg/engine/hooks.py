@@ -10,8 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from detectron2.engine import HookBase
+from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.utils import comm
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..utils.files import atomic_path, write_json
 
 __all__ = [
     "read_metrics", "plot_training_curves", "TrainingCurves", "FinalMetrics", "TimeBudget", "BudgetReached",
@@ -55,8 +61,6 @@ def _series(records: list[dict], key: str, history: dict | None) -> tuple[list[i
 
 
 def _running_median(values: list[float], window: int = 20) -> list[float]:
-    import numpy as np
-
     v = np.asarray(values, dtype=float)
     return [float(np.median(v[max(0, i - window + 1):i + 1])) for i in range(v.size)]
 
@@ -71,9 +75,6 @@ def plot_training_curves(
     ``--resume``. Losses are drawn raw (faint) and as a 20-iteration running median. Uses matplotlib's
     object API with the Agg canvas: no global backend switch, works headless.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     records = read_metrics(metrics_json)
     keys = sorted({k for r in records for k in r} | set(history or {}))
     output_dir = Path(output_dir)
@@ -107,7 +108,8 @@ def plot_training_curves(
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         path = output_dir / CURVE_FILES[name]
-        fig.savefig(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
         written.append(path)
     return written
 
@@ -171,30 +173,15 @@ class FinalMetrics(HookBase):
             "wall_time_s": round(time.perf_counter() - self._start, 1),
             "losses": losses,
             "lr": float(latest["lr"][0]) if "lr" in latest else None,
-            "eval": _jsonable(getattr(trainer, "_last_eval_results", None) or {}),
+            "eval": getattr(trainer, "_last_eval_results", None) or {},
             "best": None,
         }
         if self._best is not None and self._best.best_metric is not None:
             report["best"] = {"metric": self._best._val_metric, "value": float(self._best.best_metric),
                               "iteration": int(self._best.best_iter), "checkpoint": "model_best.pth"}
         path = Path(self._output_dir) / FINAL_METRICS_FILE
-        path.write_text(json.dumps(report, indent=1))
+        write_json(path, report)
         logger.info("Final metrics written to %s", path)
-
-
-def _jsonable(obj):
-    """Nested results with numpy/torch scalars as plain floats (NaN as None)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, bool)) or obj is None:
-        return obj
-    try:
-        value = float(obj)
-    except (TypeError, ValueError):
-        return str(obj)
-    return value if math.isfinite(value) else None
 
 
 class BudgetReached(BaseException):
@@ -265,8 +252,6 @@ class TimeBudget(HookBase):
             raise BudgetReached(trainer.iter + 1)
 
     def _shrink(self, new_max: int) -> None:
-        from detectron2.engine.hooks import PeriodicCheckpointer
-
         trainer = self.trainer
         trainer.max_iter = new_max
         scheduler = getattr(trainer, "scheduler", None)

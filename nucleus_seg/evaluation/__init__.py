@@ -1,13 +1,12 @@
-"""Evaluation: DSB score and matching stats on label images, COCO AP, ``NucleusEvaluator``, plots."""
+"""Evaluation: the DSB score and matching statistics (:mod:`.matching`), COCO AP (:mod:`.coco`), the
+``NucleusEvaluator`` (:mod:`.evaluator`), scoring jobs (:mod:`.runner`), tuning (:mod:`.tune`) and figures."""
 
 from .coco import coco_evaluate, dataset_dicts_to_coco
 from .evaluator import (
     NucleusEvaluator,
     build_nucleus_evaluator,
     build_report,
-    gt_label_image,
     prediction_label_image,
-    rles_to_label_image,
     write_report,
 )
 from .matching import (
@@ -24,6 +23,8 @@ from .matching import (
     matching_stats,
     rates,
 )
+from .runner import evaluate_datasets, evaluate_label_folders
+from .tune import tune_inference
 
 __all__ = [
     "IOU_THRESHOLDS",
@@ -36,7 +37,8 @@ __all__ = [
     "coco_evaluate",
     "dataset_dicts_to_coco",
     "dsb_score",
-    "gt_label_image",
+    "evaluate_datasets",
+    "evaluate_label_folders",
     "image_counts",
     "image_metrics",
     "label_overlap",
@@ -45,6 +47,6 @@ __all__ = [
     "matching_stats",
     "prediction_label_image",
     "rates",
-    "rles_to_label_image",
+    "tune_inference",
     "write_report",
 ]

@@ -16,6 +16,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.structures import BoxMode
+from faster_coco_eval import COCO, COCOeval_faster
+
+from ..structures import annotation_to_rle
 
 logger = logging.getLogger(__name__)
 
@@ -23,28 +27,7 @@ NUCLEUS_CATEGORY = {"id": 1, "name": "nucleus"}
 _AREA_KEYS = {"small": "APs", "medium": "APm", "large": "APl"}
 
 
-def annotation_to_rle(annotation: dict, height: int, width: int) -> dict:
-    """Compressed RLE of an annotation's ``segmentation`` (compressed or uncompressed RLE, or polygons)."""
-    seg = annotation.get("segmentation")
-    if seg is None:
-        raise ValueError("annotation has no 'segmentation'")
-    if isinstance(seg, list):  # polygons
-        polygons = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in seg if len(p) >= 6]
-        if not polygons:
-            return mask_util.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
-        return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
-    if isinstance(seg, dict):
-        if tuple(seg.get("size", ())) != (height, width):
-            raise ValueError(f"RLE size {seg.get('size')} differs from the image size {[height, width]}")
-        if isinstance(seg.get("counts"), list):  # uncompressed RLE
-            return mask_util.frPyObjects(seg, height, width)
-        return seg
-    raise TypeError(f"unknown segmentation type {type(seg).__name__} (expected polygons or an RLE dict)")
-
-
 def _xywh(annotation: dict) -> list[float]:
-    from detectron2.structures import BoxMode
-
     bbox = annotation["bbox"]
     mode = annotation.get("bbox_mode", BoxMode.XYWH_ABS)
     return [float(v) for v in BoxMode.convert(list(map(float, bbox)), mode, BoxMode.XYWH_ABS)]
@@ -123,8 +106,6 @@ def coco_evaluate(
     and 0.75 against COCO's 101 recall points (largest cap), for the precision-recall plot.
     Without detections, AP is 0 when there is ground truth; without ground truth it is NaN.
     """
-    from faster_coco_eval import COCO, COCOeval_faster
-
     max_dets = sorted(int(m) for m in max_dets)
     if not max_dets or max_dets[0] < 1:
         raise ValueError(f"max_dets must be positive detection caps, got {max_dets}")

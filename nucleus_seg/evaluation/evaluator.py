@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
-import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import pycocotools.mask as mask_util
+from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.utils import comm
+from detectron2.utils.logger import create_small_table
 
-from ..structures import masks_to_label_image
-from .coco import annotation_to_rle, coco_evaluate, dataset_dicts_to_coco
-from .matching import IOU_THRESHOLDS, ImageCounts, aggregate_metrics, image_counts, image_metrics, iou_curve
+from ..structures import gt_label_image, masks_to_label_image, rles_to_label_image
+from ..utils.files import write_json
+from .coco import coco_evaluate, dataset_dicts_to_coco
+from .matching import IOU_THRESHOLDS, aggregate_metrics, image_counts, image_metrics, iou_curve
 
 logger = logging.getLogger(__name__)
 
@@ -54,38 +56,6 @@ SUMMARY_KEYS = (
 
 
 # ----------------------------------------------------------------------------- label images from RLE
-def rles_to_label_image(
-    rles: Sequence[dict], height: int, width: int, scores: Sequence[float] | None = None
-) -> np.ndarray:
-    """Label image from COCO RLEs with the painting rule of ``masks_to_label_image``.
-
-    Ids are 1..N in input order; with ``scores``, overlaps go to the higher score. Masks are decoded one
-    at a time (and written only inside their box), so hundreds of full-size masks never coexist.
-    """
-    label = np.zeros((height, width), dtype=np.int32)
-    order = range(len(rles)) if scores is None else np.argsort(np.asarray(scores), kind="stable")
-    for k in order:
-        rle = rles[k]
-        x, y, w, h = (int(v) for v in np.round(mask_util.toBbox(rle)))
-        if w == 0 or h == 0:
-            continue
-        mask = mask_util.decode(rle)[y : y + h, x : x + w].astype(bool)
-        label[y : y + h, x : x + w][mask] = k + 1
-    return label
-
-
-def gt_label_image(record: dict) -> np.ndarray:
-    """Ground-truth label image of a detectron2 dataset dict (RLE or polygon annotations, later wins)."""
-    h, w = int(record["height"]), int(record["width"])
-    try:
-        rles = [annotation_to_rle(a, h, w) for a in record.get("annotations", [])]
-    except (ValueError, TypeError) as exc:
-        raise ValueError(
-            f"{record.get('file_name', record.get('image_id'))}: bad annotation ({exc})"
-        ) from exc
-    return rles_to_label_image(rles, h, w)
-
-
 def prediction_label_image(record: dict, score_thresh: float) -> np.ndarray:
     """The thresholded prediction label image of an evaluated image, rebuilt from its stored detections."""
     dets = [d for d in record["detections"] if d["score"] >= score_thresh]
@@ -94,19 +64,6 @@ def prediction_label_image(record: dict, score_thresh: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- report
-def _finite(value):
-    """NaN/inf to None so that metrics.json is strict JSON (NaN means 'undefined', e.g. AP without GT)."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def build_report(
     records: Sequence[dict],
     name: str,
@@ -141,8 +98,6 @@ def build_report(
 
 def log_report(report: dict, log: logging.Logger = logger) -> None:
     """Tables of the headline numbers (and COCO AP) in the log, as detectron2's evaluators do."""
-    from detectron2.utils.logger import create_small_table
-
     log.info(
         "Nucleus metrics on %s (%d images):\n%s",
         report["dataset"],
@@ -155,11 +110,7 @@ def log_report(report: dict, log: logging.Logger = logger) -> None:
 
 def write_report(report: dict, output_dir: str | os.PathLike) -> str:
     """Write ``output_dir/metrics.json`` (strict JSON: undefined numbers are null); returns its path."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "metrics.json")
-    with open(path, "w") as f:
-        json.dump(_finite(report), f, indent=1)
-    return path
+    return str(write_json(os.path.join(output_dir, "metrics.json"), report))
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -175,8 +126,6 @@ class NucleusEvaluator(DatasetEvaluator):
         coco: bool = True,
         distributed: bool = True,
     ) -> None:
-        from detectron2.data import DatasetCatalog
-
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         self.score_thresh = float(score_thresh)
@@ -210,8 +159,6 @@ class NucleusEvaluator(DatasetEvaluator):
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         """Match each image's thresholded prediction label image to its GT; keep counts and RLEs only."""
-        from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-
         for inp, out in zip(inputs, outputs):
             image_id = inp["image_id"]
             record = self.gt_by_id.get(image_id)
@@ -250,8 +197,6 @@ class NucleusEvaluator(DatasetEvaluator):
 
     def evaluate(self) -> OrderedDict:
         """Gather per-image records; on the main process compute, log and write the metrics."""
-        from detectron2.utils import comm
-
         if self.distributed:
             comm.synchronize()
             records = list(itertools.chain(*comm.gather(self._records, dst=0)))
@@ -291,21 +236,3 @@ class NucleusEvaluator(DatasetEvaluator):
 def build_nucleus_evaluator(cfg, dataset_name: str, output_dir: str | None = None) -> NucleusEvaluator:
     """``NucleusEvaluator.from_config`` as a plain function (for trainers' ``build_evaluator``)."""
     return NucleusEvaluator.from_config(cfg, dataset_name, output_dir)
-
-
-def records_from_label_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> list[dict]:
-    """Per-image records (as the evaluator keeps) for (name, gt label image, predicted label image)."""
-    out = []
-    for name, gt, pred in pairs:
-        counts: ImageCounts = image_counts(gt, pred)
-        out.append(
-            {
-                "image_id": name,
-                "file_name": name,
-                "height": gt.shape[0],
-                "width": gt.shape[1],
-                "counts": counts,
-                "detections": [],
-            }
-        )
-    return out

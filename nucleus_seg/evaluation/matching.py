@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 #: The DSB-2018 thresholds 0.50:0.05:0.95, rounded so that e.g. 0.6 is the double nearest 0.6.
 IOU_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.round(np.arange(0.5, 0.951, 0.05), 2))
@@ -161,8 +162,6 @@ def match_pairs(overlap: Overlap, thresh: float) -> np.ndarray:
     candidates = np.flatnonzero(overlap.iou > thresh)
     if thresh >= 0.5 or len(candidates) == 0:
         return candidates  # one-to-one by construction (see module docstring)
-    from scipy.optimize import linear_sum_assignment
-
     rows, r_inv = np.unique(overlap.pair_gt[candidates], return_inverse=True)
     cols, c_inv = np.unique(overlap.pair_pred[candidates], return_inverse=True)
     # Cardinality first, IoU second: the IoU term sums to < 0.5 over any matching, less than one match.

@@ -6,15 +6,25 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from skimage.segmentation import find_boundaries
+
+from ..data.io import normalize_image
+from ..utils.files import atomic_path
+from .matching import label_overlap, match_pairs
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs) -> Figure:
+    """A figure on its own Agg canvas: no pyplot state, no global backend switch, works headless."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 def plot_curves(report: dict, path: str | os.PathLike) -> str:
@@ -24,18 +34,18 @@ def plot_curves(report: dict, path: str | os.PathLike) -> str:
     masks that find nuclei but trace their borders poorly. The right panel (model runs only: label
     images carry no scores) shows mask precision against recall over the detection score ranking.
     """
-    plt = _pyplot()
     curve = report["iou_curve"]
     pr = (report.get("pr_curves") or {}).get("segm")
-    fig, axes = plt.subplots(1, 2 if pr else 1, figsize=(11 if pr else 5.5, 4.2), squeeze=False)
+    fig = _figure(figsize=(11 if pr else 5.5, 4.2))
+    axes = fig.subplots(1, 2 if pr else 1, squeeze=False)
     ax = axes[0, 0]
     for key, style in (("accuracy", "-o"), ("precision", "--"), ("recall", "--"), ("f1", ":")):
         ax.plot(curve["thresholds"], curve[key], style, label=key)
     ax.set(
         xlabel="IoU threshold",
-        ylabel="mean over images",
+        ylabel="mean over images (accuracy = TP/(TP+FP+FN))",
         ylim=(0, 1.02),
-        title=f"{report['dataset']}: DSB score {report['dsb_score']:.3f}",
+        title=f"{report['dataset']}: DSB score {report['dsb_score']:.3f} (mean accuracy, IoU 0.5-0.95)",
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
@@ -52,13 +62,12 @@ def plot_curves(report: dict, path: str | os.PathLike) -> str:
             ylabel="precision",
             xlim=(0, 1),
             ylim=(0, 1.02),
-            title=f"mask AP50 {ap.get('AP50', float('nan')):.1f}, AP {ap.get('AP', float('nan')):.1f}",
+            title=f"COCO mask AP50 {ap.get('AP50', float('nan')):.1f}, AP {ap.get('AP', float('nan')):.1f}",
         )
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return str(path)
 
 
@@ -75,12 +84,6 @@ def plot_overlay(
     Ground-truth nuclei without a match at ``iou_thresh`` (FN) are shaded green, predictions without one
     (FP) magenta, so the failure mode of a bad image is visible at a glance.
     """
-    from skimage.segmentation import find_boundaries
-
-    from ..data.io import normalize_image
-    from .matching import label_overlap, match_pairs
-
-    plt = _pyplot()
     if image is None:
         rgb = np.zeros((*gt.shape, 3), dtype=np.float32)
     else:
@@ -97,7 +100,7 @@ def plot_overlay(
     rgb[find_boundaries(pred, mode="inner")] = magenta
     height, width = gt.shape
     scale = 8.0 / max(height, width)
-    fig = plt.figure(figsize=(max(width * scale, 3), max(height * scale, 3) + 0.4))
+    fig = _figure(figsize=(max(width * scale, 3), max(height * scale, 3) + 0.4))
     ax = fig.add_axes([0, 0, 1, 1 - 0.4 / (max(height * scale, 3) + 0.4)])
     ax.imshow(np.clip(rgb, 0, 1), interpolation="nearest")
     ax.set_axis_off()
@@ -105,8 +108,7 @@ def plot_overlay(
         f"{title}\ngreen: ground truth, magenta: prediction; shaded: unmatched at IoU>{iou_thresh}",
         fontsize=8,
     )
-    fig.savefig(path, dpi=max(100, int(max(height, width) / 8)))
-    plt.close(fig)
+    _save(fig, path, dpi=max(100, int(max(height, width) / 8)))
     return str(path)
 
 

@@ -1,0 +1,1 @@
+"""Small shared helpers: files (atomic writes, suffixes, names, JSON), distributed launch, RLE, versions."""

@@ -7,6 +7,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
+from detectron2.utils import comm
+
 __all__ = ["launch", "close_process_group", "device_for_local_rank"]
 
 logger = logging.getLogger(__name__)
@@ -26,17 +33,11 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, *, procs_pe
     GPU work is a fraction of a step's wall time), so a second process on the same GPU fills the idle
     time. NCCL refuses two ranks on one device, so these ranks use gloo (gradients cross host memory).
     """
-    from detectron2.engine import launch as d2_launch
-    from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
-
     timeout = timeout or DEFAULT_TIMEOUT
     if procs_per_gpu <= 1:
         d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
                   dist_url=dist_url, args=args, timeout=timeout)
         return
-    import torch
-    import torch.multiprocessing as mp
-
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(f"{num_gpus_per_machine} GPUs asked for, {torch.cuda.device_count()} visible")
     local_world = num_gpus_per_machine * procs_per_gpu
@@ -52,10 +53,6 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, *, procs_pe
 def _shared_gpu_worker(local_rank: int, main_func: Callable[..., Any], world_size: int, local_world: int,
                        procs_per_gpu: int, machine_rank: int, dist_url: str, args: tuple,
                        timeout: timedelta) -> None:
-    import torch
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
     dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size,
                             rank=machine_rank * local_world + local_rank, timeout=timeout)
     comm.create_local_process_group(local_world)
@@ -71,8 +68,6 @@ def close_process_group() -> None:
     gloo threads still alive at interpreter exit can abort a worker ("terminate called without an active
     exception"), which launch() then reports as a crashed run although all work was done.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import detectron2
+import torch
+
+from .._version import __version__
+
 
 def detectron2_origin() -> str:
     """'repackaged wheel' for our pure build of sal-detectron2, else the user's own install."""
@@ -17,11 +22,6 @@ def detectron2_origin() -> str:
 
 
 def version_report() -> str:
-    import detectron2
-    import torch
-
-    from .. import __version__
-
     cuda = torch.cuda.is_available()
     gpu = f" ({torch.cuda.get_device_name(0)} x{torch.cuda.device_count()})" if cuda else ""
     return "\n".join([

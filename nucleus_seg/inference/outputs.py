@@ -1,7 +1,7 @@
 """Prediction outputs: label TIFF, overlay PNG, measurements CSV, Kaggle submission, COCO results.
 
-Everything is written atomically (a temp file in the same folder, then ``os.replace``), so an
-interrupted run leaves either the old file or the new one, never half a file. All per-run formats
+Everything is written atomically (:func:`nucleus_seg.utils.files.atomic_path`), so an interrupted run
+leaves either the old file or the new one, never half a file. All per-run formats
 are derived from label images, so they agree with each other on instances and areas.
 """
 
@@ -11,46 +11,22 @@ import csv
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+import tifffile
+from pycocotools import mask as mask_util
+from skimage.measure import regionprops_table
+from skimage.segmentation import find_boundaries
 
 from ..data.io import ImageReadError
+from ..utils.files import atomic_path, atomic_write
 from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
 
 OUTLINE_RGB = (255, 255, 0)
 SUBMISSION_HEADER = ("ImageId", "EncodedPixels")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path beside ``path`` to write to; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write bytes or UTF-8 text atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -68,8 +44,6 @@ def write_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> None:
 
     ImageJ's format has no 32-bit integer type; Fiji and napari still open the uint32 file.
     """
-    import tifffile
-
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"{path}: label image must be 2-D, got shape {labels.shape}")
@@ -89,8 +63,6 @@ def write_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> None:
 def overlay_image(image: np.ndarray, labels: np.ndarray,
                   color: tuple[int, int, int] = OUTLINE_RGB) -> np.ndarray:
     """HxWx3 uint8 RGB: the (normalised) image with every nucleus outlined."""
-    from skimage.segmentation import find_boundaries
-
     image = np.asarray(image)
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
@@ -103,8 +75,6 @@ def overlay_image(image: np.ndarray, labels: np.ndarray,
 
 def write_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray) -> None:
     """The outlined image as a PNG."""
-    import cv2
-
     ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay_image(image, labels), cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
@@ -119,8 +89,6 @@ def measure(labels: np.ndarray, raw_image: np.ndarray,
 
     Colour images get one intensity column per channel (alpha dropped); ``scores[k]`` is id k+1's.
     """
-    from skimage.measure import regionprops_table
-
     raw = np.asarray(raw_image)
     if raw.ndim == 3:
         raw = raw[..., 0] if raw.shape[2] == 1 else raw[..., :3]
@@ -185,8 +153,6 @@ def write_submission_csv(path: str | os.PathLike, rows: Iterable[tuple[str, str]
 def coco_results(image_id: str | int, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
                  category_id: int = 1) -> list[dict]:
     """COCO results entries (compressed RLE segmentation, XYWH bbox, score) for a label image."""
-    from pycocotools import mask as mask_util
-
     height, width = labels.shape
     ids, starts, lengths = label_runs(labels)
     out = []

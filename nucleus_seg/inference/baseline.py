@@ -8,9 +8,13 @@ image or pass ``min_distance``/``min_size`` for your nucleus size.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
+from skimage.segmentation import watershed
 
-from .data.io import normalize_image
-from .structures import relabel_sequential
+from ..data.io import normalize_image
+from ..structures import relabel_sequential
 
 
 def watershed_segment(
@@ -26,11 +30,6 @@ def watershed_segment(
     smoothed distance transform seeded at its maxima at least ``min_distance`` px apart, which splits
     touching round nuclei at their waist.
     """
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
-    from skimage.segmentation import watershed
-
     gray = normalize_image(image)[..., 0].astype(np.float32)
     if sigma > 0:
         gray = ndi.gaussian_filter(gray, sigma)

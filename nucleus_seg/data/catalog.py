@@ -1,15 +1,20 @@
-"""Built-in dataset names, registered when ``nucleus_seg`` is imported.
+"""Every dataset name nucleus_seg knows, registered in detectron2's DatasetCatalog and MetadataCatalog.
 
-Roots come from ``$NUCLEUS_DATASETS``, else ``$DETECTRON2_DATASETS``, else ``./datasets``, read when a
-dataset is first used (so setting the variable after import still works):
+Registration is by import (``import nucleus_seg`` registers the built-in names); loading is lazy. Names:
 
 * ``nucleus_dsb2018_train`` / ``nucleus_dsb2018_val``: ``<root>/dsb2018/stage1_train`` split by
-  Matterport's validation ids (below), so numbers compare with its nucleus sample.
+  Matterport's validation ids, so numbers compare with its nucleus sample.
 * ``nucleus_synth_train`` / ``nucleus_synth_val``: generated on first use into
-  ``<root>/nucleus_synth/<param-hash>/{train,val}`` (see :func:`register_synth_datasets`).
+  ``<root>/nucleus_synth/<param-hash>/{train,val}`` (:func:`register_synth_datasets`; a config's
+  ``NUCLEUS.SYNTH`` keys re-register them, :func:`register_datasets_from_cfg`).
 * ``nucleus_dsb_sample``: the one real DSB image shipped with the package (test use only).
-* ``NAME@xZ`` (e.g. ``nucleus_dsb_sample@x0.5``): any dataset with images and labels rescaled by Z, written
-  on first use into ``<root>/nucleus_zoom/<hash>`` (see :func:`register_zoomed_dataset`).
+* a path: ``FOLDER`` (DSB layout or images/ + labels/), ``FOLDER@train`` / ``FOLDER@val`` (Matterport's split
+  of a DSB folder) or a COCO ``.json``, registered under that very name when a config or CLI names it.
+* ``NAME@xZ`` (e.g. ``nucleus_dsb_sample@x0.5``): any of the above with images and labels rescaled by Z,
+  written on first use into ``<root>/nucleus_zoom/<hash>`` (:func:`register_zoomed_dataset`).
+
+``<root>`` is ``$NUCLEUS_DATASETS``, else ``$DETECTRON2_DATASETS``, else ``./datasets``, read when a dataset is
+first used (so setting the variable after import still works).
 """
 
 from __future__ import annotations
@@ -26,56 +31,55 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from tqdm import tqdm
 
-from .datasets import _register, load_dsb_dataset, load_label_image_dataset, load_label_image_pairs
+from ..structures import gt_label_image
+from ..utils.files import safe_name, write_json
+from . import synth
+from .cache import cache_key, write_cache
+from .datasets import (
+    FORMATS,
+    coco_json_of,
+    detect_format,
+    load_coco_nucleus_json,
+    load_dsb_dataset,
+    load_label_image_dataset,
+    load_label_image_pairs,
+)
+from .io import read_image
+from .transforms import FastResizeTransform
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DSB2018_VAL_IMAGE_IDS",
+    "NUCLEUS_METADATA",
     "SAMPLE_DIR",
+    "dataset_dirname",
     "datasets_root",
     "ensure_synth_dataset",
+    "generate_synthetic_data",
     "register_all_builtin",
+    "register_datasets_from_cfg",
+    "register_nucleus_dataset",
+    "register_path_dataset",
     "register_synth_datasets",
     "register_zoomed_dataset",
     "split_zoom",
     "write_zoomed_dataset",
 ]
 
-# The validation ids of matterport/Mask_RCNN samples/nucleus/nucleus.py (VAL_IMAGE_IDS), copied verbatim
-# so a DSB-2018 train/val split here is the same as there.
-DSB2018_VAL_IMAGE_IDS: tuple[str, ...] = (
-    "0c2550a23b8a0f29a7575de8c61690d3c31bc897dd5ba66caec201d201a278c2",
-    "92f31f591929a30e4309ab75185c96ff4314ce0a7ead2ed2c2171897ad1da0c7",
-    "1e488c42eb1a54a3e8412b1f12cde530f950f238d71078f2ede6a85a02168e1f",
-    "c901794d1a421d52e5734500c0a2a8ca84651fb93b19cec2f411855e70cae339",
-    "8e507d58f4c27cd2a82bee79fe27b069befd62a46fdaed20970a95a2ba819c7b",
-    "60cb718759bff13f81c4055a7679e81326f78b6a193a2d856546097c949b20ff",
-    "da5f98f2b8a64eee735a398de48ed42cd31bf17a6063db46a9e0783ac13cd844",
-    "9ebcfaf2322932d464f15b5662cae4d669b2d785b8299556d73fffcae8365d32",
-    "1b44d22643830cd4f23c9deadb0bd499fb392fb2cd9526d81547d93077d983df",
-    "97126a9791f0c1176e4563ad679a301dac27c59011f579e808bbd6e9f4cd1034",
-    "e81c758e1ca177b0942ecad62cf8d321ffc315376135bcbed3df932a6e5b40c0",
-    "f29fd9c52e04403cd2c7d43b6fe2479292e53b2f61969d25256d2d2aca7c6a81",
-    "0ea221716cf13710214dcd331a61cea48308c3940df1d28cfc7fd817c83714e1",
-    "3ab9cab6212fabd723a2c5a1949c2ded19980398b56e6080978e796f45cbbc90",
-    "ebc18868864ad075548cc1784f4f9a237bb98335f9645ee727dac8332a3e3716",
-    "bb61fc17daf8bdd4e16fdcf50137a8d7762bec486ede9249d92e511fcb693676",
-    "e1bcb583985325d0ef5f3ef52957d0371c96d4af767b13e48102bca9d5351a9b",
-    "947c0d94c8213ac7aaa41c4efc95d854246550298259cf1bb489654d0e969050",
-    "cbca32daaae36a872a11da4eaff65d1068ff3f154eedc9d3fc0c214a4e5d32bd",
-    "f4c4db3df4ff0de90f44b027fc2e28c16bf7e5c75ea75b0a9762bbb7ac86e7a3",
-    "4193474b2f1c72f735b13633b219d9cabdd43c21d9c2bb4dfc4809f104ba4c06",
-    "f73e37957c74f554be132986f38b6f1d75339f636dfe2b681a0cf3f88d2733af",
-    "a4c44fc5f5bf213e2be6091ccaed49d8bf039d78f6fbd9c4d7b7428cfcb2eda4",
-    "cab4875269f44a701c5e58190a1d2f6fcb577ea79d842522dcab20ccb39b7ad2",
-    "8ecdb93582b2d5270457b36651b62776256ade3aaa2d7432ae65c14f07432d49",
-)
-
+NUCLEUS_METADATA: dict[str, Any] = {
+    "thing_classes": ["nucleus"],
+    "thing_colors": [(0, 220, 90)],
+    "evaluator_type": "nucleus",
+}
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 DSB2018_SUBDIR = Path("dsb2018") / "stage1_train"
 SYNTH_SUBDIR = "nucleus_synth"
+SYNTH_PREFIX = "nucleus_synth_"
 ZOOM_SUBDIR = "nucleus_zoom"
 ZOOM_LIMITS = (0.05, 20.0)
 _ZOOM_NAME = re.compile(r"^(?P<base>.+)@x(?P<zoom>\d+(?:\.\d*)?|\.\d+)$")
@@ -99,9 +103,7 @@ def _load_dsb2018(split: str) -> list[dict]:
 
 def synth_params_hash(params: dict[str, Any]) -> str:
     """Short stable hash naming the folder of one synthetic-dataset parameter set."""
-    from .synth import GENERATOR_VERSION
-
-    blob = json.dumps(dict(params, generator_version=GENERATOR_VERSION), sort_keys=True)
+    blob = json.dumps(dict(params, generator_version=synth.GENERATOR_VERSION), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -134,15 +136,12 @@ def ensure_synth_dataset(
     already complete (written aside and renamed into place). The loader's cache is written with the
     images, so the first load needs no parse.
     """
-    from .datasets import _cache_key, _write_cache
-    from .synth import FEATURES, write_dataset
-
     def build(tmp: Path) -> None:
         logger.info("Generating %d synthetic %s images (%d px) into %s", num, style, size, folder)
-        records = write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream,
-                                features=FEATURES if features is None else features, layout="labels")
+        records = synth.write_dataset(tmp, num, size=size, style=style, seed=seed, stream=stream,
+                                      features=synth.FEATURES if features is None else features, layout="labels")
         files = [f for r in records for f in (Path(r["file_name"]), tmp / "labels" / f"{r['image_name']}.png")]
-        _write_cache("labels", tmp, _cache_key("labels", tmp, files), records)  # the key a verified load makes
+        write_cache("labels", tmp, cache_key("labels", tmp, files), records)  # the key a verified load makes
 
     return _build_once(Path(folder), build)
 
@@ -163,16 +162,14 @@ def register_synth_datasets(
     and val come from different random streams of the same seed. ``features`` picks the generator's
     version-2 features (default all; see :data:`~nucleus_seg.data.synth.FEATURES`).
     """
-    from .synth import FEATURES, STYLES, check_features
-
-    if style not in STYLES:
-        raise ValueError(f"unknown synthetic style {style!r}; expected one of {STYLES}")
+    if style not in synth.STYLES:
+        raise ValueError(f"unknown synthetic style {style!r}; expected one of {synth.STYLES}")
     for label, value in (("num_train", num_train), ("num_val", num_val), ("size", size)):
         if int(value) != value or value < (1 if label == "size" else 0):
             raise ValueError(f"{label} must be a {'positive' if label == 'size' else 'non-negative'} int")
     if size < 64:
         raise ValueError(f"size {size} is too small for synthetic nuclei; use >= 64")
-    chosen = sorted(check_features(FEATURES if features is None else features))
+    chosen = sorted(synth.check_features(synth.FEATURES if features is None else features))
     params = {"num_train": int(num_train), "num_val": int(num_val), "size": int(size), "style": style,
               "seed": int(seed), "features": chosen, "layout": "labels"}  # older DSB-layout sets hash apart
     fixed_root = None if root is None else Path(root)
@@ -198,18 +195,14 @@ def register_synth_datasets(
 
 
 def _write_params(folder: Path, params: dict[str, Any]) -> None:
-    """Human-readable record of what a hashed folder holds (best effort, atomic)."""
+    """Human-readable record of what a hashed folder holds (best effort)."""
     path = folder / "params.json"
     if path.is_file():
         return
-    tmp = folder / f".params-{uuid.uuid4().hex[:8]}.json"
     try:
-        from .synth import GENERATOR_VERSION
-
-        tmp.write_text(json.dumps(dict(params, generator_version=GENERATOR_VERSION), indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        write_json(path, dict(params, generator_version=synth.GENERATOR_VERSION))
+    except OSError as exc:
+        logger.debug("Cannot write %s (%s)", path, exc)
 
 
 def _load_sample() -> list[dict]:
@@ -243,13 +236,6 @@ def split_zoom(name: str) -> tuple[str, float | None]:
 def write_zoomed_dataset(records: Sequence[dict], zoom: float, folder: str | os.PathLike) -> None:
     """Write ``records``' images and instance labels rescaled by ``zoom`` in the label layout (TIFF, dtype
     and channels kept; images area-averaged when shrunk, bilinear when grown, labels nearest)."""
-    import tifffile
-    from tqdm import tqdm
-
-    from ..evaluation.evaluator import gt_label_image
-    from .io import read_image
-    from .transforms import FastResizeTransform
-
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(exist_ok=True)
@@ -286,8 +272,6 @@ def register_zoomed_dataset(name: str, base: str, zoom: float) -> None:
     another magnification (Cellpose-style ``diameter`` estimation is meant to hold it). Written on first
     use under ``<root>/nucleus_zoom/``, keyed by the base's files and their stat, so it never goes stale.
     """
-    from detectron2.data import DatasetCatalog
-
     def load() -> list[dict]:
         records = DatasetCatalog.get(base)
         stats = []
@@ -305,3 +289,127 @@ def register_zoomed_dataset(name: str, base: str, zoom: float) -> None:
         return load_label_image_dataset(_build_once(folder, build))
 
     _register(name, load, dataset_format="labels", zoom_of=base, zoom=zoom)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration
+
+
+def _register(name: str, loader: Callable[[], list[dict]], **metadata: Any) -> None:
+    """Register (or replace) ``name`` with the nucleus metadata plus ``metadata``."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**NUCLEUS_METADATA, **metadata)
+
+
+def register_nucleus_dataset(
+    name: str,
+    root: str | os.PathLike,
+    fmt: str = "auto",
+    split: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> None:
+    """Register a nucleus dataset in DatasetCatalog/MetadataCatalog (an existing ``name`` is replaced).
+
+    ``fmt`` is "dsb", "labels", "coco" or "auto" (detected now from ``root``, which must then exist).
+    ``split`` ("train"/"val", Matterport's validation ids) applies to DSB folders only. For COCO, ``root``
+    is the .json or a folder holding exactly one; images are looked up under ``image_root``, by default
+    the json's folder. Loading is lazy: a missing folder is reported when the dataset is first used.
+    """
+    root = Path(root)
+    if fmt == "auto":
+        fmt = detect_format(root)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS} or 'auto'")
+    if split not in (None, "train", "val"):
+        raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
+    if split is not None and fmt != "dsb":
+        raise ValueError(f"split={split!r} selects DSB-2018 validation ids and needs fmt 'dsb', not {fmt!r}")
+    if fmt == "dsb":
+        _register(name, lambda: load_dsb_dataset(root, split=split, cache=cache),
+                  dataset_root=str(root), dataset_format=fmt, split=split)
+    elif fmt == "labels":
+        _register(name, lambda: load_label_image_dataset(root, cache=cache),
+                  dataset_root=str(root), dataset_format=fmt)
+    else:
+
+        def load_coco() -> list[dict]:
+            json_file = coco_json_of(root)
+            return load_coco_nucleus_json(json_file, image_root or json_file.parent)
+
+        meta = {"dataset_root": str(root), "dataset_format": fmt}
+        if root.suffix.lower() == ".json":
+            meta["json_file"] = str(root)
+            meta["image_root"] = str(image_root or root.parent)
+        _register(name, load_coco, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names from a config or the command line
+
+
+def generate_synthetic_data(cfg: CfgNode) -> None:
+    """Generate the config's synthetic datasets now, once, with every core.
+
+    Called before launching several local processes: otherwise each one generates the same images at once
+    (safe, the first complete copy wins, but N times the CPU work while the GPU waits).
+    """
+    register_datasets_from_cfg(cfg)
+    for name in dict.fromkeys(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)):
+        if name.startswith(SYNTH_PREFIX):
+            DatasetCatalog.get(name)
+
+
+def register_datasets_from_cfg(cfg: CfgNode) -> None:
+    """(Re)register the synthetic datasets with cfg.NUCLEUS.SYNTH.* if the config uses them, then
+    check that every configured dataset name exists, naming the missing one."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if any(n.startswith(SYNTH_PREFIX) for n in names):
+        s = cfg.NUCLEUS.SYNTH
+        register_synth_datasets(num_train=s.NUM_TRAIN, num_val=s.NUM_VAL, size=s.SIZE, style=s.STYLE,
+                                seed=s.SEED, features=s.FEATURES)
+    registered = set(DatasetCatalog.list())
+    for key, group in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        for name in group:
+            if name not in registered and not _register_by_name(name, registered):
+                nucleus = sorted(n for n in registered if n.startswith("nucleus_"))
+                raise KeyError(
+                    f"{key} names dataset {name!r}, which is not registered and is no existing folder or "
+                    f"COCO JSON file (FOLDER or FOLDER@train / FOLDER@val; NAME@xZ rescales a dataset by Z). "
+                    f"Register it with nucleus_seg.data.register_nucleus_dataset(name, folder) before "
+                    f"training, or use one of {nucleus}"
+                )
+
+
+def _register_by_name(name: str, registered: set[str]) -> bool:
+    """Register a dataset its name describes: a path, or ``NAME@xZ`` (NAME registered or a path)."""
+    base, zoom = split_zoom(name)
+    if zoom is None:
+        return register_path_dataset(name)
+    if base not in registered and not register_path_dataset(base):
+        return False
+    register_zoomed_dataset(name, base, zoom)
+    return True
+
+
+def dataset_dirname(name: str) -> str:
+    """A folder name for a dataset's outputs; path-named datasets must not write into their own path."""
+    return safe_name(name, default="dataset")
+
+
+def register_path_dataset(name: str) -> bool:
+    """Command-line users name data by path: ``/data/stage1_train``, ``/data/stage1_train@val`` (a DSB
+    split), ``/data/lab`` (label images) or ``/data/nuclei.json`` register under that very name."""
+    root, at, split = name.rpartition("@") if "@" in name else (name, "", "")
+    if not at or split not in ("train", "val"):
+        root, split = name, ""
+    if not Path(root).exists():
+        return False
+    register_nucleus_dataset(name, root, split=split or None)
+    return True
+
+

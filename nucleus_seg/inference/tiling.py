@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..structures import masks_to_label_image
+from ..structures import masks_to_label_image, paint_order
 
 DUPLICATE_FRACTION = 0.5  # of the smaller instance's pixels shared: the same nucleus seen twice
 MERGE_IOU = 0.5  # IoU of two cut fragments inside their tiles' shared strip: one nucleus
@@ -183,7 +183,7 @@ class Stitcher:
         cut = _is_cut(tile, boxes, self.edge_margin)
         index = np.flatnonzero(keep)
         first_id = len(self._scores)
-        for k in index[np.argsort(np.asarray(inst.scores)[index], kind="stable")]:
+        for k in index[paint_order(np.asarray(inst.scores)[index], len(index))]:
             self._paint(tile, first_id, inst.masks[k], inst.origins[k], float(inst.scores[k]),
                         boxes[k], bool(cut[k]))
 

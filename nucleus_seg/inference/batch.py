@@ -1,0 +1,266 @@
+"""Predicting a folder of image files: input expansion, per-image outputs, per-run files, resume, sharding.
+
+What ``nucleus-predict`` does, as a library call (:func:`predict_to_folder`). Per image:
+``OUT/<stem>_labels.tif``, ``OUT/<stem>_overlay.png``, ``OUT/<stem>_measurements.csv``; per run
+``OUT/submission.csv`` and ``OUT/coco_results.json``, built in input order from every image's label image
+(those skipped by ``resume`` included). One bad image is reported and skipped; the run goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from detectron2.utils import comm
+from tqdm import tqdm
+
+from ..data.io import normalize_from_cfg, read_image, read_label_image
+from ..utils.dist import close_process_group, launch
+from ..utils.files import IMAGE_SUFFIXES
+from .outputs import (
+    coco_results,
+    read_scores_csv,
+    submission_rows,
+    write_coco_json,
+    write_label_tiff,
+    write_measurements_csv,
+    write_overlay_png,
+    write_submission_csv,
+)
+from .predictor import NucleusPredictor
+
+__all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("labels", "overlay", "csv", "submission", "coco")
+PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measurements.csv"}
+SUBMISSION_NAME = "submission.csv"
+COCO_NAME = "coco_results.json"
+
+
+def expand_inputs(specs: Sequence[str], skip_dir: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Image files named by files, folders and glob patterns (sorted, de-duplicated), and problems."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in IMAGE_SUFFIXES)
+            if skip_dir is not None and path.resolve() == skip_dir.resolve():  # our own outputs
+                found = [p for p in found if not p.name.endswith(tuple(PER_IMAGE.values()))]
+            if not found:
+                problems.append(f"{spec}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+            if not found:
+                problems.append(f"{spec}: pattern matches no files")
+            files += found
+        else:
+            problems.append(f"{spec}: no such file or folder")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, problems
+
+
+@dataclass
+class PredictionRun:
+    """What the per-run files need from every image, in input order, and what went wrong."""
+
+    out: Path
+    formats: set[str]
+    rows: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    coco: dict[str, list[dict]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)
+
+    def path(self, stem: str, fmt: str) -> Path:
+        return self.out / f"{stem}{PER_IMAGE[fmt]}"
+
+    def done(self, stem: str) -> bool:
+        """All requested per-image outputs exist, and the per-run files can be rebuilt from them."""
+        needed = {f for f in self.formats if f in PER_IMAGE}
+        if "submission" in self.formats or "coco" in self.formats:
+            needed.add("labels")
+        if "coco" in self.formats:
+            needed.add("csv")
+        return bool(needed) and all(self.path(stem, f).is_file() for f in needed)
+
+    def collect(self, stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float]) -> None:
+        if "submission" in self.formats:
+            self.rows[stem] = submission_rows(stem, labels)
+        if "coco" in self.formats:
+            self.coco[stem] = coco_results(stem, labels, scores)
+
+    def write_image(self, stem: str, raw: np.ndarray, pred, cfg) -> None:
+        if "labels" in self.formats:
+            write_label_tiff(self.path(stem, "labels"), pred.labels)
+        if "overlay" in self.formats:
+            write_overlay_png(self.path(stem, "overlay"), normalize_from_cfg(raw, cfg), pred.labels)
+        if "csv" in self.formats:
+            write_measurements_csv(self.path(stem, "csv"), pred.labels, raw, pred.scores)
+        self.collect(stem, pred.labels, pred.scores)
+        self.written.add(stem)
+
+    def reload(self, stem: str) -> None:
+        """Per-run entries of an image skipped by resume, from its label TIFF (and CSV scores)."""
+        if "submission" not in self.formats and "coco" not in self.formats:
+            return
+        labels = read_label_image(self.path(stem, "labels"))
+        scores = read_scores_csv(self.path(stem, "csv")) if "coco" in self.formats else {}
+        missing = sorted(set(np.unique(labels[labels > 0]).tolist()) - set(scores)) if scores else []
+        if "coco" in self.formats and missing:
+            raise ValueError(f"{self.path(stem, 'csv')}: no score for ids {missing[:5]} of "
+                             f"{self.path(stem, 'labels')}")
+        self.collect(stem, labels, scores)
+        self.written.add(stem)
+
+    def fail(self, path: Path, exc: BaseException) -> None:
+        message = str(exc)
+        reason = message if str(path) in message else f"{path}: {message or type(exc).__name__}"
+        self.failures.append(reason)
+        logger.error("%s", reason)
+
+    def guarded(self, path: Path, fn: Callable[[], None]) -> None:
+        """Run ``fn``; an exception is recorded as this image's failure and the run goes on."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
+            self.fail(path, exc)
+
+    def merge(self, other: PredictionRun) -> None:
+        self.rows.update(other.rows)
+        self.coco.update(other.coco)
+        self.failures.extend(other.failures)
+        self.written.update(other.written)
+
+
+def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) -> bool:
+    scale = predictor.input_scale()  # from NUCLEUS.PREDICT.DIAMETER; "auto" decides at scale 1
+    return max(shape[:2]) * (1.0 if scale is None else scale) > tile
+
+
+def _predict_small(predictor: NucleusPredictor, run: PredictionRun, batch: list[tuple[Path, np.ndarray]]) -> None:
+    """One forward for the batch; if it fails, image by image so only the bad one is lost."""
+    try:
+        preds = predictor.predict_labels([raw for _, raw in batch])
+    except Exception:  # noqa: BLE001 - isolated below, image by image
+        if len(batch) == 1:
+            raise
+        for item in batch:
+            run.guarded(item[0], lambda item=item: _predict_small(predictor, run, [item]))
+        return
+    for (path, raw), pred in zip(batch, preds):
+        run.guarded(path, lambda path=path, raw=raw, pred=pred: run.write_image(path.stem, raw, pred, predictor.cfg))
+
+
+def predict_files(cfg, files: list[Path], run: PredictionRun) -> None:
+    """Predict ``files`` into ``run``: batches of small images, large ones tile by tile."""
+    predictor = NucleusPredictor(cfg)
+    tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
+    pending: list[tuple[Path, np.ndarray]] = []
+    bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
+    for f in files:
+        try:
+            raw = read_image(f)
+        except Exception as exc:  # noqa: BLE001 - reported, run goes on
+            run.fail(f, exc)
+            bar.update(1)
+            continue
+        if _is_large(raw.shape, predictor, tile):
+            run.guarded(f, lambda f=f, raw=raw: run.write_image(
+                f.stem, raw, predictor.predict_large(raw, progress=True), predictor.cfg))
+            bar.update(1)
+            continue
+        pending.append((f, raw))
+        if len(pending) >= predictor.batch_size:
+            _predict_small(predictor, run, pending)
+            bar.update(len(pending))
+            pending = []
+    if pending:
+        _predict_small(predictor, run, pending)
+        bar.update(len(pending))
+    bar.close()
+
+
+def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> None:
+    """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
+    outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
+    mine = PredictionRun(run.out, run.formats)
+    predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine)
+    parts = comm.gather(mine, dst=0)
+    if comm.is_main_process():
+        tmp = handoff.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(parts))
+        tmp.replace(handoff)
+    close_process_group()
+
+
+def _predict_sharded(cfg, files: list[Path], run: PredictionRun, num_gpus: int, num_machines: int,
+                     machine_rank: int, dist_url: str) -> None:
+    """Images sharded across ``num_gpus x num_machines`` ranks (NCCL on GPUs, gloo on CPU); the per-run
+    files are then written here from every rank's part, in input order, as in a 1-GPU run."""
+    handoff = run.out / f".nucleus-predict-{os.getpid()}.parts"
+    launch(_shard_worker, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+           args=(cfg, files, run, handoff))
+    if machine_rank != 0:
+        return  # machine 0 writes the per-run files
+    try:
+        parts = pickle.loads(handoff.read_bytes())
+    finally:
+        handoff.unlink(missing_ok=True)
+    for part in parts:
+        run.merge(part)
+
+
+def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = FORMATS,
+                      resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
+                      dist_url: str = "auto") -> tuple[list[Path], PredictionRun]:
+    """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``.
+
+    Returns the image files and the run (``written`` stems, ``failures``). Raises ``ValueError`` for two
+    inputs that would write the same outputs.
+    """
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    files, problems = expand_inputs(inputs, skip_dir=out)
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise ValueError(f"{stems[f.stem]} and {f} would write the same outputs ({f.stem}_*); "
+                             "rename one or run them separately")
+        stems[f.stem] = f
+    run = PredictionRun(out, set(formats), failures=list(problems))
+    todo = []
+    for f in files:
+        if resume and run.done(f.stem):
+            run.guarded(f, lambda f=f: run.reload(f.stem))
+        else:
+            todo.append(f)
+    if files and len(todo) < len(files):
+        logger.info("--resume: %d of %d images already done", len(files) - len(todo), len(files))
+    if todo and num_gpus * num_machines > 1:
+        _predict_sharded(cfg, todo, run, num_gpus, num_machines, machine_rank, dist_url)
+    elif todo:
+        predict_files(cfg, todo, run)
+    order = [f.stem for f in files]
+    if "submission" in run.formats:
+        write_submission_csv(out / SUBMISSION_NAME, [r for s in order for r in run.rows.get(s, [])])
+    if "coco" in run.formats:
+        write_coco_json(out / COCO_NAME, [r for s in order for r in run.coco.get(s, [])])
+    return files, run

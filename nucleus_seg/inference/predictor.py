@@ -1,0 +1,328 @@
+"""NucleusPredictor: detectron2's DefaultPredictor for microscopy, batched, tiled and size-aware.
+
+Images of any bit depth and channel count are normalised exactly as in training
+(``normalize_from_cfg``), optionally rescaled so nuclei have the diameter the model was trained on
+(:mod:`.scale`), run through the model in batches (fp16 autocast on CUDA, bf16 on CPUs with
+AMX/AVX512-BF16) and brought back to full resolution (:mod:`.masks`).
+
+Speed on GPU comes from: one backbone pass per batch of same-size images; detectron2's per-image
+NMS loops replaced, on this model only, by one exact batched NMS
+(:func:`~nucleus_seg.modeling.fast_inference.speed_up_inference`); GroupNorm kept in half precision under
+autocast; masks pasted only inside a small window around each box and kept on the device; and the next
+batch normalised on a CPU thread while the GPU runs this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from tqdm import tqdm
+
+from ..data.io import check_image_shape, normalize_from_cfg
+from ..modeling.fast_inference import final_box_predictor, speed_up_inference
+from ..modeling.precision import inference_amp_dtype
+from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
+from .scale import Diameter, diameter_to_scale, parse_diameter, refine_scale
+from .tiling import LabelPrediction, Stitcher, Tile, TileInstances, finalize_labels, make_tiles
+from .tta import forward_flips
+
+__all__ = ["NucleusPredictor"]
+
+logger = logging.getLogger(__name__)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with detectron2's own transform (what DefaultPredictor resizes with)."""
+    height, width = image.shape[:2]
+    if (height, width) == tuple(size):
+        return image
+    return T.ResizeTransform(height, width, size[0], size[1]).apply_image(image)
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _prefetched(chunks: Sequence[Sequence[Any]], prepare: Callable[[Any], Any]) -> Iterator[list[Any]]:
+    """Yield each chunk prepared, preparing the next one on a thread while the caller uses this one."""
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(lambda c: [prepare(x) for x in c], chunks[0])
+        for k in range(len(chunks)):
+            ready = job.result()
+            if k + 1 < len(chunks):
+                job = pool.submit(lambda c: [prepare(x) for x in c], chunks[k + 1])
+            yield ready
+
+
+class NucleusPredictor:
+    """Drop-in for detectron2's ``DefaultPredictor`` that takes microscopy images as they are stored.
+
+    ``predictor(image)`` returns ``{"instances": Instances}`` at the image's resolution, with
+    ``pred_boxes``, ``scores``, ``pred_classes`` and ``pred_masks`` (NxHxW bool) on the model's
+    device, as DefaultPredictor does. ``image`` is HxW or HxWxC (C 1-4, RGB(A) order as
+    ``read_image`` returns it), 8/16-bit or float; as in training (the dataset mapper) it is
+    normalised with ``normalize_from_cfg`` and put in ``INPUT.FORMAT`` channel order. With
+    ``INPUT.NORMALIZE`` METHOD "none", GRAY False and INVERT "never", a uint8 RGB image reaches the
+    model exactly as its BGR version reaches DefaultPredictor, so outputs match on the same weights
+    (gray images, the default, need no flip). ``fast=False`` keeps detectron2's own per-image NMS
+    and fp32 GroupNorm (``speed_up_inference`` gives the same detections, batched).
+    """
+
+    def __init__(self, cfg, *, model: torch.nn.Module | None = None, channels_last: bool = False,
+                 fast: bool = True):
+        """``model``: one already built and trained (training-time evaluation scores the model being trained
+        exactly as ``nucleus-eval`` scores a checkpoint); by default it is built from ``cfg`` and
+        ``MODEL.WEIGHTS`` is loaded."""
+        self.cfg = cfg.clone()  # the model may modify it, as DefaultPredictor notes
+        if len(self.cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0])
+        if model is not None:
+            self.model = model
+            self.device = next(model.parameters()).device
+        else:
+            self.model = build_model(self.cfg)
+            self.model.eval()
+            self.device = torch.device(self.cfg.MODEL.DEVICE)
+            self._load_weights(self.cfg.MODEL.WEIGHTS)
+        self.input_format = self.cfg.INPUT.FORMAT
+        if self.input_format not in ("BGR", "RGB"):
+            raise ValueError(f"INPUT.FORMAT must be BGR or RGB, got {self.input_format!r}")
+        if fast:  # same outputs, batched NMS and half-precision GroupNorm (see speed_up_inference)
+            # a model being trained keeps the GroupNorm precision it trains with
+            speed_up_inference(self.model, half_group_norm=model is None or self.cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM)
+        pred = self.cfg.NUCLEUS.PREDICT
+        self.batch_size = max(1, int(pred.BATCH_SIZE))
+        self.amp_dtype = inference_amp_dtype(self.device) if pred.AMP else None
+        self.amp = self.amp_dtype is not None
+        self.score_thresh = float(pred.SCORE_THRESH)
+        self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
+        self.train_diameter = float(pred.TRAIN_DIAMETER)
+        self.tta = bool(pred.TTA)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
+            if channels_last:
+                self.model.backbone.to(memory_format=torch.channels_last)
+        if self.cfg.INPUT.MIN_SIZE_TEST:
+            self.aug = T.ResizeShortestEdge(
+                [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST
+            )
+        else:
+            self.aug = None
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    def __call__(self, original_image: np.ndarray, diameter: Diameter = None) -> dict[str, Instances]:
+        """Predict one image: ``{"instances": Instances}`` at its original resolution."""
+        return self.predict_batch([original_image], diameter=diameter)[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray], diameter: Diameter = None) -> list[dict]:
+        """``predictor(image)`` for many images, ``NUCLEUS.PREDICT.BATCH_SIZE`` per forward pass."""
+        out = []
+        for det in self._detect(images, diameter):
+            inst = Instances(det.image_shape)
+            inst.pred_boxes = Boxes(det.boxes)
+            inst.scores = det.scores
+            inst.pred_classes = det.classes
+            inst.pred_masks = windows_to_masks(det.windows, det.oy, det.ox, det.image_shape)
+            out.append({"instances": inst})
+        return out
+
+    def predict_labels(self, images: Sequence[np.ndarray], diameter: Diameter = None,
+                       score_thresh: float | None = None) -> list[LabelPrediction]:
+        """One label image per input (instances scoring >= ``score_thresh``, highest score on top).
+
+        Cheaper than ``predict_batch`` for label output: full-image masks are never made, the label
+        image is painted on the device and only it comes back to the host.
+        """
+        thresh = self.score_thresh if score_thresh is None else float(score_thresh)
+        out = []
+        for det in self._detect(images, diameter, score_thresh=thresh):
+            labels = windows_to_label(det.windows, det.oy, det.ox, det.scores, det.image_shape)
+            out.append(finalize_labels(labels.cpu().numpy(), det.scores.cpu().numpy(),
+                                       det.boxes.cpu().numpy()))
+        return out
+
+    def predict_large(self, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
+                      diameter: Diameter = None, score_thresh: float | None = None,
+                      progress: bool = False) -> LabelPrediction:
+        """Label image of an image of any size, predicted tile by tile and stitched on the fly.
+
+        ``tile`` and ``overlap`` are in model pixels (after the diameter rescale); the overlap should
+        exceed the largest nucleus. Memory: the image, its normalised copy and one label image, plus
+        one batch of tiles; no per-instance full-image masks. The seam rule is in ``tiling``.
+        """
+        pred = self.cfg.NUCLEUS.PREDICT
+        tile = int(pred.TILE_SIZE if tile is None else tile)
+        overlap = int(pred.TILE_OVERLAP if overlap is None else overlap)
+        thresh = self.score_thresh if score_thresh is None else float(score_thresh)
+        norm = self._normalize(image)
+        height, width = norm.shape[:2]
+        scale = self.input_scale(diameter)
+        if scale is None:
+            scale = self._estimate_scale_tiled(norm, tile, overlap)
+        # tiles are cut from the original image, so their size there is the model tile / scale
+        tiles = make_tiles((height, width), max(1, round(tile / scale)), max(0, round(overlap / scale)))
+        stitcher = Stitcher((height, width), edge_margin=max(1.0, 1.0 / scale))
+        bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False)
+        for dets, chunk in self._detect_tiles(norm, tiles, scale, thresh):
+            for det, t in zip(dets, chunk):
+                stitcher.add(t, TileInstances(
+                    det.windows.cpu().numpy(),
+                    torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
+                    det.scores.cpu().numpy(), det.boxes.cpu().numpy(),
+                ))
+            bar.update(len(chunk))
+        bar.close()
+        if stitcher.num_cut:
+            logger.warning(
+                "%d nuclei touched tile seams (larger than the %d px overlap): their pieces were merged "
+                "where they matched; a larger overlap gives cleaner results", stitcher.num_cut, overlap,
+            )
+        return stitcher.finish()
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _load_weights(self, weights: str) -> None:
+        if not weights:
+            warnings.warn(
+                "MODEL.WEIGHTS is empty: the model has random weights and its output is meaningless "
+                "(set MODEL.WEIGHTS to a trained checkpoint)", UserWarning, stacklevel=3,
+            )
+            return
+        if "://" not in weights and not os.path.isfile(weights):
+            raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such checkpoint file")
+        DetectionCheckpointer(self.model).load(weights)
+
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 in the model's channel order, exactly as the training mapper makes it."""
+        norm = normalize_from_cfg(check_image_shape(np.asarray(image)), self.cfg)
+        if self.input_format == "RGB" or self.cfg.INPUT.NORMALIZE.GRAY:  # gray: all channels equal
+            return norm
+        return np.ascontiguousarray(norm[..., ::-1])
+
+    def input_scale(self, diameter: Diameter = None) -> float | None:
+        """Model-input scale for ``diameter`` (None: the config's); None means "auto" (estimate it)."""
+        value = parse_diameter(self.cfg.NUCLEUS.PREDICT.DIAMETER if diameter is None else diameter)
+        return None if value is None else diameter_to_scale(value, self.train_diameter)
+
+    def _model_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
+        if scale == 1.0 and self.aug is not None:  # DefaultPredictor's test-time resize
+            return T.ResizeShortestEdge.get_output_shape(
+                height, width, self.aug.short_edge_length[0], self.aug.max_size)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def _detect(self, images: Sequence[np.ndarray], diameter: Diameter,
+                score_thresh: float | None = None) -> list[Detections]:
+        scale = self.input_scale(diameter)
+
+        def prepare(image: np.ndarray, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+            norm = self._normalize(image)
+            size = self._model_size(*norm.shape[:2], 1.0 if scale is None else scale)
+            return norm, _resize(norm, size)
+
+        # Images of one size go through together: padding a smaller image up to a larger one changes
+        # GroupNorm's statistics, so mixed batches would depend on their company.
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(tuple(np.shape(image)[:2]), []).append(i)
+        chunks = [c for group in by_shape.values() for c in _chunks(group, self.batch_size)]
+        results: list[Detections | None] = [None] * len(images)
+        norms: dict[int, np.ndarray] = {}
+        # 'auto' passes keep what the diameter estimate needs as well as what the output keeps
+        floor = score_thresh if scale is not None or score_thresh is None else min(
+            score_thresh, self.diameter_score_thresh)
+        for chunk, prepared in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale))):
+            raws = self._forward([p[1] for p in prepared], floor)
+            dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
+            for i, (norm, _), det in zip(chunk, prepared, dets):
+                results[i] = det
+                if scale is None:
+                    norms[i] = norm
+        for i, norm in norms.items():
+            def run_pass(s: float, norm: np.ndarray = norm) -> list[Detections]:
+                arrays = [_resize(norm, self._model_size(*norm.shape[:2], s))]
+                return detections_from_outputs(self._forward(arrays, floor), norm.shape[:2], floor)
+
+            det = refine_scale(run_pass, [results[i]], self.diameter_score_thresh, self.train_diameter)[1][0]
+            results[i] = det if floor == score_thresh else keep_scores(det, score_thresh)
+        return results
+
+    def _estimate_scale_tiled(self, norm: np.ndarray, tile: int, overlap: int) -> float:
+        """'auto' for large images: the passes run on up to four tiles spread over the image."""
+        def run_pass(scale: float) -> list[Detections]:
+            tiles = make_tiles(norm.shape[:2], max(1, round(tile / scale)), max(0, round(overlap / scale)))
+            picks = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).round()
+                                                 .astype(int))]
+            return [d for ds, _ in self._detect_tiles(norm, picks, scale, None) for d in ds]
+
+        return refine_scale(run_pass, run_pass(1.0), self.diameter_score_thresh, self.train_diameter)[0]
+
+    def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,
+                      score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:
+        """Detections of each tile, in full-image coordinates, one batch of tiles at a time."""
+        def prepare(t: Tile) -> np.ndarray:
+            crop = norm[t.y0:t.y1, t.x0:t.x1]
+            return _resize(crop, (max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))))
+
+        chunks = _chunks(tiles, self.batch_size)
+        for chunk, crops in zip(chunks, _prefetched(chunks, prepare)):
+            raws = self._forward(crops, score_thresh)
+            yield detections_from_outputs(raws, norm.shape[:2], score_thresh, frames=chunk), chunk
+
+    @contextmanager
+    def _score_floor(self, score_thresh: float | None) -> Iterator[None]:
+        """Detections below ``score_thresh`` dropped before the mask head instead of after it.
+
+        Label outputs keep only scores >= the threshold. Greedy NMS never lets a lower-scoring box
+        suppress a higher one, so filtering first keeps exactly the same detections above it, and the
+        mask head (the costliest part at hundreds of detections) runs on those alone.
+        """
+        box_predictor = final_box_predictor(self.model)
+        if score_thresh is None or not hasattr(box_predictor, "test_score_thresh"):
+            yield
+            return
+        old = box_predictor.test_score_thresh
+        # detectron2 keeps scores > test_score_thresh; the label outputs keep scores >= score_thresh
+        just_below = float(np.nextafter(np.float32(score_thresh), np.float32(-np.inf)))
+        box_predictor.test_score_thresh = max(old, just_below)
+        try:
+            yield
+        finally:
+            box_predictor.test_score_thresh = old
+
+    def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None) -> list[Instances]:
+        """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
+        ``score_thresh`` only detections scoring at least that (see ``_score_floor``)."""
+        tensors: list[torch.Tensor]
+        non_blocking = self.device.type == "cuda"
+        if len({a.shape for a in arrays}) == 1:  # one host-to-device copy for the whole batch
+            batch = torch.from_numpy(np.stack(arrays))
+            if non_blocking:
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
+            tensors = list(batch)
+        else:
+            tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(2, 0, 1).float()
+                       for a in arrays]
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else nullcontext()
+        if self.tta:
+            with torch.no_grad(), autocast:
+                return forward_flips(self.model, tensors)
+        inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
+        with torch.no_grad(), autocast, self._score_floor(score_thresh):
+            return self.model.inference(inputs, do_postprocess=False)
