@@ -8,6 +8,7 @@ import cv2
 import pytest
 import torch
 
+from nucleus_seg.cli.evaluate import main as eval_main
 from nucleus_seg.cli.train import EXIT_DIVERGED, main
 from nucleus_seg.data.catalog import register_datasets_from_cfg
 from nucleus_seg.engine.trainer import NucleusTrainer, divergence_message, prepare_cfg
@@ -249,3 +250,28 @@ def test_synthetic_data_is_generated_once_before_the_processes_start(tiny_cfg, t
     generate_synthetic_data(cfg)  # a rank (or a rerun) reuses them
     assert {p: p.stat().st_mtime_ns for p in root.rglob("images/*.png")} == images
     assert len(DatasetCatalog.get("nucleus_synth_train")) == 2
+
+
+@pytest.mark.slow
+def test_training_time_evaluation_scores_what_nucleus_eval_scores(tiny_cfg, tmp_path, synth_root):
+    """model_best.pth is picked by the number users get: NucleusTrainer.test and nucleus-eval run the same
+    predictor (here with the diameter estimated and flip TTA on) and give the same DSB score."""
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list(["NUCLEUS.PREDICT.DIAMETER", "-1.0", "NUCLEUS.PREDICT.TTA", "True",
+                         "NUCLEUS.PREDICT.SCORE_THRESH", "0.3", "NUCLEUS.PREDICT.DIAMETER_SCORE_THRESH", "0.3",
+                         "DATASETS.TEST", "('nucleus_dsb_sample@x0.4',)"])
+    torch.manual_seed(0)
+    model = NucleusTrainer.build_model(cfg)
+    model.train()  # as the EvalHook finds it
+    results = NucleusTrainer.test(cfg, model)
+    assert model.training  # given back in the mode it was in
+    weights = tmp_path / "w.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    yaml = tmp_path / "eval.yaml"
+    yaml.write_text(cfg.dump())
+    assert eval_main(["--config-file", str(yaml), "--output", str(tmp_path / "eval"),
+                      "MODEL.WEIGHTS", str(weights)]) == 0
+    report = json.loads((tmp_path / "eval" / "nucleus_dsb_sample@x0.4" / "metrics.json").read_text())
+    assert report["n_pred"] > 0 and report["n_gt"] > 0
+    assert results["nucleus"]["dsb_score"] == report["dsb_score"]
+    assert results["nucleus"]["n_pred"] == report["n_pred"]

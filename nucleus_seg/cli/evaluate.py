@@ -21,10 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from detectron2.utils.logger import setup_logger
-
 from ..evaluation.runner import EvalError, evaluate_datasets, evaluate_label_folders, summary_line
 from ..evaluation.tune import tune_inference
+from ..utils.logs import setup_logging
 from .common import add_version, load_config
 
 __all__ = ["build_parser", "main"]
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     label_mode = _check_mode(parser, args)
-    setup_logger(name="detectron2", abbrev_name="d2")
-    setup_logger(name="nucleus_seg")
+    setup_logging()
     try:
         if label_mode:
             output = Path(args.output or "output/eval")

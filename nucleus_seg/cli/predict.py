@@ -15,10 +15,10 @@ run goes on and exits with status 1 listing the failures. Status 2: bad command 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ..inference.batch import FORMATS, predict_to_folder
+from ..utils.logs import setup_logging
 from .common import add_version, load_config, split_overrides
 
 __all__ = ["build_parser", "main"]
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
     if not formats or formats - set(FORMATS):
         parser.error(f"--formats: unknown {sorted(formats - set(FORMATS))}; choose from {', '.join(FORMATS)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = _configure(parser, args, opts)
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,

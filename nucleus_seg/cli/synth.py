@@ -4,12 +4,12 @@ images/ + label images (StarDist's layout)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 from ..data.synth import FEATURES, LAYOUTS, STYLES, check_features, write_dataset
+from ..utils.logs import setup_logging
 from .common import add_version
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num must be at least 1")
     if args.size < 64:
         parser.error("--size must be at least 64")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()
     if args.features is None:
         features = FEATURES
     else:

@@ -12,15 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_setup
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.env import seed_all_rng
 
 from ..config import get_nucleus_cfg, resolve_config_path
 from ..data.catalog import generate_synthetic_data
+from ..modeling.precision import training_precision
 from ..utils.dist import close_process_group, launch
-from ..utils.files import write_json
+from ..utils.files import atomic_write, write_json
+from ..utils.logs import setup_logging
 from .trainer import NucleusTrainer, divergence_message, prepare_cfg
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "main_worker", "run", "setup"]
@@ -42,24 +45,39 @@ def _resolve_config(path: str | None) -> str:
 
 
 def setup(args: argparse.Namespace):
-    """Config from file + KEY VALUE overrides, adapted to this machine, then detectron2's default_setup
-    (logging to OUTPUT_DIR/log.txt, config.yaml saved, seeding)."""
+    """Config from file + KEY VALUE overrides, adapted to this machine; logging (terminal: short lines;
+    OUTPUT_DIR/log.txt: everything), config.yaml saved, seeds set: what detectron2's default_setup does,
+    without its ~1,000-line terminal dump."""
     args.config_file = _resolve_config(args.config_file)
     if len(args.opts or []) % 2:
         raise SystemExit(f"nucleus-train: config overrides must be KEY VALUE pairs, got {args.opts}")
     cfg = get_nucleus_cfg(args.config_file, args.opts or [])
-    # nucleus_seg's own log lines (device/AMP changes below, divergence advice) go where detectron2's go
-    setup_logger(cfg.OUTPUT_DIR or None, distributed_rank=comm.get_rank(), name="nucleus_seg",
-                 abbrev_name="nucleus")
+    rank = comm.get_rank()
+    setup_logging(cfg.OUTPUT_DIR or None, rank)
     cfg = prepare_cfg(cfg)
     cfg.freeze()
-    default_setup(cfg, args)
+    logger.debug("Environment info:\n%s", collect_env_info())
+    logger.debug("Command line arguments: %s", args)
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        atomic_write(Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump())
+        logger.debug("Running with full config:\n%s", cfg.dump())
+        logger.info("nucleus-train: %s, %s, %d process(es); outputs in %s (config.yaml, model.txt, log.txt)",
+                    _device_line(cfg), training_precision(cfg), comm.get_world_size(), cfg.OUTPUT_DIR)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if not args.eval_only:
+        torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
     if getattr(args, "launched_at", None) and not cfg.NUCLEUS.TRAIN.TIME_BUDGET_START:
-        # after default_setup saved config.yaml, so a reused config never carries a stale start
+        # after config.yaml is saved, so a reused config never carries a stale start
         cfg.defrost()
         cfg.NUCLEUS.TRAIN.TIME_BUDGET_START = args.launched_at
         cfg.freeze()
     return cfg
+
+
+def _device_line(cfg) -> str:
+    if cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available():
+        return f"device {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"device CPU ({torch.get_num_threads()} threads)"
 
 
 def _evaluate_only(cfg, args: argparse.Namespace) -> dict:

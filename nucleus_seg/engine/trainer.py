@@ -23,6 +23,7 @@ from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
+from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
 from .hooks import BudgetReached, FinalMetrics, TimeBudget, TrainingCurves
 from .optim import with_fast_norm_clipping
@@ -49,9 +50,7 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
         logger.warning("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     if cfg.SOLVER.AMP.ENABLED and (not cuda or cfg.MODEL.DEVICE == "cpu"):
-        if cfg.NUCLEUS.TRAIN.AMP_DTYPE == "bfloat16" and cpu_has_native_bfloat16():
-            logger.info("Mixed precision on CPU: bfloat16 autocast (this CPU has AMX/AVX512-BF16)")
-        else:
+        if cfg.NUCLEUS.TRAIN.AMP_DTYPE != "bfloat16" or not cpu_has_native_bfloat16():
             logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA or a CPU with native "
                         "bfloat16 and NUCLEUS.TRAIN.AMP_DTYPE bfloat16 (MODEL.DEVICE=%s)", cfg.MODEL.DEVICE)
             cfg.SOLVER.AMP.ENABLED = False
@@ -145,7 +144,11 @@ class NucleusTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """detectron2's model (GroupNorm in half precision if configured); its architecture is written to
+        OUTPUT_DIR/model.txt instead of the terminal."""
         model = super().build_model(cfg)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            atomic_write(Path(cfg.OUTPUT_DIR) / "model.txt", f"{model}\n")
         if cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM:
             use_half_group_norm(model)
         return model

@@ -9,7 +9,7 @@ import torch
 from detectron2.config import CfgNode
 from torch.nn import functional as F
 
-__all__ = ["AMP_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype",
+__all__ = ["AMP_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype", "training_precision",
            "use_half_group_norm"]
 
 logger = logging.getLogger(__name__)
@@ -65,3 +65,12 @@ def training_amp_dtype(cfg: CfgNode) -> torch.dtype:
         logger.info("NUCLEUS.TRAIN.AMP_DTYPE bfloat16 -> float16: this GPU has no bfloat16")
         return torch.float16
     return AMP_DTYPES[name]
+
+
+def training_precision(cfg: CfgNode) -> str:
+    """What a person reads about a (prepared) training config's precision, in a few words."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return "fp32"
+    dtype = "bfloat16" if training_amp_dtype(cfg) == torch.bfloat16 else "float16"
+    where = "AMX/AVX512-BF16 CPU" if cfg.MODEL.DEVICE == "cpu" else "GPU"
+    return f"{dtype} autocast ({where})"
