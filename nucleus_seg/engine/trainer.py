@@ -49,11 +49,12 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
     if cfg.MODEL.DEVICE.startswith("cuda") and not cuda:
         logger.warning("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.SOLVER.AMP.ENABLED and (not cuda or cfg.MODEL.DEVICE == "cpu"):
-        if cfg.NUCLEUS.TRAIN.AMP_DTYPE != "bfloat16" or not cpu_has_native_bfloat16():
-            logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA or a CPU with native "
-                        "bfloat16 and NUCLEUS.TRAIN.AMP_DTYPE bfloat16 (MODEL.DEVICE=%s)", cfg.MODEL.DEVICE)
-            cfg.SOLVER.AMP.ENABLED = False
+    on_cpu = not cuda or cfg.MODEL.DEVICE == "cpu"
+    if cfg.SOLVER.AMP.ENABLED and on_cpu and (cfg.NUCLEUS.TRAIN.AMP_DTYPE != "bfloat16"
+                                              or not cpu_has_native_bfloat16()):
+        logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA or a CPU with native "
+                    "bfloat16 and NUCLEUS.TRAIN.AMP_DTYPE bfloat16 (MODEL.DEVICE=%s)", cfg.MODEL.DEVICE)
+        cfg.SOLVER.AMP.ENABLED = False
     if not cfg.DATASETS.TRAIN:
         logger.info("DATASETS.TRAIN is empty: training on the synthetic default %s", DEFAULT_TRAIN)
         cfg.DATASETS.TRAIN = DEFAULT_TRAIN
