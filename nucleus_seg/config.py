@@ -120,3 +120,20 @@ def get_nucleus_cfg(config_file: str | Path | None = None, opts: Sequence[str] =
         cfg.merge_from_file(str(resolve_config_path(config_file)))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def check_predict_settings(cfg: CN) -> None:
+    """Refuse out-of-range ``NUCLEUS.PREDICT`` values before any compute, naming the key (``ValueError``)."""
+    p = cfg.NUCLEUS.PREDICT
+    checks = [
+        ("BATCH_SIZE", p.BATCH_SIZE >= 1, "must be at least 1"),
+        ("TILE_SIZE", p.TILE_SIZE >= 32, "must be at least 32 px"),
+        ("TILE_OVERLAP", 0 <= p.TILE_OVERLAP < p.TILE_SIZE, f"must be >= 0 and below TILE_SIZE ({p.TILE_SIZE})"),
+        ("TRAIN_DIAMETER", p.TRAIN_DIAMETER >= 0, "must be >= 0 (0: never rescale)"),
+        ("DIAMETER", p.DIAMETER == -1 or p.DIAMETER >= 0, "must be a diameter in px, 0 (no rescale) or -1 (auto)"),
+        ("SCORE_THRESH", 0 <= p.SCORE_THRESH <= 1, "must be in [0, 1]"),
+        ("DIAMETER_SCORE_THRESH", 0 <= p.DIAMETER_SCORE_THRESH <= 1, "must be in [0, 1]"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"NUCLEUS.PREDICT.{key} {rule}, got {p[key]}")

@@ -22,7 +22,8 @@ import pytest
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "predict"
 SAMPLE = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "sample" / "image.tif"
-TEXT_FILES = ("sample_measurements.csv", "crop_measurements.csv", "submission.csv", "coco_results.json")
+TEXT_FILES = ("sample_measurements.csv", "crop_measurements.csv", "submission.csv", "coco_results.json",
+              "coco_images.json")
 LABEL_FILES = ("sample_labels.tif", "crop_labels.tif")
 
 

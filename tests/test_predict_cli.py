@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,7 +34,14 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def check_outputs_agree(out, stem, image_shape, submission, coco):
+def coco_id(out, stem):
+    """The integer COCO image id nucleus-predict gave ``stem`` (coco_images.json)."""
+    images = json.loads((out / "coco_images.json").read_text())
+    (image,) = [i for i in images if Path(i["file_name"]).stem == stem]
+    return image["id"]
+
+
+def check_outputs_agree(out, stem, image_shape, submission, coco, image_id=None):
     """Label TIFF, measurements CSV, Kaggle rows and COCO entries describe the same nuclei."""
     with tifffile.TiffFile(out / f"{stem}_labels.tif") as tif:
         labels = tif.asarray()
@@ -56,7 +64,8 @@ def check_outputs_agree(out, stem, image_shape, submission, coco):
         assert (np.sum(decoded, axis=0) <= 1).all()  # no pixel in two nuclei
         for k, mask in enumerate(decoded, start=1):
             np.testing.assert_array_equal(mask, labels == k)
-    entries = [e for e in coco if e["image_id"] == stem]
+    image_id = coco_id(out, stem) if image_id is None else image_id
+    entries = [e for e in coco if e["image_id"] == image_id]
     assert [e["area"] for e in entries] == areas.tolist()
     assert [e["score"] for e in entries] == scores
     overlay = cv2.imread(str(out / f"{stem}_overlay.png"))
@@ -79,7 +88,7 @@ def test_writers_agree_and_read_back(tmp_path):
     write_coco_json(out / "coco_results.json", coco_results("a", labels, scores))
     submission = read_csv(out / "submission.csv")
     coco = json.loads((out / "coco_results.json").read_text())
-    assert check_outputs_agree(out, "a", (40, 50), submission, coco) == 3
+    assert check_outputs_agree(out, "a", (40, 50), submission, coco, image_id="a") == 3
     assert submission[-1] == {"ImageId": "b", "EncodedPixels": ""}
     assert (out / "submission.csv").read_text().splitlines()[-1] == "b,"
     row = read_csv(out / "a_measurements.csv")[0]
@@ -167,7 +176,7 @@ def test_cli_writes_every_good_image_and_fails_naming_the_corrupt_one(cli_cfg, t
     os.remove(tmp_path / "in" / "broken.png")
     assert main(argv + ["--resume"]) == 0
     for name, mtime in before.items():
-        if name not in ("submission.csv", "coco_results.json"):
+        if name not in ("submission.csv", "coco_results.json", "coco_images.json"):
             assert (out / name).stat().st_mtime_ns == mtime
     assert read_csv(out / "submission.csv") == submission
     assert json.loads((out / "coco_results.json").read_text()) == coco
@@ -214,18 +223,24 @@ def test_cli_version(capsys):
     assert "nucleus_seg" in out and "detectron2" in out and "torch" in out
 
 
-@pytest.mark.slow
-def test_sharded_two_process_run_writes_what_one_process_writes(cli_cfg, tmp_path, capsys):
-    """--num-gpus 2 through detectron2's launch (gloo ranks on CPU): each image is predicted by one rank,
-    per-run files are assembled in input order, failures are gathered: the outputs equal a 1-process run."""
+def random_weights(cfg_file, folder):
+    """A checkpoint of the config's model with seeded random weights: every run predicts alike."""
     import torch
     from detectron2.modeling import build_model
 
     from nucleus_seg.config import get_nucleus_cfg
 
     torch.manual_seed(0)
-    weights = tmp_path / "weights.pth"
-    torch.save({"model": build_model(get_nucleus_cfg(str(cli_cfg))).state_dict()}, weights)
+    path = folder / "weights.pth"
+    torch.save({"model": build_model(get_nucleus_cfg(str(cfg_file))).state_dict()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_sharded_two_process_run_writes_what_one_process_writes(cli_cfg, tmp_path, capsys):
+    """--num-gpus 2 through detectron2's launch (gloo ranks on CPU): each image is predicted by one rank,
+    per-run files are assembled in input order, failures are gathered: the outputs equal a 1-process run."""
+    weights = random_weights(cli_cfg, tmp_path)
     make_inputs(tmp_path / "in")
     runs = {}
     for gpus in (1, 2):
@@ -247,3 +262,68 @@ def test_sharded_two_process_run_writes_what_one_process_writes(cli_cfg, tmp_pat
         else:
             assert a.read_text() == b.read_text(), name
     assert read_csv(runs[2] / "submission.csv")  # and there is something to compare
+
+
+def test_coco_results_load_against_ground_truth_built_from_the_labels(cli_cfg, tmp_path):
+    """Integer image ids, and coco_images.json is the ground truth's ``images`` list: COCO.loadRes takes the
+    results (a file-stem id made loadRes refuse them: 'Results do not correspond to current coco set')."""
+    from pycocotools.coco import COCO
+
+    from nucleus_seg.evaluation.coco import dataset_dicts_to_coco
+    from nucleus_seg.structures import label_image_to_annotations
+
+    make_inputs(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").unlink()
+    out = tmp_path / "out"
+    assert main(["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out),
+                 "--tile", "128", "--diameter", "0"]) == 0
+    images = json.loads((out / "coco_images.json").read_text())
+    assert [i["id"] for i in images] == [1, 2, 3]
+    assert [i["file_name"] for i in images] == ["big.tif", "gray16.tif", "rgb8.png"]
+    records = [{"image_id": i["id"], "file_name": i["file_name"], "height": i["height"], "width": i["width"],
+                "annotations": label_image_to_annotations(
+                    tifffile.imread(out / f"{Path(i['file_name']).stem}_labels.tif"))} for i in images]
+    gt = COCO()
+    gt.dataset = dataset_dicts_to_coco(records)
+    gt.createIndex()
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results and all(isinstance(r["image_id"], int) for r in results)
+    loaded = gt.loadRes(results)
+    assert len(loaded.getAnnIds()) == len(results)
+
+
+def test_a_run_on_a_subset_keeps_the_other_images_and_an_empty_run_writes_nothing(cli_cfg, tmp_path, capsys):
+    shapes = make_inputs(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").unlink()
+    out = tmp_path / "out"
+    base = ["--config-file", str(cli_cfg), "--output", str(out), "--tile", "128", "--diameter", "0",
+            "MODEL.WEIGHTS", str(random_weights(cli_cfg, tmp_path))]
+    assert main(base + ["--input", str(tmp_path / "in")]) == 0
+    full = {n: (out / n).read_bytes() for n in ("submission.csv", "coco_results.json", "coco_images.json")}
+    assert main(base + ["--input", str(tmp_path / "typo" / "*.tif")]) == 1  # matches nothing
+    assert "matches no files" in capsys.readouterr().err
+    assert {n: (out / n).read_bytes() for n in full} == full  # untouched
+    assert main(base + ["--input", str(tmp_path / "in" / "gray16.tif")]) == 0  # a subset, predicted again
+    assert {n: (out / n).read_bytes() for n in full} == full  # same weights: the same merged files
+    submission = read_csv(out / "submission.csv")
+    coco = json.loads((out / "coco_results.json").read_text())
+    for stem, shape in shapes.items():
+        check_outputs_agree(out, stem, shape, submission, coco)
+
+
+def test_bad_values_and_an_unwritable_output_fail_before_any_compute(cli_cfg, tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16), np.uint8))
+    base = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "a.png")]
+    for flags, named in ((["--tile", "0"], "--tile"), (["--score-thresh", "5"], "--score-thresh"),
+                         (["--diameter", "-3"], "--diameter"), (["--overlap", "600"], "--overlap"),
+                         (["--batch", "0"], "--batch")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + ["--output", str(tmp_path / "o")] + flags)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and named in err and "Traceback" not in err, flags
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--output", str(tmp_path / "file" / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "not writable" in err and str(tmp_path / "file" / "out") in err
+    assert not (tmp_path / "o").exists()  # nothing was written for the refused runs

@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import check_predict_settings
 from ..inference.batch import FORMATS, predict_to_folder
 from ..utils.logs import setup_logging
 from .common import add_version, load_config, split_overrides
 
 __all__ = ["build_parser", "main"]
+
+FLAG_KEYS = {"--tile": "TILE_SIZE", "--overlap": "TILE_OVERLAP", "--batch": "BATCH_SIZE",
+             "--score-thresh": "SCORE_THRESH", "--diameter": "DIAMETER"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,14 +64,24 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
     cfg = load_config(parser, args.config_file, opts)
     pred_cfg = cfg.NUCLEUS.PREDICT
     if args.diameter is not None:
+        text = args.diameter.strip().lower()
         try:
-            pred_cfg.DIAMETER = -1.0 if args.diameter.strip().lower() == "auto" else float(args.diameter)
+            pred_cfg.DIAMETER = -1.0 if text == "auto" else float(text)
         except ValueError:
-            parser.error(f"--diameter: a number of pixels or 'auto', got {args.diameter!r}")
+            pred_cfg.DIAMETER = -2.0  # refused just below
+        if pred_cfg.DIAMETER < 0 and text != "auto":
+            parser.error(f"--diameter: a nucleus diameter in pixels, 0 (no rescale) or 'auto', got {args.diameter!r}")
     for value, key in ((args.tile, "TILE_SIZE"), (args.overlap, "TILE_OVERLAP"), (args.batch, "BATCH_SIZE"),
                        (args.score_thresh, "SCORE_THRESH")):
         if value is not None:
             pred_cfg[key] = value
+    try:
+        check_predict_settings(cfg)
+    except ValueError as exc:
+        message = str(exc)
+        for flag, key in FLAG_KEYS.items():
+            message = message.replace(f"NUCLEUS.PREDICT.{key} ", f"{flag} (NUCLEUS.PREDICT.{key}) ")
+        parser.error(message)
     # Only nuclei >= SCORE_THRESH reach any output: letting the box head drop the rest earlier gives
     # the same nuclei (NMS only ever suppresses a box by a higher-scoring one) for less mask-head work.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
                                        args.num_machines, args.machine_rank, args.dist_url)
-    except ValueError as exc:  # two inputs that would write the same outputs
+    except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)
     print(f"nucleus-predict: {written} of {len(files)} images have outputs in {args.output}", file=sys.stderr)

@@ -23,6 +23,7 @@ from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
+from ..utils.env import usable_device
 from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
 from .hooks import BudgetReached, FinalMetrics, TimeBudget, TrainingCurves
@@ -45,11 +46,8 @@ def prepare_cfg(cfg: CfgNode) -> CfgNode:
     cfg = cfg.clone()
     frozen = cfg.is_frozen()
     cfg.defrost()
-    cuda = torch.cuda.is_available()
-    if cfg.MODEL.DEVICE.startswith("cuda") and not cuda:
-        logger.warning("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
-    on_cpu = not cuda or cfg.MODEL.DEVICE == "cpu"
+    cfg.MODEL.DEVICE = usable_device(cfg.MODEL.DEVICE)
+    on_cpu = cfg.MODEL.DEVICE == "cpu"
     if cfg.SOLVER.AMP.ENABLED and on_cpu and (cfg.NUCLEUS.TRAIN.AMP_DTYPE != "bfloat16"
                                               or not cpu_has_native_bfloat16()):
         logger.info("SOLVER.AMP.ENABLED -> False: mixed precision training needs CUDA or a CPU with native "

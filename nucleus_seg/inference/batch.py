@@ -1,9 +1,12 @@
 """Predicting a folder of image files: input expansion, per-image outputs, per-run files, resume, sharding.
 
 What ``nucleus-predict`` does, as a library call (:func:`predict_to_folder`). Per image:
-``OUT/<stem>_labels.tif``, ``OUT/<stem>_overlay.png``, ``OUT/<stem>_measurements.csv``; per run
-``OUT/submission.csv`` and ``OUT/coco_results.json``, built in input order from every image's label image
-(those skipped by ``resume`` included). One bad image is reported and skipped; the run goes on.
+``OUT/<stem>_labels.tif``, ``OUT/<stem>_overlay.png``, ``OUT/<stem>_measurements.csv``. Per folder:
+``OUT/submission.csv``, ``OUT/coco_results.json`` and ``OUT/coco_images.json`` (the COCO ``images`` list:
+integer ids 1..N with their file names), built from every image's label image (those skipped by
+``resume`` included) and merged with what the folder's files already hold for other images: a run on a
+subset, or one that fails, never drops earlier images' entries; a run that matches no input writes nothing.
+One bad image is reported and skipped; the run goes on.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, read_image, read_label_image
 from ..utils.dist import close_process_group, launch
-from ..utils.files import IMAGE_SUFFIXES
+from ..utils.files import IMAGE_SUFFIXES, check_writable, write_json
 from .outputs import (
     coco_results,
+    read_json_list,
     read_scores_csv,
+    read_submission_csv,
     submission_rows,
     write_coco_json,
     write_label_tiff,
@@ -43,6 +48,7 @@ FORMATS = ("labels", "overlay", "csv", "submission", "coco")
 PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measurements.csv"}
 SUBMISSION_NAME = "submission.csv"
 COCO_NAME = "coco_results.json"
+COCO_IMAGES_NAME = "coco_images.json"
 
 
 def expand_inputs(specs: Sequence[str], skip_dir: Path | None = None) -> tuple[list[Path], list[str]]:
@@ -86,6 +92,7 @@ class PredictionRun:
     formats: set[str]
     rows: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     coco: dict[str, list[dict]] = field(default_factory=dict)
+    images: dict[str, dict] = field(default_factory=dict)  # COCO image entries (no id yet), by stem
     failures: list[str] = field(default_factory=list)
     written: set[str] = field(default_factory=set)
 
@@ -101,24 +108,29 @@ class PredictionRun:
             needed.add("csv")
         return bool(needed) and all(self.path(stem, f).is_file() for f in needed)
 
-    def collect(self, stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float]) -> None:
+    def collect(self, stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
+                file_name: str) -> None:
         if "submission" in self.formats:
             self.rows[stem] = submission_rows(stem, labels)
         if "coco" in self.formats:
-            self.coco[stem] = coco_results(stem, labels, scores)
+            self.coco[stem] = coco_results(0, labels, scores)  # ids are given when the files are written
+            self.images[stem] = {"file_name": file_name, "height": int(labels.shape[0]),
+                                 "width": int(labels.shape[1])}
 
-    def write_image(self, stem: str, raw: np.ndarray, pred, cfg) -> None:
+    def write_image(self, path: Path, raw: np.ndarray, pred, cfg) -> None:
+        stem = path.stem
         if "labels" in self.formats:
             write_label_tiff(self.path(stem, "labels"), pred.labels)
         if "overlay" in self.formats:
             write_overlay_png(self.path(stem, "overlay"), normalize_from_cfg(raw, cfg), pred.labels)
         if "csv" in self.formats:
             write_measurements_csv(self.path(stem, "csv"), pred.labels, raw, pred.scores)
-        self.collect(stem, pred.labels, pred.scores)
+        self.collect(stem, pred.labels, pred.scores, path.name)
         self.written.add(stem)
 
-    def reload(self, stem: str) -> None:
+    def reload(self, path: Path) -> None:
         """Per-run entries of an image skipped by resume, from its label TIFF (and CSV scores)."""
+        stem = path.stem
         if "submission" not in self.formats and "coco" not in self.formats:
             return
         labels = read_label_image(self.path(stem, "labels"))
@@ -127,7 +139,7 @@ class PredictionRun:
         if "coco" in self.formats and missing:
             raise ValueError(f"{self.path(stem, 'csv')}: no score for ids {missing[:5]} of "
                              f"{self.path(stem, 'labels')}")
-        self.collect(stem, labels, scores)
+        self.collect(stem, labels, scores, path.name)
         self.written.add(stem)
 
     def fail(self, path: Path, exc: BaseException) -> None:
@@ -146,6 +158,7 @@ class PredictionRun:
     def merge(self, other: PredictionRun) -> None:
         self.rows.update(other.rows)
         self.coco.update(other.coco)
+        self.images.update(other.images)
         self.failures.extend(other.failures)
         self.written.update(other.written)
 
@@ -166,7 +179,7 @@ def _predict_small(predictor: NucleusPredictor, run: PredictionRun, batch: list[
             run.guarded(item[0], lambda item=item: _predict_small(predictor, run, [item]))
         return
     for (path, raw), pred in zip(batch, preds):
-        run.guarded(path, lambda path=path, raw=raw, pred=pred: run.write_image(path.stem, raw, pred, predictor.cfg))
+        run.guarded(path, lambda path=path, raw=raw, pred=pred: run.write_image(path, raw, pred, predictor.cfg))
 
 
 def predict_files(cfg, files: list[Path], run: PredictionRun) -> None:
@@ -184,7 +197,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun) -> None:
             continue
         if _is_large(raw.shape, predictor, tile):
             run.guarded(f, lambda f=f, raw=raw: run.write_image(
-                f.stem, raw, predictor.predict_large(raw, progress=True), predictor.cfg))
+                f, raw, predictor.predict_large(raw, progress=True), predictor.cfg))
             bar.update(1)
             continue
         pending.append((f, raw))
@@ -228,16 +241,75 @@ def _predict_sharded(cfg, files: list[Path], run: PredictionRun, num_gpus: int, 
         run.merge(part)
 
 
+@dataclass
+class FolderFiles:
+    """The per-folder files as they were before this run: entries by image stem, in their order."""
+
+    order: list[str] = field(default_factory=list)
+    rows: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    coco: dict[str, list[dict]] = field(default_factory=dict)
+    images: dict[str, dict] = field(default_factory=dict)  # with their ids
+
+    @classmethod
+    def read(cls, out: Path, formats: set[str]) -> FolderFiles:
+        """What ``out`` holds; an existing file that cannot be read is an error naming it (before compute)."""
+        old = cls()
+        if "submission" in formats and (out / SUBMISSION_NAME).is_file():
+            for stem, rle in read_submission_csv(out / SUBMISSION_NAME):
+                old.rows.setdefault(stem, []).append((stem, rle))
+                if stem not in old.order:
+                    old.order.append(stem)
+        results, images = out / COCO_NAME, out / COCO_IMAGES_NAME
+        if "coco" in formats and (results.is_file() or images.is_file()):
+            if not images.is_file():
+                raise ValueError(f"{results} has no {COCO_IMAGES_NAME} beside it (an older nucleus-predict wrote "
+                                 "it): move it away, or write this run into another folder")
+            stem_of = {}
+            for image in read_json_list(images, ("id", "file_name")):
+                stem_of[image["id"]] = Path(image["file_name"]).stem
+                old.images[stem_of[image["id"]]] = image
+            for entry in (read_json_list(results, ("image_id",)) if results.is_file() else []):
+                if entry["image_id"] not in stem_of:
+                    raise ValueError(f"{results}: image_id {entry['image_id']} is not in {images}")
+                old.coco.setdefault(stem_of[entry["image_id"]], []).append(entry)
+            old.order += [s for s in old.images if s not in old.order]
+        return old
+
+
+def _write_folder_files(out: Path, run: PredictionRun, old: FolderFiles, stems: list[str]) -> None:
+    """submission.csv / coco_results.json / coco_images.json: this run's images replace their earlier
+    entries, other images' entries are kept; new images follow in input order."""
+    order = old.order + [s for s in stems if s not in old.order]
+    if "submission" in run.formats:
+        write_submission_csv(out / SUBMISSION_NAME,
+                             [r for s in order for r in run.rows.get(s, old.rows.get(s, []))])
+    if "coco" in run.formats:
+        ids = {s: image["id"] for s, image in old.images.items()}
+        next_id = max(ids.values(), default=0) + 1
+        images, results = [], []
+        for stem in order:
+            if stem in run.images:
+                if stem not in ids:
+                    ids[stem], next_id = next_id, next_id + 1
+                images.append({"id": ids[stem], **run.images[stem]})
+                results += [dict(r, image_id=ids[stem]) for r in run.coco[stem]]
+            elif stem in old.images:
+                images.append(old.images[stem])
+                results += old.coco.get(stem, [])
+        write_coco_json(out / COCO_NAME, results)
+        write_json(out / COCO_IMAGES_NAME, sorted(images, key=lambda image: image["id"]))
+
+
 def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = FORMATS,
                       resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
                       dist_url: str = "auto") -> tuple[list[Path], PredictionRun]:
     """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``.
 
-    Returns the image files and the run (``written`` stems, ``failures``). Raises ``ValueError`` for two
-    inputs that would write the same outputs.
+    Returns the image files and the run (``written`` stems, ``failures``). Everything a usage error can be
+    is checked before any compute: two inputs that would write the same outputs, an output folder that is
+    not writable, per-folder files that cannot be merged (``ValueError`` / ``PermissionError``).
     """
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(output)
     files, problems = expand_inputs(inputs, skip_dir=out)
     stems: dict[str, Path] = {}
     for f in files:
@@ -246,21 +318,20 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
                              "rename one or run them separately")
         stems[f.stem] = f
     run = PredictionRun(out, set(formats), failures=list(problems))
+    if not files:
+        return files, run  # nothing matched: the folder's files stay as they are
+    old = FolderFiles.read(out, run.formats)
     todo = []
     for f in files:
         if resume and run.done(f.stem):
-            run.guarded(f, lambda f=f: run.reload(f.stem))
+            run.guarded(f, lambda f=f: run.reload(f))
         else:
             todo.append(f)
-    if files and len(todo) < len(files):
+    if len(todo) < len(files):
         logger.info("--resume: %d of %d images already done", len(files) - len(todo), len(files))
     if todo and num_gpus * num_machines > 1:
         _predict_sharded(cfg, todo, run, num_gpus, num_machines, machine_rank, dist_url)
     elif todo:
         predict_files(cfg, todo, run)
-    order = [f.stem for f in files]
-    if "submission" in run.formats:
-        write_submission_csv(out / SUBMISSION_NAME, [r for s in order for r in run.rows.get(s, [])])
-    if "coco" in run.formats:
-        write_coco_json(out / COCO_NAME, [r for s in order for r in run.coco.get(s, [])])
+    _write_folder_files(out, run, old, [f.stem for f in files])
     return files, run

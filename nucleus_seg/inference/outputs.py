@@ -176,5 +176,30 @@ def coco_results(image_id: str | int, labels: np.ndarray, scores: Sequence[float
 
 
 def write_coco_json(path: str | os.PathLike, results: list[dict]) -> None:
-    """A COCO results list (loadable by ``COCO.loadRes``)."""
+    """A COCO results list (loadable by ``COCO.loadRes`` against ground truth with the same image ids)."""
     atomic_write(path, json.dumps(results))
+
+
+def read_submission_csv(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(ImageId, EncodedPixels)`` rows of a Kaggle submission CSV (to merge a new run into it)."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.reader(f)
+            if tuple(next(reader, ())) != SUBMISSION_HEADER:
+                raise ValueError(f"its header is not {','.join(SUBMISSION_HEADER)}")
+            return [(row[0], row[1]) for row in reader]
+    except (OSError, ValueError, IndexError) as exc:
+        raise ImageReadError(f"{path}: not a submission CSV nucleus-predict can add to ({exc})") from exc
+
+
+def read_json_list(path: str | os.PathLike, keys: Sequence[str]) -> list[dict]:
+    """A JSON list of objects that all have ``keys`` (COCO results or images), or an error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(isinstance(d, dict) and set(keys) <= set(d) for d in data):
+            raise ValueError(f"expected a list of objects with {', '.join(keys)}")
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a file nucleus-predict can add to ({exc})") from exc
+    return data

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,15 +32,43 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from tqdm import tqdm
 
+from ..config import check_predict_settings
 from ..data.io import check_image_shape, normalize_from_cfg
 from ..modeling.fast_inference import final_box_predictor, speed_up_inference
 from ..modeling.precision import inference_amp_dtype
+from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
 from .scale import Diameter, diameter_to_scale, parse_diameter, refine_scale
 from .tiling import LabelPrediction, Stitcher, Tile, TileInstances, finalize_labels, make_tiles
 from .tta import forward_flips
 
-__all__ = ["NucleusPredictor"]
+__all__ = ["CheckpointMismatch", "NucleusPredictor", "checkpoint_mismatch_message"]
+
+
+class CheckpointMismatch(ValueError):
+    """MODEL.WEIGHTS holds another model than the config builds (a partial load predicts garbage)."""
+
+
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """Keeps what did not fit instead of only logging it (a partial load is an error for inference)."""
+
+    incompatible = None
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        self.incompatible = incompatible
+
+
+def checkpoint_mismatch_message(weights: str, incompatible) -> str:
+    """One paragraph: what does not fit, and the config to use instead (the config.yaml saved beside it)."""
+    parts = []
+    for what, keys in (("parameters of this config's model are not in it", incompatible.missing_keys),
+                       ("of its parameters are unknown to this config's model", incompatible.unexpected_keys),
+                       ("parameters differ in shape", [k for k, *_ in incompatible.incorrect_shapes])):
+        if keys:
+            parts.append(f"{len(keys)} {what} (e.g. {', '.join(sorted(keys)[:2])})")
+    beside = Path(weights).parent / "config.yaml"
+    use = f"--config-file {beside}" if "://" not in weights and beside.is_file() else "the config it was trained with"
+    return f"MODEL.WEIGHTS {weights} does not fit this config: {'; '.join(parts)}. Use {use}."
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +118,9 @@ class NucleusPredictor:
         exactly as ``nucleus-eval`` scores a checkpoint); by default it is built from ``cfg`` and
         ``MODEL.WEIGHTS`` is loaded."""
         self.cfg = cfg.clone()  # the model may modify it, as DefaultPredictor notes
+        self.cfg.defrost()
+        self.cfg.MODEL.DEVICE = usable_device(self.cfg.MODEL.DEVICE) if model is None else self.cfg.MODEL.DEVICE
+        check_predict_settings(self.cfg)
         if len(self.cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0])
         if model is not None:
@@ -206,7 +238,11 @@ class NucleusPredictor:
             return
         if "://" not in weights and not os.path.isfile(weights):
             raise FileNotFoundError(f"MODEL.WEIGHTS {weights}: no such checkpoint file")
-        DetectionCheckpointer(self.model).load(weights)
+        checkpointer = _RecordingCheckpointer(self.model)
+        checkpointer.load(weights)
+        found = checkpointer.incompatible
+        if found is not None and (found.missing_keys or found.unexpected_keys or found.incorrect_shapes):
+            raise CheckpointMismatch(checkpoint_mismatch_message(weights, found))
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 in the model's channel order, exactly as the training mapper makes it."""

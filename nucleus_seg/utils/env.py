@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 
 import detectron2
 import torch
 
 from .._version import __version__
+
+logger = logging.getLogger(__name__)
 
 
 def detectron2_origin() -> str:
@@ -29,3 +32,12 @@ def version_report() -> str:
         f"detectron2 {detectron2.__version__} ({detectron2_origin()}) at {detectron2.__path__[0]}",
         f"torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA available: {cuda}{gpu}",
     ])
+
+
+def usable_device(requested: str) -> str:
+    """``requested`` (a torch device string), or "cpu" with one log line when it names CUDA and this machine
+    has none: detectron2's configs default to "cuda", which fails deep inside the model otherwise."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on the CPU (MODEL.DEVICE %s -> cpu)", requested)
+        return "cpu"
+    return requested
