@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from nucleus_seg.config import get_nucleus_cfg
 from nucleus_seg.data.io import ImageReadError, normalize_from_cfg
 from nucleus_seg.data.transforms import median_diameter
 from nucleus_seg.inference.masks import paste_mask_windows, windows_to_label, windows_to_masks
@@ -473,3 +474,40 @@ def test_cascade_heads_keep_the_score_floor_exact_and_run_flip_tta(cfg):
     b = tta(np.ascontiguousarray(image[:, ::-1]))["instances"]
     assert len(a) == len(b) > 0
     assert torch.allclose(torch.sort(a.scores).values, torch.sort(b.scores).values, atol=1e-4)
+
+
+def test_a_cuda_config_predicts_on_the_cpu_when_there_is_no_gpu(caplog):
+    """The README's snippet with the scratch config (MODEL.DEVICE cuda, detectron2's default) on a CPU machine."""
+    import logging
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_scratch.yaml", ["NUCLEUS.PREDICT.AMP", "False",
+                                                                     "TEST.DETECTIONS_PER_IMAGE", "20"])
+    assert cfg.MODEL.DEVICE == "cuda"
+    with caplog.at_level(logging.WARNING, logger="nucleus_seg"), pytest.warns(UserWarning, match="random weights"):
+        predictor = NucleusPredictor(cfg)
+    assert predictor.device.type == "cpu" and "running on the CPU" in caplog.text
+    out = predictor(blobs((64, 64), np.uint16, seed=3))["instances"]
+    assert out.image_size == (64, 64) and out.pred_masks.device.type == "cpu"
+
+
+def test_weights_of_another_model_are_refused_naming_the_config_to_use(tmp_path):
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.inference.predictor import CheckpointMismatch
+
+    demo = get_nucleus_cfg("configs/nucleus_R101_FPN_cpu_demo.yaml")  # 2-fc box head
+    torch.manual_seed(0)
+    weights = tmp_path / "train" / "model_final.pth"
+    weights.parent.mkdir()
+    torch.save({"model": build_model(demo).state_dict()}, weights)
+    (weights.parent / "config.yaml").write_text(demo.dump())
+    scratch = get_nucleus_cfg("configs/nucleus_R101_FPN_scratch.yaml", ["MODEL.DEVICE", "cpu",
+                                                                         "MODEL.WEIGHTS", str(weights)])
+    with pytest.raises(CheckpointMismatch) as exc:
+        NucleusPredictor(scratch)  # 4-conv GN box head
+    message = str(exc.value)
+    assert str(weights) in message and f"--config-file {weights.parent / 'config.yaml'}" in message
+    assert "box_head" in message
+    NucleusPredictor(get_nucleus_cfg(str(weights.parent / "config.yaml"), ["MODEL.WEIGHTS", str(weights)]))
