@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from nucleus_seg.data import io
+from nucleus_seg.data.catalog import SAMPLE_DIR
+from nucleus_seg.data.io import ImageReadError, normalize_image, read_image
 
 
 @pytest.mark.parametrize("dtype,low,high", [(np.uint8, 0, 256), (np.uint16, 0, 4096), (np.uint16, 0, 65536),
@@ -48,3 +50,27 @@ def test_read_image_errors_name_the_file(tmp_path):
     with pytest.raises(io.ImageReadError, match="z-stacks"):
         io.check_image_shape(np.zeros((5, 16, 16, 2)), "stack.tif")
 
+
+
+def test_nan_and_inf_pixels_are_left_out_not_blanking_the_image(tmp_path, caplog):
+    """The sample as float32 with 5 NaN/Inf pixels of 262,144: the normalisation ignores them (it turned the
+    whole image into NaN, and nucleus-predict found 0 nuclei instead of 97)."""
+    import logging
+
+    import tifffile
+
+    raw = read_image(SAMPLE_DIR / "image.tif").astype(np.float32)
+    spoilt = raw.copy()
+    where = (np.array([5, 100, 200, 300, 400]), np.array([7, 50, 250, 260, 500]))
+    spoilt[where] = [np.nan, np.inf, -np.inf, np.nan, np.nan]
+    ref, out = normalize_image(raw), normalize_image(spoilt)
+    changed = (out != ref).any(axis=2)
+    assert changed.sum() <= 5 and (out[where] == 0).all()
+    path = tmp_path / "spoilt.tif"
+    tifffile.imwrite(path, spoilt)
+    with caplog.at_level(logging.WARNING, logger="nucleus_seg.data.io"):
+        read_image(path)
+    assert str(path) in caplog.text and "5 of 262144 pixels are NaN/Inf" in caplog.text
+    tifffile.imwrite(path, np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(ImageReadError, match="every pixel is NaN"):
+        read_image(path)

@@ -511,3 +511,16 @@ def test_weights_of_another_model_are_refused_naming_the_config_to_use(tmp_path)
     assert str(weights) in message and f"--config-file {weights.parent / 'config.yaml'}" in message
     assert "box_head" in message
     NucleusPredictor(get_nucleus_cfg(str(weights.parent / "config.yaml"), ["MODEL.WEIGHTS", str(weights)]))
+
+
+def test_a_few_nan_pixels_do_not_blank_the_prediction(tiny_cfg):
+    raw = blobs((96, 96), np.uint16, seed=5).astype(np.float32) / 65535
+    spoilt = raw.copy()
+    spoilt[[3, 40, 77], [9, 41, 90]] = np.nan
+    tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.05
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="random weights"):
+        predictor = NucleusPredictor(tiny_cfg)
+    clean = len(predictor(raw)["instances"])
+    assert clean > 0
+    assert len(predictor(spoilt)["instances"]) >= 0.8 * clean  # was 0: NaN made every pixel NaN

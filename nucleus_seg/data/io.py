@@ -6,6 +6,7 @@ normalised the same way everywhere.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import tifffile
 from PIL import Image
 
 from ..utils.files import TIFF_SUFFIXES
+
+logger = logging.getLogger(__name__)
 
 
 class ImageReadError(ValueError):
@@ -41,7 +44,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
     if image is None or image.size == 0:
         raise ImageReadError(f"{path}: cannot be read as an image (corrupt or unsupported format)")
-    return check_image_shape(image, path)
+    image = check_image_shape(image, path)
+    bad = _non_finite_pixels(image)
+    if bad is not None:
+        count = int(np.count_nonzero(bad))
+        if count == bad.size:
+            raise ImageReadError(f"{path}: every pixel is NaN or Inf")
+        logger.warning("%s: %d of %d pixels are NaN/Inf; they are left out of the normalisation and read as "
+                       "background", path, count, bad.size)
+    return image
 
 
 def check_image_shape(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
@@ -112,6 +123,16 @@ def _histogram_percentiles(data: np.ndarray, q: tuple[float, float]) -> tuple[fl
     return float(values[0]), float(values[1])
 
 
+def _non_finite_pixels(data: np.ndarray) -> np.ndarray | None:
+    """HxW mask of pixels with a NaN/Inf in any channel; None when there are none (or data is integer)."""
+    if data.dtype.kind != "f":
+        return None
+    bad = ~np.isfinite(data)
+    if bad.ndim == 3:
+        bad = bad.any(axis=2)
+    return bad if bad.any() else None
+
+
 def normalize_image(
     image: np.ndarray,
     method: str = "percentile",
@@ -124,9 +145,11 @@ def normalize_image(
 
     Percentile stretching makes 8-, 12- and 16-bit data and different exposures look alike, which is
     what lets one model serve them all. ``invert="auto"`` flips images whose background is brighter
-    than their foreground (brightfield, H&E), judged by the median lying in the upper half.
+    than their foreground (brightfield, H&E), judged by the median lying in the upper half. NaN/Inf
+    pixels of float images are left out of the stretch and come out as background (0).
     """
     image = check_image_shape(np.asarray(image))
+    bad = None
     if method == "none":
         if image.dtype != np.uint8:
             raise ValueError(f"normalisation 'none' needs uint8 input, got {image.dtype}")
@@ -138,11 +161,19 @@ def normalize_image(
         data = to_gray(image) if gray else (image[..., :3] if image.ndim == 3 else image)
         # integer data of up to 16 bits: percentiles from a histogram and the stretch as a lookup table
         small_int = data.dtype.kind in "ui" and data.dtype.itemsize <= 2
+        # NaN/Inf (dead pixels, masked regions of float images) would turn every percentile into NaN and the
+        # whole image blank: the stretch is computed on the finite pixels and the others become background
+        bad = _non_finite_pixels(data)
+        values = data if bad is None else data[~bad]
+        if values.size == 0:
+            raise ValueError("the image has no finite pixel (all NaN or Inf)")
+        if bad is not None:
+            data = np.where(bad if data.ndim == 2 else bad[..., None], np.nanmin(values), data)
         if method == "percentile":
             lo, hi = _histogram_percentiles(data, (low, high)) if small_int else np.percentile(
-                data.astype(np.float32), (low, high))
+                values.astype(np.float32), (low, high))
         elif method == "minmax":
-            lo, hi = float(data.min()), float(data.max())
+            lo, hi = float(values.min()), float(values.max())
         else:
             raise ValueError(f"unknown normalisation method {method!r} (percentile, minmax, none)")
         if hi <= lo:
@@ -162,6 +193,8 @@ def normalize_image(
     # median of uint8 data > 127 <=> more than half the pixels are >= 128
     if invert == "always" or (invert == "auto" and np.count_nonzero(out >= 128) * 2 > out.size):
         out = 255 - out
+    if bad is not None:
+        out[bad] = 0  # background, dark after any flip
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)
     elif out.shape[2] == 2:
