@@ -36,7 +36,7 @@ DOCUMENTED_KEYS = {
     "per_image",
     "iou_curve",
     "coco",
-    "unmatched_gt",
+    "missing_pred",
     "unmatched_pred",
 }
 
@@ -86,7 +86,8 @@ def label_folders(tmp_path):
 def test_label_mode_writes_metrics_and_figures(label_folders, tmp_path, capsys):
     gt_dir, pred_dir, pairs = label_folders
     out = tmp_path / "out"
-    assert main(["--gt", str(gt_dir), "--pred", str(pred_dir), "--output", str(out), "--num-worst", "2"]) == 0
+    argv = ["--gt", str(gt_dir), "--pred", str(pred_dir), "--output", str(out), "--num-worst", "2"]
+    assert main(argv + ["--matched-only"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= DOCUMENTED_KEYS
     assert metrics["n_images"] == 3
@@ -95,7 +96,7 @@ def test_label_mode_writes_metrics_and_figures(label_folders, tmp_path, capsys):
     assert got == pytest.approx(expected)
     assert metrics["dsb_score"] == pytest.approx(np.mean(list(expected.values())))
     assert metrics["n_gt"] == sum(len(np.unique(gt)) - 1 for gt, _ in pairs.values())
-    assert [p.rsplit("/", 1)[-1] for p in metrics["unmatched_gt"]] == ["lonely.tif"]
+    assert [p.rsplit("/", 1)[-1] for p in metrics["missing_pred"]] == ["lonely.tif"]
     assert [p.rsplit("/", 1)[-1] for p in metrics["unmatched_pred"]] == ["stray_masks.png"]
     assert metrics["coco"] is None  # label images carry no scores
     for row in metrics["per_image"]:
@@ -107,6 +108,35 @@ def test_label_mode_writes_metrics_and_figures(label_folders, tmp_path, capsys):
         image = cv2.imread(str(out / png))
         assert image is not None and image.shape[0] > 100 and image.std() > 0
     assert "dsb_score=" in capsys.readouterr().out
+
+
+def test_a_ground_truth_image_without_prediction_scores_as_all_missed(label_folders, tmp_path, capsys):
+    """It scored 1.0 with one of three predictions present (only a warning): missing work is not a pass."""
+    gt_dir, pred_dir, pairs = label_folders
+    out = tmp_path / "out"
+    assert main(["--gt", str(gt_dir), "--pred", str(pred_dir), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 4 ground-truth images have no prediction" in err and "lonely.tif" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = [dsb_score(gt, pred) for gt, pred in pairs.values()] + [0.0]
+    assert metrics["n_images"] == 4 and metrics["dsb_score"] == pytest.approx(np.mean(expected))
+    lonely = [r for r in metrics["per_image"] if r["file_name"].endswith("lonely.tif")][0]
+    assert lonely["dsb_score"] == 0 and lonely["fn50"] == len(np.unique(blobs(9))) - 1 and lonely["n_pred"] == 0
+    for name in ("b_labels.tif", "c.png"):  # one prediction for three ground-truth images
+        (gt_dir / name).rename(tmp_path / name)
+        (pred_dir / {"b_labels.tif": "b_pred.tif", "c.png": "c.ome.tif"}[name]).unlink()
+    assert main(["--gt", str(gt_dir), "--pred", str(pred_dir), "--output", str(out)]) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 2 and metrics["dsb_score"] < 0.5
+
+
+def test_label_images_with_negative_ids_are_named(tmp_path, capsys):
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    tifffile.imwrite(tmp_path / "gt" / "x.tif", blobs(0).astype(np.int16))
+    tifffile.imwrite(tmp_path / "pred" / "x.tif", -blobs(0).astype(np.int16))
+    assert main(["--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred"), "--output", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'pred' / 'x.tif'}: label image holds negative ids" in capsys.readouterr().err
 
 
 def test_label_mode_nothing_matched_exits_nonzero(tmp_path, capsys):

@@ -10,9 +10,11 @@ Three modes, same metrics and outputs (``metrics.json``, ``curves.png``, ``worst
 * labels:   ``nucleus-eval --gt DIR --pred DIR [--images DIR] [--output OUT]`` scores label-image
   folders (TIFF/PNG, 8/16/32-bit ids) from StarDist, Cellpose, CellProfiler, ... matched by file stem
   (suffixes such as ``_labels``, ``_masks``, ``_cp_masks``, ``_pred`` ignored) and writes ``OUT/...``.
-  Unmatched files are listed in the log and in metrics.json; nothing matched exits with status 1.
+  A ground-truth image without a prediction scores as all nuclei missed and the exit status is 1
+  (``--matched-only``: left out); predictions without ground truth are listed, not scored.
 
-Exit status: 0 done, 1 bad or unmatched data, 2 bad command line.
+Exit status: 0 done, 1 bad or missing data (an unreadable file, missing predictions), 2 bad command line
+(including an output folder that cannot be written).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt", help="ground-truth label image folder (or file): label mode")
     parser.add_argument("--pred", help="predicted label image folder (or file): label mode")
     parser.add_argument("--images", help="label mode: folder of the raw images, as overlay backgrounds")
+    parser.add_argument("--matched-only", action="store_true",
+                        help="label mode: score only images that have both ground truth and a prediction "
+                        "(default: a missing prediction scores as all nuclei missed, and the exit status is 1)")
     parser.add_argument("--output", help="output folder (default: OUTPUT_DIR/eval, or ./output/eval)")
     parser.add_argument("--num-worst", type=int, default=None,
                         help="overlay PNGs of this many worst images (default NUCLEUS.EVAL.NUM_WORST_OVERLAYS)")
@@ -79,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         if label_mode:
             output = Path(args.output or "output/eval")
             report = evaluate_label_folders(args.gt, args.pred, output, args.images,
-                                            4 if args.num_worst is None else args.num_worst)
+                                            4 if args.num_worst is None else args.num_worst, args.matched_only)
             print(summary_line(str(args.pred), report))
+            if report["missing_pred"] and not args.matched_only:
+                print(f"nucleus-eval: {len(report['missing_pred'])} of {report['n_images']} ground-truth images "
+                      "have no prediction and were scored as all nuclei missed (listed in metrics.json as "
+                      "missing_pred; --matched-only leaves them out)", file=sys.stderr)
+                return 1
             return 0
         cfg = load_config(parser, args.config_file or "Base-Nucleus-RCNN-FPN.yaml", args.opts)
         if not args.baseline and not cfg.MODEL.WEIGHTS:
@@ -99,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, evaluation in evaluate_datasets(cfg, datasets, output, args.baseline, num_worst).items():
             print(summary_line(name, evaluation.report))
         return 0
+    except PermissionError as exc:  # the output folder, found before any compute
+        print(f"nucleus-eval: error: {exc}", file=sys.stderr)
+        return 2
     except (EvalError, OSError, ValueError) as exc:  # ImageReadError is a ValueError naming its file
         print(f"nucleus-eval: error: {exc}", file=sys.stderr)
         return 1

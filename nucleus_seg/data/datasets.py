@@ -264,8 +264,6 @@ def _parse_label_pair(item: tuple[Path, Path]) -> dict:
             f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from image {image_path} "
             f"size {image.shape[1]}x{image.shape[0]}"
         )
-    if label.min() < 0:
-        raise ImageReadError(f"{label_path}: label image holds negative ids")
     return {
         "file_name": str(image_path),
         "image_name": image_path.stem,

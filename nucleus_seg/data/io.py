@@ -86,6 +86,8 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
         if not np.all(np.mod(label, 1) == 0):
             raise ImageReadError(f"{path}: label image holds non-integer values")
         label = label.astype(np.int64)
+    if label.dtype.kind == "i" and label.size and label.min() < 0:
+        raise ImageReadError(f"{path}: label image holds negative ids (min {label.min()})")
     return label.astype(np.int64 if label.dtype.itemsize > 4 else np.int32, copy=False)
 
 

@@ -26,7 +26,7 @@ from ..data.io import read_image, read_label_image
 from ..inference.baseline import watershed_segment
 from ..inference.predictor import NucleusPredictor
 from ..structures import gt_label_image, label_image_to_masks
-from ..utils.files import IMAGE_SUFFIXES, LABEL_SUFFIXES, safe_name
+from ..utils.files import IMAGE_SUFFIXES, LABEL_SUFFIXES, check_writable, safe_name
 from .evaluator import NucleusEvaluator, build_report, log_report, prediction_label_image, write_report
 from .matching import image_counts
 from .plots import plot_curves, plot_overlay, worst_rows
@@ -101,49 +101,62 @@ def _preview(names: list[str], limit: int = 10) -> str:
 
 
 def evaluate_label_folders(
-    gt: str | Path, pred: str | Path, output: str | Path, images: str | Path | None = None, num_worst: int = 4
+    gt: str | Path, pred: str | Path, output: str | Path, images: str | Path | None = None, num_worst: int = 4,
+    matched_only: bool = False,
 ) -> dict:
     """Score predicted label images against ground-truth ones; write metrics.json and PNGs; return the report.
 
-    Files pair up by :func:`match_key`; unpaired ones are logged and listed in the report, not scored.
+    Files pair up by :func:`match_key`. A ground-truth image without a prediction scores as one where
+    every nucleus was missed (``missing_pred`` in the report), unless ``matched_only`` (then it is left out,
+    as a tool that skipped images would wish). Predictions without ground truth are listed
+    (``unmatched_pred``) and not scored: nothing says what they should have found.
     """
+    out = check_writable(output)
     gt_files, pred_files = index_files(gt), index_files(pred)
     if not gt_files:
         raise EvalError(f"{gt}: no label images ({', '.join(LABEL_SUFFIXES)})")
     if not pred_files:
         raise EvalError(f"{pred}: no label images ({', '.join(LABEL_SUFFIXES)})")
-    keys = sorted(set(gt_files) & set(pred_files))
-    unmatched_gt = sorted(str(gt_files[k]) for k in set(gt_files) - set(pred_files))
+    matched = sorted(set(gt_files) & set(pred_files))
+    missing_pred = sorted(str(gt_files[k]) for k in set(gt_files) - set(pred_files))
     unmatched_pred = sorted(str(pred_files[k]) for k in set(pred_files) - set(gt_files))
-    if not keys:
+    if not matched:
         raise EvalError(
             f"no file in {pred} matches a file in {gt} by name (after dropping suffixes like "
             f"{', '.join(STEM_SUFFIXES[:5])}); ground truth: {_preview([p.name for p in gt_files.values()])}; "
             f"predictions: {_preview([p.name for p in pred_files.values()])}"
         )
-    if unmatched_gt:
-        logger.warning("%d ground-truth files have no prediction (not scored): %s", len(unmatched_gt),
-                       _preview(unmatched_gt))
+    if missing_pred:
+        logger.warning("%d ground-truth images have no prediction (%s): %s", len(missing_pred),
+                       "left out" if matched_only else "scored as all nuclei missed", _preview(missing_pred))
     if unmatched_pred:
         logger.warning("%d prediction files have no ground truth (not scored): %s", len(unmatched_pred),
                        _preview(unmatched_pred))
-    records = []
-    for key in keys:
-        g, p = read_label_image(gt_files[key]), read_label_image(pred_files[key])
+
+    def read_pair(key: str) -> tuple[np.ndarray, np.ndarray]:
+        g = read_label_image(gt_files[key])
+        if key not in pred_files:
+            return g, np.zeros_like(g)
+        p = read_label_image(pred_files[key])
         if g.shape != p.shape:
             raise EvalError(f"{pred_files[key]} is {p.shape[0]}x{p.shape[1]} but its ground truth "
                             f"{gt_files[key]} is {g.shape[0]}x{g.shape[1]}")
-        records.append({"image_id": key, "file_name": str(gt_files[key]), "counts": image_counts(g, p)})
+        return g, p
+
+    keys = matched if matched_only else sorted(gt_files)
+    records = [{"image_id": key, "file_name": str(gt_files[key]), "counts": image_counts(*read_pair(key))}
+               for key in keys]
     report = build_report(records, str(gt))
-    report.update(pred=str(pred), unmatched_gt=unmatched_gt, unmatched_pred=unmatched_pred)
+    report.update(pred=str(pred), missing_pred=missing_pred, unmatched_pred=unmatched_pred,
+                  matched_only=matched_only)
     log_report(report, logger)
-    write_report(report, output)
+    write_report(report, out)
     image_files = index_files(images, IMAGE_SUFFIXES) if images else {}
 
     def load(row: dict):
         key = row["image_id"]
         image = read_image(image_files[key]) if key in image_files else None
-        return read_label_image(gt_files[key]), read_label_image(pred_files[key]), image
+        return (*read_pair(key), image)
 
     write_figures(report, Path(output), load, num_worst)
     return report
@@ -207,6 +220,8 @@ def evaluate_datasets(
     """Run the model (or baseline) and ``NucleusEvaluator`` on each dataset; ``output/<dataset>/`` gets
     metrics.json, curves.png and the worst images' overlays (main rank). ``model`` scores a model already in
     memory (training) instead of ``MODEL.WEIGHTS``."""
+    if output is not None and comm.is_main_process():
+        check_writable(output)
     register_eval_datasets(cfg, datasets)
     run_model = watershed_model if baseline == "watershed" else predictor_model(cfg, model)
     batch = max(int(cfg.NUCLEUS.PREDICT.BATCH_SIZE), 1) if baseline is None else 1
