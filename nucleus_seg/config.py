@@ -72,6 +72,18 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.NUCLEUS.TRAIN.AMP_DTYPE = "bfloat16"
     # GroupNorm in the autocast precision (fp32 statistics) instead of autocast's fp32 cast round trip.
     cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM = True
+    # Periodic checkpoints (SOLVER.CHECKPOINT_PERIOD) kept: the last N (0 = all, detectron2's behaviour).
+    # None is written at the last iteration, where model_final.pth holds the same weights.
+    cfg.NUCLEUS.TRAIN.CHECKPOINT_KEEP = 2
+    # True: at the end only model_final.pth is left, and it holds the weights alone (no optimizer state:
+    # a third of the size; --resume from it cannot continue the schedule, only use the weights).
+    cfg.NUCLEUS.TRAIN.FINAL_ONLY = False
+    # A loss that explodes but stays finite (too high a learning rate) stops training like NaN does: when it
+    # exceeds CEILING, or FACTOR x its running median, PATIENCE logged steps in a row (PATIENCE 0: off).
+    cfg.NUCLEUS.TRAIN.DIVERGENCE = CN()
+    cfg.NUCLEUS.TRAIN.DIVERGENCE.FACTOR = 100.0
+    cfg.NUCLEUS.TRAIN.DIVERGENCE.CEILING = 1e4
+    cfg.NUCLEUS.TRAIN.DIVERGENCE.PATIENCE = 3
 
     cfg.NUCLEUS.PREDICT = CN()
     cfg.NUCLEUS.PREDICT.BATCH_SIZE = 8

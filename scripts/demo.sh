@@ -13,7 +13,7 @@ else
 fi
 echo "[demo] config $CFG, outputs in $OUT"
 # DATASETS.TEST "()": the evaluation below is the one that counts; no second one at the end of training
-nucleus-train --config-file "$CFG" OUTPUT_DIR "$OUT/train" DATASETS.TEST "()"
+nucleus-train --config-file "$CFG" --overwrite OUTPUT_DIR "$OUT/train" DATASETS.TEST "()"
 WEIGHTS="$OUT/train/model_final.pth"
 nucleus-eval --config-file "$CFG" --dataset nucleus_synth_val --dataset nucleus_dsb_sample \
   --output "$OUT/eval" MODEL.WEIGHTS "$WEIGHTS"

@@ -13,7 +13,8 @@ OUT=${1:-output/synth_h100}; shift || true
 CFG=${NUCLEUS_RECIPE_CONFIG:-configs/nucleus_R101_FPN_synth_h100.yaml}
 start=$(date +%s)
 export NUCLEUS_PROCS_PER_GPU=${NUCLEUS_PROCS_PER_GPU:-2}  # the report reads it too
-nucleus-train --config-file "$CFG" --num-gpus "${NUCLEUS_NUM_GPUS:-1}" \
+# --resume: a finished training (final_metrics.json says so) is kept, an interrupted one continues
+nucleus-train --config-file "$CFG" --num-gpus "${NUCLEUS_NUM_GPUS:-1}" --resume \
   --procs-per-gpu "$NUCLEUS_PROCS_PER_GPU" OUTPUT_DIR "$OUT/train" DATASETS.TEST "()" "$@"
 train_end=$(date +%s)
 WEIGHTS=(MODEL.WEIGHTS "$OUT/train/model_final.pth")

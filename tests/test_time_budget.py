@@ -6,6 +6,7 @@ step made deliberately slow so the budget decides.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from detectron2.engine import SimpleTrainer, hooks
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from nucleus_seg.engine.hooks import BudgetReached, TimeBudget
+from nucleus_seg.engine.hooks import BudgetReached, FinalMetrics, TimeBudget
 
 
 class _Slow(torch.nn.Module):
@@ -47,9 +48,13 @@ def _trainer(tmp_path, max_iter):
 
 def test_budget_shrinks_schedule_and_saves_final(tmp_path):
     trainer, opt = _trainer(tmp_path, max_iter=10_000)
-    trainer.register_hooks([TimeBudget(minutes=0.5 / 60, measure_from=2, measure_iters=5)])
+    trainer.register_hooks([TimeBudget(minutes=0.5 / 60, measure_from=2, measure_iters=5),
+                            FinalMetrics(str(tmp_path))])
     with pytest.raises(BudgetReached):
         trainer.train(0, 10_000)
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    # the budget's schedule ran to its end: a normal finish, not an error
+    assert final["completed"] and final["stopped_by"] == "time_budget" and final["error"] is None
     stopped = trainer.iter + 1
     assert 7 <= stopped < 200  # ~0.5 s of ~10 ms steps, not 10k
     assert trainer.max_iter == stopped

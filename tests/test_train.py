@@ -275,3 +275,87 @@ def test_training_time_evaluation_scores_what_nucleus_eval_scores(tiny_cfg, tmp_
     assert report["n_pred"] > 0 and report["n_gt"] > 0
     assert results["nucleus"]["dsb_score"] == report["dsb_score"]
     assert results["nucleus"]["n_pred"] == report["n_pred"]
+
+
+@pytest.mark.slow
+def test_an_earlier_run_is_refused_continued_or_overwritten_and_checkpoints_are_not_duplicated(
+        tiny_cfg, tmp_path, synth_root, capsys):
+    """A second run into the same OUTPUT_DIR overwrote model_final.pth and appended to metrics.json (curves
+    mixed two runs); detectron2 wrote model_0000003.pth beside an identical model_final.pth."""
+    yaml = config_file(tiny_cfg, tmp_path, **{
+        "DATASETS.TRAIN": "('nucleus_synth_train',)", "DATASETS.TEST": "()", "SOLVER.MAX_ITER": 6,
+        "SOLVER.CHECKPOINT_PERIOD": 2, "NUCLEUS.TRAIN.CHECKPOINT_KEEP": 1})
+    out = tmp_path / "out"
+    assert main(["--config-file", yaml]) == 0
+    # periodic saves at iterations 1 and 3 (the last one kept), none at 5: model_final holds those weights
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000003.pth", "model_final.pth"]
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 5 and "trainer" in final  # optimizer, scheduler: --resume continues
+    first = (out / "model_final.pth").stat().st_mtime_ns
+
+    assert main(["--config-file", yaml]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
+    assert "Traceback" not in err and (out / "model_final.pth").stat().st_mtime_ns == first
+
+    assert main(["--config-file", yaml, "--resume"]) == 0  # finished: nothing to do, nothing rewritten
+    assert (out / "model_final.pth").stat().st_mtime_ns == first
+
+    assert main(["--config-file", yaml, "--overwrite", "NUCLEUS.TRAIN.FINAL_ONLY", "True"]) == 0
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_final.pth"]
+    slim = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert set(slim) == {"model", "iteration"}
+    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()]
+    assert iterations == sorted(set(iterations))  # one run's records only
+
+
+def test_config_mistakes_are_one_line_with_status_2(tiny_cfg, tmp_path, capsys):
+    yaml = config_file(tiny_cfg, tmp_path)
+    for opts, named in ((["SOLVER.NO_SUCH_KEY", "1"], "SOLVER.NO_SUCH_KEY"),
+                        (["SOLVER.MAX_ITER", "many"], "SOLVER.MAX_ITER"),
+                        (["DATASETS.TRAIN", "('no_such_dataset',)"], "no_such_dataset"),
+                        (["SOLVER.MAX_ITER"], "KEY VALUE")):
+        assert main(["--config-file", yaml] + opts) == 2, opts
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "file").write_text("in the way")
+    assert main(["--config-file", yaml, "OUTPUT_DIR", str(tmp_path / "file" / "out")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_finite_loss_explosion_stops_training_like_nan(tiny_cfg, tmp_path, synth_root, capfd):
+    """SOLVER.BASE_LR 1e3: the loss reached 2.6e14 by iteration 9, yet training saved a 'completed' model."""
+    yaml = config_file(tiny_cfg, tmp_path, **{
+        "DATASETS.TRAIN": "('nucleus_synth_train',)", "DATASETS.TEST": "()", "SOLVER.MAX_ITER": 60,
+        "SOLVER.BASE_LR": 1e3, "SOLVER.WARMUP_ITERS": 0, "SOLVER.CLIP_GRADIENTS.ENABLED": False,
+        "NUCLEUS.TRAIN.DIVERGENCE.CEILING": 1e3})
+    assert main(["--config-file", yaml]) == EXIT_DIVERGED
+    text = "".join(capfd.readouterr())
+    assert "Training diverged" in text and "lower it" in text and "Traceback" not in text
+    final = read_json(tmp_path / "out" / "final_metrics.json")
+    assert not final["completed"] and final["error"].startswith("FloatingPointError")
+    assert final["iteration"] < 60 and not (tmp_path / "out" / "model_final.pth").exists()
+
+
+def test_a_rank_dying_after_training_finished_is_not_a_failed_run(tiny_cfg, tmp_path, monkeypatch):
+    """The recipe once ended with exit 2 although model_final.pth and final_metrics.json were complete: a
+    rank died in interpreter teardown (oneMKL). A finished training exits 0; an unfinished one still fails."""
+    from torch.multiprocessing import ProcessExitedException
+
+    from nucleus_seg.engine import job
+
+    yaml = config_file(tiny_cfg, tmp_path)
+    out = tmp_path / "out"
+
+    def launch_then_die(*args, completed=True, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "model_final.pth").write_bytes(b"weights")
+        (out / "final_metrics.json").write_text(json.dumps({"completed": completed}))
+        raise ProcessExitedException("process 1 terminated with exit code 1", 1, 1, 1234)
+
+    monkeypatch.setattr(job, "launch", launch_then_die)
+    assert main(["--config-file", yaml, "--num-gpus", "1", "--procs-per-gpu", "2", "--overwrite"]) == 0
+    monkeypatch.setattr(job, "launch", lambda *a, **k: launch_then_die(completed=False))
+    with pytest.raises(ProcessExitedException):
+        main(["--config-file", yaml, "--procs-per-gpu", "2", "--overwrite"])

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = ("tcp://HOST:PORT of machine 0 when training on several machines; default 'auto' "
                            "(a free local port, single machine only)")
     add_version(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an OUTPUT_DIR that holds an earlier run, deleting its checkpoints, "
+                        "metrics and curves (without it, or --resume, such a folder is refused)")
     parser.add_argument("--procs-per-gpu", type=int, default=1, metavar="K",
                         help="training processes per GPU (world size = num-gpus x K x num-machines; gloo "
                         "instead of NCCL). Training is host-bound, so K=2 keeps the GPU busier; with "

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from ..utils.files import atomic_path, write_json
 
 __all__ = [
-    "read_metrics", "plot_training_curves", "TrainingCurves", "FinalMetrics", "TimeBudget", "BudgetReached",
+    "BudgetReached", "DivergenceGuard", "FinalMetrics", "TimeBudget", "TrainingCurves", "plot_training_curves",
+    "read_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,9 +165,11 @@ class FinalMetrics(HookBase):
         latest = storage.latest_with_smoothing_hint(20)
         losses = {k: float(v) for k, (v, _) in latest.items() if k == "total_loss" or k.startswith("loss_")}
         exc = sys.exc_info()[1]  # after_train runs in TrainerBase.train's `finally`
+        budget = isinstance(exc, BudgetReached)  # the time budget's schedule ran to its end: a normal finish
         report = {
-            "completed": trainer.iter >= trainer.max_iter and exc is None,
-            "error": None if exc is None else f"{type(exc).__name__}: {exc}",
+            "completed": (trainer.iter >= trainer.max_iter and exc is None) or budget,
+            "stopped_by": "time_budget" if budget else "max_iter" if exc is None else "error",
+            "error": None if exc is None or budget else f"{type(exc).__name__}: {exc}",
             "iteration": int(min(trainer.iter, trainer.max_iter)),
             "start_iter": int(trainer.start_iter),
             "max_iter": int(trainer.max_iter),
@@ -182,6 +185,42 @@ class FinalMetrics(HookBase):
         path = Path(self._output_dir) / FINAL_METRICS_FILE
         write_json(path, report)
         logger.info("Final metrics written to %s", path)
+
+
+class DivergenceGuard(HookBase):
+    """Stop a run whose loss explodes while staying finite, as detectron2 stops one whose loss is NaN.
+
+    With ``SOLVER.BASE_LR 1e3`` the total loss reached 2.6e14 by iteration 9 and training went on to save
+    a "completed" model. Here a logged total loss above ``ceiling``, or above ``factor`` x the median of
+    the earlier ones, ``patience`` times in a row raises the same ``FloatingPointError`` as NaN does, so
+    ``nucleus-train`` prints the same diagnosis and exits with the same status.
+    """
+
+    def __init__(self, factor: float = 100.0, ceiling: float = 1e4, patience: int = 3, history: int = 50,
+                 warmup: int = 10):
+        self.factor, self.ceiling, self.patience = float(factor), float(ceiling), int(patience)
+        self.history, self.warmup = int(history), int(warmup)
+        self._checked = -1
+        self._strikes = 0
+
+    def after_step(self) -> None:
+        storage = self.trainer.storage
+        if self.patience <= 0 or "total_loss" not in storage.histories():
+            return
+        logged = storage.history("total_loss").values()  # [(value, iteration)], logged one step late
+        value, iteration = logged[-1]
+        if iteration <= self._checked:
+            return
+        self._checked = iteration
+        earlier = [v for v, _ in logged[-self.history - 1:-1]]
+        median = float(np.median(earlier)) if len(earlier) >= self.warmup else None
+        too_high = value > self.ceiling or (median is not None and value > self.factor * max(median, 1e-6))
+        self._strikes = self._strikes + 1 if too_high else 0
+        if self._strikes >= self.patience:
+            against = f"{value / max(median, 1e-6):.3g}x its running median {median:.3g}" if median else (
+                f"above {self.ceiling:g}")
+            raise FloatingPointError(f"Loss is {value:.3g} at iteration {iteration}, {against}, {self.patience} "
+                                     "logged steps in a row: training diverged")
 
 
 class BudgetReached(BaseException):
@@ -261,7 +300,10 @@ class TimeBudget(HookBase):
             if isinstance(hook, PeriodicCheckpointer):
                 hook.max_iter = new_max
                 if new_max == trainer.iter + 1:  # this step is the last: the hook's save for it has passed
-                    hook.checkpointer.save(f"{hook.file_prefix}_final", iteration=trainer.iter)
+                    if hasattr(hook, "save_final"):  # nucleus_seg's (weights-only option, no duplicate)
+                        hook.save_final(trainer.iter)
+                    else:
+                        hook.checkpointer.save(f"{hook.file_prefix}_final", iteration=trainer.iter)
             for writer in getattr(hook, "_writers", ()):  # PeriodicWriter's CommonMetricPrinter: the ETA
                 if hasattr(writer, "_max_iter"):
                     writer._max_iter = new_max

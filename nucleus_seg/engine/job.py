@@ -7,23 +7,26 @@ console script only parses arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
+from torch.multiprocessing import ProcessExitedException
 
 from ..config import get_nucleus_cfg, resolve_config_path
-from ..data.catalog import generate_synthetic_data
+from ..data.catalog import generate_synthetic_data, register_datasets_from_cfg
 from ..modeling.precision import training_precision
 from ..utils.dist import close_process_group, launch
-from ..utils.files import atomic_write, write_json
+from ..utils.files import atomic_write, check_writable, write_json
 from ..utils.logs import setup_logging
+from .checkpoint import NucleusCheckpointer, previous_run_files
+from .hooks import FINAL_METRICS_FILE
 from .trainer import NucleusTrainer, divergence_message, prepare_cfg
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "main_worker", "run", "setup"]
@@ -88,7 +91,7 @@ def _evaluate_only(cfg, args: argparse.Namespace) -> dict:
     if not cfg.DATASETS.TEST:
         raise SystemExit("nucleus-train --eval-only: DATASETS.TEST is empty, nothing to evaluate on")
     model = NucleusTrainer.build_model(cfg)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = NucleusCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     results = NucleusTrainer.test(cfg, model)
     if comm.is_main_process():
@@ -115,14 +118,71 @@ def main_worker(args: argparse.Namespace):
     return result
 
 
+class UsageError(Exception):
+    """Something wrong with the command line or the config: one line, exit status 2, before any process."""
+
+
+def check_command_line(args: argparse.Namespace):
+    """Everything the command line can get wrong, found before any process starts or model is built: the
+    config (file, keys, values), dataset names, OUTPUT_DIR (writable; an earlier run there is refused unless
+    ``--resume`` continues it or ``--overwrite`` deletes it). Returns the config."""
+    if args.resume and getattr(args, "overwrite", False):
+        raise UsageError("--resume continues the run in OUTPUT_DIR and --overwrite deletes it: choose one")
+    if len(args.opts or []) % 2:
+        raise UsageError(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    try:
+        path = resolve_config_path(args.config_file or DEFAULT_CONFIG)
+        cfg = get_nucleus_cfg(path, args.opts or [])
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - yacs/yaml raise KeyError, ValueError, AssertionError, ...
+        raise UsageError(f"config {args.config_file or DEFAULT_CONFIG}: {exc.args[0] if exc.args else exc}") from exc
+    try:
+        register_datasets_from_cfg(cfg)
+        if cfg.OUTPUT_DIR:
+            check_writable(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    except (KeyError, ValueError, PermissionError) as exc:
+        raise UsageError(exc.args[0] if exc.args else str(exc)) from exc
+    previous = previous_run_files(cfg.OUTPUT_DIR) if cfg.OUTPUT_DIR and not args.eval_only else []
+    if previous and getattr(args, "overwrite", False):
+        for file in previous:
+            file.unlink()
+        logger.info("--overwrite: deleted the earlier run's %d files in %s", len(previous), cfg.OUTPUT_DIR)
+    elif previous and not args.resume:
+        names = ", ".join(f.name for f in previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise UsageError(f"OUTPUT_DIR {cfg.OUTPUT_DIR} already holds a training run ({names}): continue it with "
+                         "--resume, or start afresh with --overwrite (deletes its checkpoints and metrics)")
+    return cfg
+
+
+def finished_training(output_dir: str | Path) -> bool:
+    """A run in ``output_dir`` ran to its end (MAX_ITER or the time budget) and saved model_final.pth."""
+    metrics = Path(output_dir) / FINAL_METRICS_FILE
+    try:
+        done = json.loads(metrics.read_text()).get("completed") is True
+    except (OSError, ValueError):
+        return False
+    return done and (Path(output_dir) / "model_final.pth").is_file()
+
+
 def run(args: argparse.Namespace, launched_at: float | None = None) -> int:
     """Launch :func:`main_worker` over ``args.num_gpus x args.procs_per_gpu`` processes per machine; returns
     the exit status (0 ok, 2 usage, 3 diverged, 130 interrupted)."""
     args.launched_at = launched_at or time.time()  # a time budget counts from here (see setup)
+    setup_logging()
     try:
-        if args.num_gpus * args.procs_per_gpu > 1 and not args.eval_only and len(args.opts or []) % 2 == 0:
+        cfg = check_command_line(args)
+    except UsageError as exc:
+        print(f"nucleus-train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.resume and not args.eval_only and finished_training(cfg.OUTPUT_DIR):
+        logger.info("Training in %s is complete (%s, model_final.pth): nothing to resume", cfg.OUTPUT_DIR,
+                    FINAL_METRICS_FILE)
+        return 0
+    try:
+        if args.num_gpus * args.procs_per_gpu > 1 and not args.eval_only:
             # once, with every core, before the ranks start (else each rank generates the same images)
-            generate_synthetic_data(get_nucleus_cfg(_resolve_config(args.config_file), args.opts or []))
+            generate_synthetic_data(cfg)
         launch(main_worker, args.num_gpus, procs_per_gpu=args.procs_per_gpu, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except SystemExit as exc:
@@ -135,4 +195,13 @@ def run(args: argparse.Namespace, launched_at: float | None = None) -> int:
               f"{args.config_file or DEFAULT_CONFIG} --resume {' '.join(args.opts or [])}".rstrip(),
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ProcessExitedException as exc:
+        if exc.exit_code == EXIT_DIVERGED:
+            return EXIT_DIVERGED
+        if args.eval_only or not finished_training(cfg.OUTPUT_DIR):
+            raise
+        # seen once on an H200 node: a rank died in interpreter teardown (oneMKL "Cannot load libtorch_cpu.so")
+        # after every file was written; the training itself is complete and its outputs are whole
+        logger.warning("A training process exited with status %s after training had finished; %s and "
+                       "model_final.pth in %s are complete", exc.exit_code, FINAL_METRICS_FILE, cfg.OUTPUT_DIR)
     return 0

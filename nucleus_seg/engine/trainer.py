@@ -10,7 +10,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
@@ -26,7 +25,8 @@ from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, us
 from ..utils.env import usable_device
 from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
-from .hooks import BudgetReached, FinalMetrics, TimeBudget, TrainingCurves
+from .checkpoint import NucleusCheckpointer, PeriodicCheckpointer
+from .hooks import BudgetReached, DivergenceGuard, FinalMetrics, TimeBudget, TrainingCurves
 from .optim import with_fast_norm_clipping
 
 __all__ = ["NucleusTrainer", "best_metric_key", "divergence_message", "prepare_cfg"]
@@ -98,7 +98,7 @@ def divergence_message(cfg: CfgNode, exc: BaseException) -> str:
     return "\n".join(lines)
 
 
-class _UntaggedCheckpointer(DetectionCheckpointer):
+class _UntaggedCheckpointer(NucleusCheckpointer):
     """Saves without moving the ``last_checkpoint`` tag, so model_best never becomes what --resume loads."""
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -135,7 +135,7 @@ class NucleusTrainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = NucleusCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -196,6 +196,12 @@ class NucleusTrainer(DefaultTrainer):
 
     def build_hooks(self) -> list:
         ret = super().build_hooks()
+        train = self.cfg.NUCLEUS.TRAIN
+        ret = [PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, keep=train.CHECKPOINT_KEEP,
+                                    final_only=train.FINAL_ONLY) if isinstance(h, hooks.PeriodicCheckpointer) else h
+               for h in ret]
+        guard = train.DIVERGENCE
+        ret.insert(0, DivergenceGuard(guard.FACTOR, guard.CEILING, guard.PATIENCE))
         best = None
         if comm.is_main_process() and len(self.cfg.DATASETS.TEST):
             best = hooks.BestCheckpointer(

@@ -50,6 +50,8 @@ class _CurrentStderr(logging.StreamHandler):
 
 class _ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is FloatingPointError:
+            return False  # a diverged run: nucleus-train explains it without detectron2's traceback
         if record.levelno >= logging.WARNING:
             return True
         return record.name.startswith(OURS) and not record.getMessage().startswith(HIDDEN_ON_CONSOLE)
