@@ -76,3 +76,32 @@ def test_zoomed_names_rescale_images_and_labels(dsb_folder, tmp_path, monkeypatc
     cfg.DATASETS.TEST = ("nucleus_dsb_sample@x100",)
     with pytest.raises(ValueError, match="outside"):
         register_datasets_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("content", ['{"images": [', '[1, 2]',
+                                     '{"images": [{"id": 1}], "annotations": [], "categories": []}',
+                                     '{"images": [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}], '
+                                     '"annotations": [{"id": 1, "image_id": 1}], "categories": [{"id": 1}]}'])
+def test_a_malformed_coco_json_is_named(tmp_path, content, capsys):
+    from nucleus_seg.data.catalog import register_nucleus_dataset
+    from nucleus_seg.data.io import ImageReadError
+
+    bad = tmp_path / "nuclei.json"
+    bad.write_text(content)
+    register_nucleus_dataset("bad_coco", bad)
+    with pytest.raises(ImageReadError, match=str(bad)):
+        DatasetCatalog.get("bad_coco")
+    assert eval_main(["--baseline", "watershed", "--dataset", str(bad), "--output", str(tmp_path / "o")]) == 1
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_nucleus_train_names_a_malformed_coco_json(tiny_cfg, tmp_path, capsys):
+    from nucleus_seg.cli.train import main as train_main
+
+    bad = tmp_path / "nuclei.json"
+    bad.write_text('{"images": [')
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(tiny_cfg.dump())
+    assert train_main(["--config-file", str(yaml), "DATASETS.TRAIN", f"('{bad}',)", "DATASETS.TEST", "()"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err

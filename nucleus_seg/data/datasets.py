@@ -355,7 +355,13 @@ def load_coco_nucleus_json(json_file: str | os.PathLike, image_root: str | os.Pa
     json_file = Path(json_file)
     if not json_file.is_file():
         raise FileNotFoundError(f"COCO annotation file {json_file} does not exist")
-    records = load_coco_json(str(json_file), str(image_root))
+    try:
+        records = load_coco_json(str(json_file), str(image_root))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, IndexError) as exc:
+        # a JSON syntax error, or an object that is not a COCO instances file: pycocotools and detectron2
+        # fail deep inside without naming the file
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+        raise ImageReadError(f"{json_file}: not a readable COCO instances file ({what})") from exc
     categories = {a["category_id"] for r in records for a in r.get("annotations", [])}
     if len(categories) > 1:
         logger.info("%s: %d categories merged into 'nucleus'", json_file, len(categories))

@@ -21,6 +21,8 @@ from torch.multiprocessing import ProcessExitedException
 
 from ..config import get_nucleus_cfg, resolve_config_path
 from ..data.catalog import generate_synthetic_data, register_datasets_from_cfg
+from ..data.io import ImageReadError
+from ..data.mapper import AnnotationError
 from ..modeling.precision import training_precision
 from ..utils.dist import close_process_group, launch
 from ..utils.files import atomic_write, check_writable, write_json
@@ -189,6 +191,9 @@ def run(args: argparse.Namespace, launched_at: float | None = None) -> int:
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)
         print(exc.code, file=sys.stderr)
+        return 2
+    except (ImageReadError, AnnotationError) as exc:  # a data file at fault; the message names it
+        print(f"nucleus-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nInterrupted. Continue from the last checkpoint with: nucleus-train --config-file "
