@@ -139,16 +139,37 @@ def label_image_to_annotations(label: np.ndarray) -> list[dict[str, Any]]:
     return annotations
 
 
+def valid_polygons(polygons, height: int, width: int) -> list[list[float]]:
+    """COCO polygons as flat coordinate lists, or ValueError: pycocotools crashes the process (segfault) on
+    NaN/inf or huge coordinates and on polygons of fewer than three points, so nothing reaches it unchecked.
+    A vertex may lie outside the image, but not by more than the image's own size."""
+    reach = float(max(height, width))
+    out = []
+    for poly in polygons:
+        try:
+            coords = np.asarray(poly, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"polygon is not a list of numbers ({exc})") from exc
+        if coords.ndim != 1 or coords.size < 6 or coords.size % 2:
+            raise ValueError(f"polygon needs an even number (>= 6) of coordinates, got shape {coords.shape}")
+        if not np.isfinite(coords).all():
+            raise ValueError("polygon holds NaN or infinite coordinates")
+        if (np.abs(coords[0::2] - width / 2) > width / 2 + reach).any() or (
+                np.abs(coords[1::2] - height / 2) > height / 2 + reach).any():
+            raise ValueError(f"polygon reaches far outside the {width}x{height} image")
+        out.append(coords.tolist())
+    if not out:
+        raise ValueError("empty polygon list")
+    return out
+
+
 def annotation_to_rle(annotation: dict, height: int, width: int) -> dict:
     """Compressed RLE of an annotation's ``segmentation`` (compressed or uncompressed RLE, or polygons)."""
     seg = annotation.get("segmentation")
     if seg is None:
         raise ValueError("annotation has no 'segmentation'")
     if isinstance(seg, list):  # polygons
-        polygons = [np.asarray(p, dtype=np.float64).ravel().tolist() for p in seg if len(p) >= 6]
-        if not polygons:
-            return mask_util.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
-        return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+        return mask_util.merge(mask_util.frPyObjects(valid_polygons(seg, height, width), height, width))
     if isinstance(seg, dict):
         if tuple(seg.get("size", ())) != (height, width):
             raise ValueError(f"RLE size {seg.get('size')} differs from the image size {[height, width]}")

@@ -48,3 +48,24 @@ def test_every_shipped_config_builds_and_takes_a_training_step(name):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_coco_ap_is_measured_over_every_detection_a_config_keeps(name):
+    """COCO's 100-detection cap truncates fields of 300+ nuclei: the largest NUCLEUS.EVAL.MAX_DETS must reach
+    TEST.DETECTIONS_PER_IMAGE, and the prediction settings must be in range."""
+    from nucleus_seg.config import check_predict_settings, get_nucleus_cfg
+
+    cfg = get_nucleus_cfg(name)
+    assert max(cfg.NUCLEUS.EVAL.MAX_DETS) >= cfg.TEST.DETECTIONS_PER_IMAGE
+    check_predict_settings(cfg)
+
+
+def test_out_of_range_prediction_settings_are_named():
+    from nucleus_seg.config import check_predict_settings, get_nucleus_cfg
+
+    for key, value in (("SCORE_THRESH", 5.0), ("DIAMETER", -3.0), ("TILE_SIZE", 0), ("TILE_OVERLAP", 512),
+                       ("BATCH_SIZE", 0), ("DIAMETER_SCORE_THRESH", -0.1)):
+        cfg = get_nucleus_cfg("nucleus_R101_FPN_scratch.yaml", [f"NUCLEUS.PREDICT.{key}", str(value)])
+        with pytest.raises(ValueError, match=f"NUCLEUS.PREDICT.{key} "):
+            check_predict_settings(cfg)

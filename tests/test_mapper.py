@@ -372,3 +372,15 @@ def test_scale_to_diameter_brings_each_image_to_the_training_size(tmp_path, targ
             areas = out["instances"].gt_masks.tensor.sum(dim=(1, 2)).numpy()[inside]
             found.append(median_diameter(areas))
         assert np.median(found) == pytest.approx(target, rel=0.2), (name, found)
+
+
+def test_an_instance_of_exactly_the_minimum_area_is_kept():
+    from nucleus_seg.data.mapper import instances_from_labels
+
+    labels = np.zeros((20, 20, 1), np.int32)
+    labels[2:4, 2:4, 0] = 1  # 4 px: exactly MIN_INSTANCE_AREA
+    labels[10:13, 10, 0] = 2  # 3 px: below it
+    labels[15:19, 15:19, 0] = 3
+    inst = instances_from_labels(labels, np.zeros(3, np.int64), np.zeros(3, np.int64), min_area=4)
+    assert inst.gt_masks.ids.tolist() == [1, 3]
+    assert inst.gt_boxes.tensor.tolist() == [[2, 2, 4, 4], [15, 15, 19, 19]]

@@ -524,3 +524,24 @@ def test_a_few_nan_pixels_do_not_blank_the_prediction(tiny_cfg):
     clean = len(predictor(raw)["instances"])
     assert clean > 0
     assert len(predictor(spoilt)["instances"]) >= 0.8 * clean  # was 0: NaN made every pixel NaN
+
+
+def test_boxes_are_brought_back_to_full_resolution_after_a_diameter_rescale(tiny_cfg):
+    """predictor(image, diameter=2*D) sees the image at half size; its boxes must be twice those the model
+    finds on that half-size input (deleting the rescale back left every box in the top-left quarter)."""
+    from detectron2.data import transforms as T
+
+    tiny_cfg.merge_from_list(["INPUT.NORMALIZE.METHOD", "none", "INPUT.NORMALIZE.INVERT", "never",
+                              "NUCLEUS.PREDICT.SCORE_THRESH", "0.05"])
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="random weights"):
+        predictor = NucleusPredictor(tiny_cfg)
+    big = blobs((192, 160), np.uint8, seed=7, channels=3)
+    half = T.ResizeTransform(192, 160, 96, 80).apply_image(big)  # what the model is given at scale 0.5
+    d = predictor.train_diameter
+    at_half = predictor(half, diameter=d)["instances"]
+    at_full = predictor(big, diameter=2 * d)["instances"]
+    assert len(at_half) > 0 and len(at_full) == len(at_half)
+    assert at_full.image_size == (192, 160)
+    torch.testing.assert_close(at_full.pred_boxes.tensor, at_half.pred_boxes.tensor * 2)
+    torch.testing.assert_close(at_full.scores, at_half.scores)

@@ -77,3 +77,19 @@ def test_coco_counts_match_pycocotools(labels):
 def test_decode_refuses_bad_runs(rle):
     with pytest.raises(ValueError, match="RLE"):
         rle_decode(rle, (3, 3))
+
+
+def test_asymmetric_non_square_masks_by_hand():
+    """Masks that are not their own transpose: a row-major encoder gives other runs ('1 1 4 2' here)."""
+    mask = np.array([[1, 0, 0],
+                     [1, 1, 0]], dtype=bool)  # 2 rows x 3 columns
+    assert rle_encode(mask) == "1 2 4 1"  # column 0: pixels 1-2; column 1: pixel 4 (row 1)
+    tall = np.array([[0, 1],
+                     [0, 1],
+                     [1, 0]], dtype=bool)  # 3 rows x 2 columns
+    assert rle_encode(tall) == "3 3"  # pixel 3 (col 0, row 2), then pixels 4-5 (col 1, rows 0-1)
+    for m in (mask, tall):
+        np.testing.assert_array_equal(rle_decode(rle_encode(m), m.shape), m)
+    labels = np.array([[2, 0, 0, 1],
+                       [2, 2, 0, 1]])
+    assert rle_encode_labels(labels) == {1: "7 2", 2: "1 2 4 1"}

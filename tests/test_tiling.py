@@ -168,3 +168,34 @@ def test_finalize_drops_empty_ids_and_orders_by_score():
     np.testing.assert_array_equal(pred.labels, [[3, 3, 0], [2, 0, 1]])
     np.testing.assert_allclose(pred.scores, [0.7, 0.5, 0.2])
     np.testing.assert_array_equal(pred.boxes[:, 0], [12, 8, 0])
+
+
+def _disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+@pytest.mark.parametrize("order", ["low score first", "high score first"])
+def test_pixels_contested_across_a_seam_go_to_the_higher_score(order):
+    """Two different nuclei either side of a seam that overlap a little: the shared pixels belong to the
+    higher-scoring one whichever tile is stitched first."""
+    shape = (64, 128)
+    left, right = make_tiles(shape, 72, 16)  # x 0-72 and 56-128, cores split at x = 64
+    low = _disk(shape, 32, 58, 9)  # centre in the left core, score 0.6
+    high = _disk(shape, 32, 72, 9)  # centre in the right core, score 0.9
+    contested = low & high
+    assert 0 < contested.sum() < 0.5 * low.sum()  # touching nuclei, not one nucleus seen twice
+
+    def instances(mask, score):
+        ys, xs = np.nonzero(mask)
+        box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
+        return TileInstances(mask[None], np.zeros((1, 2), int), np.array([score]), box)
+
+    stitcher = Stitcher(shape)
+    parts = [(left, instances(low, 0.6)), (right, instances(high, 0.9))]
+    for tile, inst in (parts if order == "low score first" else parts[::-1]):
+        stitcher.add(tile, inst)
+    pred = stitcher.finish()
+    assert len(pred) == 2 and pred.scores[0] == pytest.approx(0.9)
+    assert (pred.labels[contested] == 1).all()  # id 1: the 0.9 nucleus
+    assert (pred.labels[low & ~high] == 2).all()

@@ -45,6 +45,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image is None or image.size == 0:
         raise ImageReadError(f"{path}: cannot be read as an image (corrupt or unsupported format)")
     image = check_image_shape(image, path)
+    if image.dtype.kind not in "biuf":
+        raise ImageReadError(f"{path}: pixel type {image.dtype} is not an intensity image (integer or float)")
     bad = _non_finite_pixels(image)
     if bad is not None:
         count = int(np.count_nonzero(bad))
@@ -88,7 +90,11 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
         label = label.astype(np.int64)
     if label.dtype.kind == "i" and label.size and label.min() < 0:
         raise ImageReadError(f"{path}: label image holds negative ids (min {label.min()})")
-    return label.astype(np.int64 if label.dtype.itemsize > 4 else np.int32, copy=False)
+    if label.dtype == np.uint64 and label.size and label.max() >= 2**63:
+        raise ImageReadError(f"{path}: label ids above 2**63 are not supported")
+    # uint32 ids above 2**31 would wrap negative in int32
+    wide = label.dtype.itemsize > 4 or (label.dtype.kind == "u" and label.dtype.itemsize == 4)
+    return label.astype(np.int64 if wide else np.int32, copy=False)
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:

@@ -17,12 +17,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 from scipy import ndimage
 
-from ..structures import LabelMasks
+from ..structures import LabelMasks, valid_polygons
 from .io import normalize_image, read_image
 from .transforms import build_nucleus_augmentation, median_diameter
 
@@ -101,10 +100,8 @@ def _segmentation_runs(
                 )
             counts = segm["counts"]
         elif isinstance(segm, list):  # polygons
-            if not segm:
-                raise AnnotationError(f"{source}: annotation {i} has an empty polygon list")
             try:
-                rle = mask_util.merge(mask_util.frPyObjects(segm, height, width))
+                rle = mask_util.merge(mask_util.frPyObjects(valid_polygons(segm, height, width), height, width))
             except Exception as exc:
                 raise AnnotationError(f"{source}: annotation {i} has unreadable polygons ({exc})") from exc
             counts = rle["counts"]
@@ -344,7 +341,13 @@ class NucleusDatasetMapper:
         dataset_dict = dict(dataset_dict)  # shallow: nested annotations are read, never modified
         file_name = dataset_dict["file_name"]
         image = normalize_image(read_image(file_name), **self.normalize)
-        utils.check_image_size(dataset_dict, image)
+        height, width = image.shape[:2]
+        claimed = (dataset_dict.get("height", height), dataset_dict.get("width", width))
+        if claimed != (height, width):
+            raise AnnotationError(f"{file_name}: the image is {height}x{width} px but its dataset record says "
+                                  f"{claimed[0]}x{claimed[1]}")
+        dataset_dict.setdefault("height", height)
+        dataset_dict.setdefault("width", width)
         annos = dataset_dict.pop("annotations", None)
 
         if not self.is_train or annos is None:
