@@ -61,6 +61,7 @@ def setup(args: argparse.Namespace):
     setup_logging(cfg.OUTPUT_DIR or None, rank)
     cfg = prepare_cfg(cfg)
     cfg.freeze()
+    logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
     logger.debug("Environment info:\n%s", collect_env_info())
     logger.debug("Command line arguments: %s", args)
     if comm.is_main_process() and cfg.OUTPUT_DIR:
