@@ -1,0 +1,43 @@
+"""ONNX export (opset >= 16): the same traced network through torch's TorchScript-based exporter.
+
+torchvision's nms and roi_align (detectron2's ROIAlign wraps the latter) become ONNX NonMaxSuppression and
+RoiAlign (half_pixel, the ``aligned=True`` detectron2 uses), so onnxruntime's CPU provider runs the whole
+graph; image height, width and the detection count are dynamic axes. torch.export's exporter (the new
+default) cannot follow the data-dependent detection counts, so the legacy one is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.outputs import atomic_path
+from .network import OUTPUT_NAMES, ExportError, network_adapter, quiet_tracing
+
+MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (aligned boxes) arrived in opset 16
+DEFAULT_OPSET = 17
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Trace ``model``'s network on ``example`` into an ONNX file at ``path`` (atomically)."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: RoiAlign with aligned boxes needs opset >= {MIN_OPSET}")
+    adapter = network_adapter(model, example)
+    dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
+    with quiet_tracing(), atomic_path(path) as tmp:
+        torch.onnx.export(adapter, (example,), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)
+
+
+def run_onnx(path: str | Path):
+    """``image -> four arrays`` through onnxruntime's CPU provider (imported here: an optional extra)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(image: torch.Tensor):
+        return session.run(None, {"image": np.ascontiguousarray(image.numpy(), dtype=np.float32)})
+
+    return run
