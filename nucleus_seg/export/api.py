@@ -19,6 +19,8 @@ from pathlib import Path
 from .. import __version__
 from ..engine.outputs import atomic_write
 from .network import ExportError, check_export, check_images, example_image, export_cfg, load_model
+from .onnx import DEFAULT_OPSET, MIN_OPSET, export_onnx, run_onnx
+from .torchscript import export_torchscript, run_torchscript
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +54,11 @@ def export_model(cfg, output: str | Path, formats: Sequence[str], opset: int | N
     Each format is checked against the PyTorch model on the sample and on a crop of another size before it
     is kept (:func:`~nucleus_seg.export.network.check_export`); ExportError names what is wrong.
     """
-    from .onnx import DEFAULT_OPSET, export_onnx, run_onnx
-    from .torchscript import export_torchscript, run_torchscript
-
     unknown = sorted(set(formats) - set(FORMATS))
     if not formats or unknown:
         raise ExportError(f"--format: unknown {unknown}; choose from {', '.join(FORMATS)}")
+    if opset is not None and opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: RoiAlign with aligned boxes needs opset >= {MIN_OPSET}")
     floor = float(cfg.NUCLEUS.PREDICT.SCORE_THRESH if score_floor is None else score_floor)
     cfg = export_cfg(cfg, floor)
     output = Path(output)

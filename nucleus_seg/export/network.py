@@ -43,6 +43,10 @@ class ExportError(ValueError):
     """The export cannot be made as asked; the message names the file or option."""
 
 
+class ExportCheckError(RuntimeError):
+    """An exported graph does not reproduce the model (a tracing limit met by this config)."""
+
+
 def export_cfg(cfg, score_floor: float | None = None):
     """A CPU copy of ``cfg`` whose box head drops scores below ``score_floor`` (default
     NUCLEUS.PREDICT.SCORE_THRESH) before the mask head, as nucleus-predict does: the same nuclei above
@@ -70,7 +74,10 @@ def load_model(cfg) -> torch.nn.Module:
     """detectron2's own model with the checkpoint loaded: none of the predictor's speed-ups (batched NMS,
     half GroupNorm) are traced, they are exact replacements of what is."""
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike: name the file
+        raise ExportError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: cannot be loaded as a checkpoint ({exc})") from exc
     return model
 
 
@@ -123,6 +130,6 @@ def check_export(model: torch.nn.Module, run, images: list[torch.Tensor], what: 
         report.append({"shape": list(image.shape[1:]), "detections": n_want, "exported": n_got,
                        "matched": round(matched, 4)})
         if matched < CHECK_MATCH or abs(n_want - n_got) > max(1, 0.01 * n_want):
-            raise ExportError(f"{what}: the exported graph disagrees with the model on a {tuple(image.shape[1:])} "
+            raise ExportCheckError(f"{what}: the exported graph disagrees with the model on a {tuple(image.shape[1:])} "
                               f"image ({n_got} detections vs {n_want}, {matched:.1%} of boxes found)")
     return {"images": report}
