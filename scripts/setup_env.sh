@@ -9,12 +9,12 @@
 #                         built from source there is kept rather than replaced
 #   NUCLEUS_CONSTRAINTS   pip constraints file (default: constraints.txt; "none" lets pip choose torch),
 #                         e.g. one pinning your cluster's CUDA build of torch
-#   NUCLEUS_EXTRAS        extras to install (default: test)
+#   NUCLEUS_EXTRAS        extras to install (default: test,export,napari: what `make test` exercises)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${NUCLEUS_VENV:-.venv}
 PY=${NUCLEUS_PYTHON:-python3}
-EXTRAS=${NUCLEUS_EXTRAS:-test}
+EXTRAS=${NUCLEUS_EXTRAS:-test,export,napari}
 CONSTRAINTS=${NUCLEUS_CONSTRAINTS:-constraints.txt}
 WHEELS=build/wheels
 say() { printf '[setup] %s\n' "$*" >&2; }

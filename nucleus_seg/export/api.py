@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..engine.outputs import atomic_write
+from .bioimageio import write_package
 from .network import ExportError, check_export, check_images, example_image, export_cfg, load_model
 from .onnx import DEFAULT_OPSET, MIN_OPSET, export_onnx, run_onnx
 from .torchscript import export_torchscript, run_torchscript
@@ -85,7 +86,7 @@ def export_model(cfg, output: str | Path, formats: Sequence[str], opset: int | N
     atomic_write(output / RUNNER_NAME, RUNNER_SOURCE.read_text())
     atomic_write(output / META_NAME, json.dumps(meta, indent=1) + "\n")
     if "bioimageio" in formats:
-        from .bioimageio import write_package
-
-        meta["bioimageio"] = str(write_package(output, output / "bioimageio"))
+        rdf = write_package(output / "bioimageio", cfg, traced, meta["score_thresh"])
+        meta["bioimageio"] = str(rdf)
+        logger.info("wrote and validated %s", rdf)
     return meta
