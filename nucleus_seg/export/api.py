@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
 from ..engine.outputs import atomic_write
 from .bioimageio import write_package
-from .network import ExportError, check_export, check_images, example_image, export_cfg, load_model
+from .network import (
+    ExportError,
+    check_export,
+    check_images,
+    example_image,
+    export_cfg,
+    load_model,
+    reference_outputs,
+)
 from .onnx import DEFAULT_OPSET, MIN_OPSET, export_onnx, run_onnx
 from .torchscript import export_torchscript, run_torchscript
 
@@ -67,26 +76,28 @@ def export_model(cfg, output: str | Path, formats: Sequence[str], opset: int | N
     model = load_model(cfg)
     example = example_image(cfg)
     images = check_images(example)
+    references = reference_outputs(model, images)
     meta = runner_metadata(cfg, floor)
     meta.update(weights={}, checks={})
     if "torchscript" in formats or "bioimageio" in formats:
-        path = output / WEIGHT_FILES["torchscript"]
+        start, path = time.perf_counter(), output / WEIGHT_FILES["torchscript"]
         traced = export_torchscript(model, example, path)
-        meta["checks"]["torchscript"] = check_export(model, run_torchscript(traced), images, str(path))
+        meta["checks"]["torchscript"] = check_export(references, run_torchscript(traced), images, str(path))
         meta["weights"]["torchscript"] = path.name
-        logger.info("wrote %s", path)
+        logger.info("wrote %s and checked it (%.1f s)", path, time.perf_counter() - start)
     if "onnx" in formats:
-        path = output / WEIGHT_FILES["onnx"]
+        start, path = time.perf_counter(), output / WEIGHT_FILES["onnx"]
         meta["opset"] = int(opset or DEFAULT_OPSET)
         export_onnx(model, example, path, meta["opset"])
-        meta["checks"]["onnx"] = check_export(model, run_onnx(path), images, str(path))
+        meta["checks"]["onnx"] = check_export(references, run_onnx(path), images, str(path))
         meta["weights"]["onnx"] = path.name
-        logger.info("wrote %s", path)
+        logger.info("wrote %s and checked it (%.1f s)", path, time.perf_counter() - start)
     atomic_write(output / "config.yaml", cfg.dump())
     atomic_write(output / RUNNER_NAME, RUNNER_SOURCE.read_text())
     atomic_write(output / META_NAME, json.dumps(meta, indent=1) + "\n")
     if "bioimageio" in formats:
+        start = time.perf_counter()
         rdf = write_package(output / "bioimageio", cfg, traced, meta["score_thresh"])
         meta["bioimageio"] = str(rdf)
-        logger.info("wrote and validated %s", rdf)
+        logger.info("wrote and validated %s (%.1f s)", rdf, time.perf_counter() - start)
     return meta

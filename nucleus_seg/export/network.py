@@ -115,12 +115,16 @@ def quiet_tracing() -> Iterator[None]:
         yield
 
 
-def check_export(model: torch.nn.Module, run, images: list[torch.Tensor], what: str) -> dict:
-    """Compare an exported graph (``run``: image -> four arrays) with ``model`` on ``images``."""
+def reference_outputs(model: torch.nn.Module, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """The model's own network outputs on ``images``, to check every exported format against."""
+    with torch.no_grad():
+        return [_network(model, image) for image in images]
+
+
+def check_export(references: list[tuple[torch.Tensor, ...]], run, images: list[torch.Tensor], what: str) -> dict:
+    """Compare an exported graph (``run``: image -> four arrays) with the model's ``references`` on ``images``."""
     report = []
-    for image in images:
-        with torch.no_grad():
-            want = _network(model, image)
+    for image, want in zip(images, references):
         got = [torch.as_tensor(np.asarray(a)) for a in run(image)]
         n_want, n_got = len(want[0]), len(got[0])
         matched = 1.0
@@ -131,5 +135,5 @@ def check_export(model: torch.nn.Module, run, images: list[torch.Tensor], what: 
                        "matched": round(matched, 4)})
         if matched < CHECK_MATCH or abs(n_want - n_got) > max(1, 0.01 * n_want):
             raise ExportCheckError(f"{what}: the exported graph disagrees with the model on a {tuple(image.shape[1:])} "
-                              f"image ({n_got} detections vs {n_want}, {matched:.1%} of boxes found)")
+                                   f"image ({n_got} detections vs {n_want}, {matched:.1%} of boxes found)")
     return {"images": report}

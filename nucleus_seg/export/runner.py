@@ -82,11 +82,11 @@ def paste(mask: np.ndarray, box: np.ndarray, shape: tuple[int, int]) -> tuple[np
     xs = np.arange(left, right, dtype=np.float32) + np.float32(0.5)
     iy = (((ys - y0) / (y1 - y0) * 2 - 1 + 1) * size - 1) / 2  # grid_sample's unnormalisation
     ix = (((xs - x0) / (x1 - x0) * 2 - 1 + 1) * size - 1) / 2
-    padded = np.pad(mask.astype(np.float32), 1)  # zeros outside: index -1 and M land on the padding
+    padded = np.pad(mask.astype(np.float32), 2)  # zeros outside: both corners of a sample off the mask hit them
     fy, fx = np.floor(iy), np.floor(ix)
     wy, wx = (iy - fy)[:, None], (ix - fx)[None, :]
-    ya, xa = np.clip(fy.astype(int) + 1, 0, mask.shape[0] + 1), np.clip(fx.astype(int) + 1, 0, mask.shape[1] + 1)
-    yb, xb = np.clip(ya + 1, 0, mask.shape[0] + 1), np.clip(xa + 1, 0, mask.shape[1] + 1)
+    ya, xa = np.clip(fy.astype(int) + 2, 0, mask.shape[0] + 2), np.clip(fx.astype(int) + 2, 0, mask.shape[1] + 2)
+    yb, xb = ya + 1, xa + 1
     value = ((1 - wy) * (1 - wx) * padded[ya][:, xa] + (1 - wy) * wx * padded[ya][:, xb]
              + wy * (1 - wx) * padded[yb][:, xa] + wy * wx * padded[yb][:, xb])
     return value >= 0.5, top, left
