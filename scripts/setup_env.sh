@@ -69,6 +69,18 @@ else
   pip_install -q "${pipc[@]}" --find-links "$WHEELS" "detectron2==0.7.2+pure"
 fi
 
+# napari's canvas needs OpenGL, which Qt's offscreen platform (the tests') gets only through an X server: the
+# tests start a virtual one (Xvfb) when there is no display. Installed here where we may (root, Debian).
+if [[ ",$EXTRAS," == *,napari,* ]] && ! command -v Xvfb >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian's xvfb (virtual X server for the napari tests)"
+    { apt-get install -y -q xvfb >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q xvfb >/dev/null; }; } \
+      || say "warning: could not install xvfb; the napari viewer tests will be skipped"
+  else
+    say "note: no Xvfb (Debian: apt-get install xvfb); the napari viewer tests will be skipped"
+  fi
+fi
+
 say "installing nucleus_seg (editable) with extras [$EXTRAS]"
 pip_install -q "${pipc[@]}" --find-links "$WHEELS" -e ".[$EXTRAS]"
 "$VPY" -c 'import torch, torchvision, detectron2, nucleus_seg' \

@@ -88,7 +88,8 @@ def segment_steps(predictor: NucleusPredictor, image: np.ndarray, diameter: floa
     if max(image.shape[:2]) * (1.0 if scale is None else scale) <= tile:
         yield 0, 1
         return predictor.predict_labels([image], diameter=diameter, score_thresh=score_thresh)[0]
-    for done, total, result in predictor.predict_large_steps(image, tile=tile, diameter=diameter,
+    overlap = min(int(predictor.cfg.NUCLEUS.PREDICT.TILE_OVERLAP), tile // 2)  # a small tile keeps a core
+    for done, total, result in predictor.predict_large_steps(image, tile=tile, overlap=overlap, diameter=diameter,
                                                              score_thresh=score_thresh):
         if result is not None:
             return result
@@ -128,7 +129,7 @@ class SegmentNucleiWidget(Container):
                                   tooltip="nucleus diameter in px, 'auto' to estimate it, 0 for no rescale")
         self._score = FloatSpinBox(label="score threshold", min=0.0, max=1.0, step=0.05,
                                    value=float(saved.get("score_thresh", 0.5)))
-        self._tile = SpinBox(label="tile size", min=64, max=8192, step=64, value=int(saved.get("tile", 512)),
+        self._tile = SpinBox(label="tile size", min=128, max=8192, step=64, value=int(saved.get("tile", 512)),
                              tooltip="images larger than this (model px) are predicted tile by tile")
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -200,7 +201,7 @@ class SegmentNucleiWidget(Container):
                                           translate=layer.translate[-2:])
         columns = {h: [row[i] for row in rows] for i, h in enumerate(header)}
         out.features = {"index": columns["id"], **columns}  # napari maps rows to label values by "index"
-        self._table.value = {"data": rows, "columns": header}
+        self._table.value = {"data": rows, "index": columns["id"], "columns": header}
         self._progress.value = self._progress.max
         self._status.value = f"{len(rows)} nuclei in {layer.name}"
 
