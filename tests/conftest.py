@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,37 +15,15 @@ SAMPLE_DIR = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "
 
 
 @pytest.fixture(scope="session")
-def opengl_display():
-    """An X display for OpenGL: Qt's offscreen platform creates GL contexts only through an X server's GLX,
-    and napari's canvas needs one. Without a DISPLAY a virtual one (Xvfb) is started for the session;
-    windows still go to the offscreen platform, so nothing opens on a screen either way."""
-    if os.environ.get("DISPLAY"):
-        yield os.environ["DISPLAY"]
-        return
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
-        pytest.skip("napari's canvas needs OpenGL, which Qt's offscreen platform takes from an X server: "
-                    "install Xvfb (Debian: apt-get install xvfb; scripts/setup_env.sh does it as root)")
-    # -noreset: the server stays as it is when its last client leaves (a reset rewrites -displayfd)
-    read, write = os.pipe()
-    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-noreset", "-screen", "0", "1280x1024x24",
-                             "-nolisten", "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    os.close(write)
-    ready, _, _ = select.select([read], [], [], 20)
-    number = os.read(read, 16).decode().strip() if ready else ""
-    if not number:
-        proc.kill()
-        os.close(read)
-        pytest.fail("Xvfb did not start within 20 s")
-    os.environ["DISPLAY"] = f":{number}"
+def opengl_display() -> str:
+    """An X display for napari's OpenGL canvas under Qt's offscreen platform: the current one, else a virtual
+    one (Xvfb) for the rest of the session (``nucleus_seg.napari._headless``); skipped where neither exists."""
+    from nucleus_seg.napari._headless import NoDisplayError, ensure_display
+
     try:
-        yield os.environ["DISPLAY"]
-    finally:
-        del os.environ["DISPLAY"]
-        proc.terminate()
-        proc.wait(timeout=10)
-        os.close(read)  # open until the server ends, so it never writes into a closed pipe
+        return ensure_display()
+    except NoDisplayError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
