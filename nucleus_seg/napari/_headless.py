@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -44,11 +45,23 @@ def ensure_display() -> str:
                              "-nolisten", "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, preexec_fn=_end_with_parent)
     os.close(write)
-    ready, _, _ = select.select([read], [], [], 20)
-    number = os.read(read, 16).decode().strip() if ready else ""
-    os.close(read)
+    number = _read_line(read, timeout=20.0)
+    os.close(read)  # only after the whole line: Xvfb ends itself if the newline finds the pipe closed
     if not number:
         proc.kill()
         raise NoDisplayError("Xvfb did not start within 20 s")
     os.environ["DISPLAY"] = f":{number}"
     return os.environ["DISPLAY"]
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """One line from ``fd`` (Xvfb may write the number and its newline separately); "" on timeout or EOF."""
+    data, deadline = b"", time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 16) if ready else b""
+        if not chunk:
+            return ""
+        data += chunk
+    return data.decode().strip()
+
