@@ -140,6 +140,8 @@ def test_export_agrees_with_the_predictor_on_the_sample(exported, backend):
     assert stats["median_iou"] >= 0.98
     assert abs(dsb_predictor - dsb_export) <= 0.01
     assert len(scores) == labels.max() and np.all(np.diff(scores) <= 0)  # ids 1..N by descending score
+    with pytest.raises(ValueError, match="below 0.2, the lowest score the exported graph keeps"):
+        runner.Segmenter(folder, backend)(image, score_thresh=0.1)
 
 
 @pytest.mark.slow
@@ -199,10 +201,12 @@ def test_recipe_cascade_config_exports(tmp_path):
         assert abs(stats["count_ratio"] - 1) <= 0.01 and stats["median_iou"] >= 0.98, stats
 
 
+@pytest.mark.slow
 def test_an_empty_graph_output_gives_an_empty_label_image(tmp_path):
-    """A score floor no detection reaches: the exported graph returns zero detections without failing."""
+    """A score floor no detection reaches: the exported graph returns zero detections without failing (the
+    ONNX GroupNorm of the mask head once could not). ResNet-50 backbone: the heads are what matter here."""
     config = "configs/nucleus_R101_FPN_cpu_demo.yaml"
-    opts = OPTS + ["MODEL.RPN.POST_NMS_TOPK_TEST", "50", "TEST.DETECTIONS_PER_IMAGE", "20"]
+    opts = OPTS + ["MODEL.RPN.POST_NMS_TOPK_TEST", "50", "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.RESNETS.DEPTH", "50"]
     weights = _random_weights(config, tmp_path / "random.pth", opts)
     assert export_main(["--config-file", config, "--format", "onnx,torchscript", "--output", str(tmp_path / "m"),
                         "--score-floor", "0.999", *opts, "MODEL.WEIGHTS", str(weights)]) == 0

@@ -131,6 +131,9 @@ class Segmenter:
         pass; nucleus-predict refines further), 0: none; None: the config's NUCLEUS.PREDICT.DIAMETER."""
         meta = self.meta
         thresh = meta["score_thresh"] if score_thresh is None else float(score_thresh)
+        if thresh < meta["score_floor"]:
+            raise ValueError(f"score threshold {thresh} is below {meta['score_floor']}, the lowest score the exported "
+                             "graph keeps (nucleus-export --score-floor sets it)")
         norm = normalize(image, meta["normalize"])
         if not meta["normalize"]["GRAY"] and meta["input_format"] == "BGR":
             norm = np.ascontiguousarray(norm[..., ::-1])
