@@ -9,12 +9,12 @@
 #                         built from source there is kept rather than replaced
 #   NUCLEUS_CONSTRAINTS   pip constraints file (default: constraints.txt; "none" lets pip choose torch),
 #                         e.g. one pinning your cluster's CUDA build of torch
-#   NUCLEUS_EXTRAS        extras to install (default: test)
+#   NUCLEUS_EXTRAS        extras to install (default: test,export,napari: what `make test` exercises)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${NUCLEUS_VENV:-.venv}
 PY=${NUCLEUS_PYTHON:-python3}
-EXTRAS=${NUCLEUS_EXTRAS:-test}
+EXTRAS=${NUCLEUS_EXTRAS:-test,export,napari}
 CONSTRAINTS=${NUCLEUS_CONSTRAINTS:-constraints.txt}
 WHEELS=build/wheels
 say() { printf '[setup] %s\n' "$*" >&2; }
@@ -67,6 +67,18 @@ else
   say "building a pure-Python detectron2 wheel from sal-detectron2==0.7.2"
   "$VPY" scripts/build_detectron2_wheel.py --out "$WHEELS" >/dev/null
   pip_install -q "${pipc[@]}" --find-links "$WHEELS" "detectron2==0.7.2+pure"
+fi
+
+# napari's canvas needs OpenGL, which Qt's offscreen platform (the tests') gets only through an X server: the
+# tests start a virtual one (Xvfb) when there is no display. Installed here where we may (root, Debian).
+if [[ ",$EXTRAS," == *,napari,* ]] && ! command -v Xvfb >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian's xvfb (virtual X server for the napari tests)"
+    { apt-get install -y -q xvfb >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q xvfb >/dev/null; }; } \
+      || say "warning: could not install xvfb; the napari viewer tests will be skipped"
+  else
+    say "note: no Xvfb (Debian: apt-get install xvfb); the napari viewer tests will be skipped"
+  fi
 fi
 
 say "installing nucleus_seg (editable) with extras [$EXTRAS]"

@@ -15,7 +15,22 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# napari and Qt tests render offscreen: no display is needed, and no window opens on a desktop
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def opengl_display() -> str:
+    """An X display for napari's OpenGL canvas under Qt's offscreen platform: the current one, else a virtual
+    one (Xvfb) for the rest of the session (``nucleus_seg.napari._headless``); skipped where neither exists."""
+    from nucleus_seg.napari._headless import NoDisplayError, ensure_display
+
+    try:
+        return ensure_display()
+    except NoDisplayError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -48,5 +48,5 @@ def load_config(parser: argparse.ArgumentParser, config_file: str | None, opts: 
     try:
         return get_nucleus_cfg(config_file, opts)
     except Exception as exc:  # noqa: BLE001 - a bad YAML, key or value: say so, no traceback
-        parser.error(f"config {config_file}: {exc}")
+        parser.error(f"--config-file {config_file}: {exc}")
         raise  # unreachable: parser.error exits

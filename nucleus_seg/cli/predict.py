@@ -19,6 +19,7 @@ import sys
 
 from ..config import check_predict_settings
 from ..inference.batch import FORMATS, predict_to_folder
+from ..inference.scale import parse_diameter
 from ..utils.logs import setup_logging
 from .common import add_version, load_config, split_overrides
 
@@ -64,13 +65,11 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
     cfg = load_config(parser, args.config_file, opts)
     pred_cfg = cfg.NUCLEUS.PREDICT
     if args.diameter is not None:
-        text = args.diameter.strip().lower()
         try:
-            pred_cfg.DIAMETER = -1.0 if text == "auto" else float(text)
-        except ValueError:
-            pred_cfg.DIAMETER = -2.0  # refused just below
-        if pred_cfg.DIAMETER < 0 and text != "auto":
-            parser.error(f"--diameter: a nucleus diameter in pixels, 0 (no rescale) or 'auto', got {args.diameter!r}")
+            diameter = parse_diameter(args.diameter)
+        except ValueError as exc:
+            parser.error(f"--diameter: {exc}")
+        pred_cfg.DIAMETER = -1.0 if diameter is None else diameter
     for value, key in ((args.tile, "TILE_SIZE"), (args.overlap, "TILE_OVERLAP"), (args.batch, "BATCH_SIZE"),
                        (args.score_thresh, "SCORE_THRESH")):
         if value is not None:

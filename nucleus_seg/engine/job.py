@@ -139,7 +139,8 @@ def check_command_line(args: argparse.Namespace):
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - yacs/yaml raise KeyError, ValueError, AssertionError, ...
-        raise UsageError(f"config {args.config_file or DEFAULT_CONFIG}: {exc.args[0] if exc.args else exc}") from exc
+        reason = exc.args[0] if exc.args else exc
+        raise UsageError(f"--config-file {args.config_file or DEFAULT_CONFIG}: {reason}") from exc
     try:
         register_datasets_from_cfg(cfg)
         if cfg.OUTPUT_DIR:

@@ -198,6 +198,20 @@ class NucleusPredictor:
         exceed the largest nucleus. Memory: the image, its normalised copy and one label image, plus
         one batch of tiles; no per-instance full-image masks. The seam rule is in ``tiling``.
         """
+        bar = tqdm(desc="tiles", unit="tile", disable=not progress, leave=False)
+        for done, total, last in self.predict_large_steps(image, tile, overlap, diameter, score_thresh):
+            bar.total = total
+            bar.update(done - bar.n)
+            result = last
+        bar.close()
+        return result
+
+    def predict_large_steps(self, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
+                            diameter: Diameter = None, score_thresh: float | None = None,
+                            ) -> Iterator[tuple[int, int, LabelPrediction | None]]:
+        """``predict_large`` one batch of tiles at a time, for callers that show progress or may stop
+        early (the napari widget): yields ``(tiles done, tiles in all, None)`` after each batch, and
+        ``(total, total, result)`` last. Closing the generator stops the work between batches."""
         pred = self.cfg.NUCLEUS.PREDICT
         tile = int(pred.TILE_SIZE if tile is None else tile)
         overlap = int(pred.TILE_OVERLAP if overlap is None else overlap)
@@ -210,7 +224,7 @@ class NucleusPredictor:
         # tiles are cut from the original image, so their size there is the model tile / scale
         tiles = make_tiles((height, width), max(1, round(tile / scale)), max(0, round(overlap / scale)))
         stitcher = Stitcher((height, width), edge_margin=max(1.0, 1.0 / scale))
-        bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress, leave=False)
+        done = 0
         for dets, chunk in self._detect_tiles(norm, tiles, scale, thresh):
             for det, t in zip(dets, chunk):
                 stitcher.add(t, TileInstances(
@@ -218,14 +232,15 @@ class NucleusPredictor:
                     torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
                     det.scores.cpu().numpy(), det.boxes.cpu().numpy(),
                 ))
-            bar.update(len(chunk))
-        bar.close()
+            done += len(chunk)
+            if done < len(tiles):
+                yield done, len(tiles), None
         if stitcher.num_cut:
             logger.warning(
                 "%d nuclei touched tile seams (larger than the %d px overlap): their pieces were merged "
                 "where they matched; a larger overlap gives cleaner results", stitcher.num_cut, overlap,
             )
-        return stitcher.finish()
+        yield len(tiles), len(tiles), stitcher.finish()
 
     # ---- internals --------------------------------------------------------------------------------
 

@@ -41,16 +41,22 @@ def diameter_to_scale(diameter: float, train_diameter: float) -> float:
 
 
 def parse_diameter(value: Diameter) -> float | None:
-    """A diameter in px from a number or a string; None for "auto" (or any negative number)."""
+    """A diameter in px from a number or a string; None for "auto" (and for the config's -1); 0 means the
+    image is used as it is. Anything else is a ``ValueError`` saying what is accepted."""
+    rule = f"diameter must be a number of pixels, 0 (no rescale) or 'auto', got {value!r}"
     if isinstance(value, str):
         if value.strip().lower() == "auto":
             return None
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"diameter must be a number of pixels or 'auto', got {value!r}") from None
+            raise ValueError(rule) from None
     value = float(value)
-    return None if value < 0 else value
+    if value == -1:
+        return None
+    if value < 0 or value != value:
+        raise ValueError(rule)
+    return value
 
 
 def found_diameter(dets: Sequence[Detections], thresh: float) -> float | None:

@@ -1,0 +1,189 @@
+"""Run a model written by ``nucleus-export`` without detectron2: numpy plus onnxruntime (or torch).
+
+``nucleus-export`` copies this file beside the weights as ``nucleus_runner.py``; it imports nothing from
+nucleus_seg or detectron2. The exported graph holds the network (pixel mean/std, padding, backbone, RPN,
+box and mask heads, NMS); this file does what ``NucleusPredictor.predict_labels`` does around it: the
+percentile normalisation, an optional rescale to the training diameter, and pasting each 28x28 soft mask
+into its box (detectron2's sampling grid) to paint one label image, highest score on top, ids 1..N by
+descending score. Not here: tiling of large images and test-time flips (use nucleus-predict for those).
+
+    python nucleus_runner.py MODEL_DIR IMAGE OUT [--score-thresh S] [--diameter D|auto] [--backend onnx|torchscript]
+
+IMAGE and OUT are ``.npy``, or TIFF when tifffile is installed. From Python:
+``labels, scores = Segmenter("MODEL_DIR")(image)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def normalize(image: np.ndarray, n: dict) -> np.ndarray:
+    """HxWx3 uint8, nuclei bright on dark: nucleus_seg's ``normalize_image`` (same arithmetic)."""
+    image = np.asarray(image)
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] > 4:
+        image = np.moveaxis(image, 0, -1)
+    gray = (lambda a: a if a.ndim == 2 else a[..., 0] if a.shape[2] == 1 else a[..., :3].max(axis=2))
+    if n["METHOD"] == "none":
+        out = image[..., None] if image.ndim == 2 else image[..., :3]
+        out = gray(out)[..., None] if n["GRAY"] else out
+    else:
+        data = gray(image) if n["GRAY"] else (image[..., :3] if image.ndim == 3 else image)
+        small_int = data.dtype.kind in "ui" and data.dtype.itemsize <= 2
+        if n["METHOD"] == "percentile":
+            lo, hi = np.percentile(data.astype(np.float64 if small_int else np.float32), (n["LOW"], n["HIGH"]))
+            lo, hi = (float(lo), float(hi)) if small_int else (lo, hi)
+        else:  # minmax
+            lo, hi = float(data.min()), float(data.max())
+        hi = lo + 1.0 if hi <= lo else hi
+        out = (np.clip((data.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255) + 0.5).astype(np.uint8)
+        out = out[..., None] if out.ndim == 2 else out
+    if n["INVERT"] == "always" or (n["INVERT"] == "auto" and np.count_nonzero(out >= 128) * 2 > out.size):
+        out = 255 - out
+    if out.shape[2] < 3:
+        out = np.concatenate([out, out, out], axis=2)[..., :3]
+    return np.ascontiguousarray(out)
+
+
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) triangle-filter weights, antialiased when shrinking (PIL's BILINEAR, as detectron2)."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centre = (np.arange(n_out) + 0.5) * scale
+    w = np.clip(1.0 - np.abs((np.arange(n_in)[None, :] + 0.5 - centre[:, None]) / support), 0.0, None)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of HxWx3 uint8, columns first then rows, rounded to uint8 after each (as PIL)."""
+    if image.shape[:2] == (height, width):
+        return image
+    u8 = (lambda a: np.clip(a + 0.5, 0, 255).astype(np.uint8))
+    cols = u8(np.einsum("xw,hwc->hxc", _resize_weights(image.shape[1], width), image.astype(np.float64)))
+    return u8(np.einsum("yh,hxc->yxc", _resize_weights(image.shape[0], height), cols.astype(np.float64)))
+
+
+def paste(mask: np.ndarray, box: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+    """A soft MxM mask sampled into its box as detectron2's ``paste_masks_in_image`` (grid_sample,
+    align_corners=False, zero padding), >= 0.5; only a window one pixel around the box. (window, y, x)."""
+    x0, y0, x1, y1 = (np.float32(v) for v in box)
+    top, left = max(int(math.floor(y0)) - 1, 0), max(int(math.floor(x0)) - 1, 0)
+    bottom, right = min(int(math.ceil(y1)) + 1, shape[0]), min(int(math.ceil(x1)) + 1, shape[1])
+    size = np.float32(mask.shape[0])
+    ys = np.arange(top, bottom, dtype=np.float32) + np.float32(0.5)
+    xs = np.arange(left, right, dtype=np.float32) + np.float32(0.5)
+    iy = (((ys - y0) / (y1 - y0) * 2 - 1 + 1) * size - 1) / 2  # grid_sample's unnormalisation
+    ix = (((xs - x0) / (x1 - x0) * 2 - 1 + 1) * size - 1) / 2
+    padded = np.pad(mask.astype(np.float32), 2)  # zeros outside: both corners of a sample off the mask hit them
+    fy, fx = np.floor(iy), np.floor(ix)
+    wy, wx = (iy - fy)[:, None], (ix - fx)[None, :]
+    ya, xa = np.clip(fy.astype(int) + 2, 0, mask.shape[0] + 2), np.clip(fx.astype(int) + 2, 0, mask.shape[1] + 2)
+    yb, xb = ya + 1, xa + 1
+    value = ((1 - wy) * (1 - wx) * padded[ya][:, xa] + (1 - wy) * wx * padded[ya][:, xb]
+             + wy * (1 - wx) * padded[yb][:, xa] + wy * wx * padded[yb][:, xb])
+    return value >= 0.5, top, left
+
+
+class Segmenter:
+    """An exported model folder (``model.json`` + ``model.onnx`` and/or ``model.ts``) as a callable."""
+
+    def __init__(self, folder: str | Path, backend: str | None = None):
+        folder = Path(folder)
+        self.meta = json.loads((folder / "model.json").read_text())
+        files = self.meta["weights"]
+        backend = backend or ("onnx" if "onnx" in files else "torchscript")
+        if backend not in files:
+            raise ValueError(f"{folder}: no {backend} weights (have {sorted(files)})")
+        if backend == "onnx":
+            import onnxruntime  # only this backend's runtime is needed
+
+            session = onnxruntime.InferenceSession(str(folder / files["onnx"]), providers=["CPUExecutionProvider"])
+            self.net = lambda x: session.run(None, {"image": x})
+        else:
+            import torch
+            import torchvision  # noqa: F401 - registers the nms and roi_align ops the graph calls
+
+            module = torch.jit.load(str(folder / files["torchscript"]), map_location="cpu").eval()
+            self.net = lambda x: [t.numpy() for t in torch.no_grad()(module)(torch.from_numpy(x))]
+
+    def detect(self, norm: np.ndarray, scale: float, thresh: float) -> tuple[list, np.ndarray]:
+        """Windows ``(mask, y, x)`` and scores of one pass at ``scale``, in the frame of ``norm``."""
+        height, width = norm.shape[:2]
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        chw = np.ascontiguousarray(resize(norm, *size).transpose(2, 0, 1), dtype=np.float32)
+        boxes, scores, _, masks = self.net(chw)
+        boxes = boxes * np.array([width / size[1], height / size[0]] * 2, dtype=np.float32)
+        boxes = np.clip(boxes, 0, np.array([width, height, width, height], dtype=np.float32))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (scores >= thresh)
+        return [paste(m[0], b, (height, width)) for m, b in zip(masks[keep], boxes[keep])], scores[keep]
+
+    def __call__(self, image: np.ndarray, score_thresh: float | None = None,
+                 diameter: float | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 label image, scores of ids 1..N). ``diameter``: px, "auto" (one estimate and one rescaled
+        pass; nucleus-predict refines further), 0: none; None: the config's NUCLEUS.PREDICT.DIAMETER."""
+        meta = self.meta
+        thresh = meta["score_thresh"] if score_thresh is None else float(score_thresh)
+        if thresh < meta["score_floor"]:
+            raise ValueError(f"score threshold {thresh} is below {meta['score_floor']}, the lowest score the exported "
+                             "graph keeps (nucleus-export --score-floor sets it)")
+        norm = normalize(image, meta["normalize"])
+        if not meta["normalize"]["GRAY"] and meta["input_format"] == "BGR":
+            norm = np.ascontiguousarray(norm[..., ::-1])
+        train = meta["train_diameter"]
+        diameter = meta["diameter"] if diameter is None else diameter
+        diameter = "auto" if diameter == "auto" or float(diameter) < 0 else float(diameter)
+        scale = train / diameter if diameter != "auto" and diameter > 0 and train > 0 else 1.0
+        found_thresh = min(thresh, meta["diameter_score_thresh"]) if diameter == "auto" else thresh
+        windows, scores = self.detect(norm, scale, found_thresh)
+        if diameter == "auto" and train > 0:  # the median equivalent diameter of the confident nuclei
+            areas = [w.sum() for (w, _, _), s in zip(windows, scores) if s >= meta["diameter_score_thresh"]]
+            areas = [a for a in areas if a > 0]
+            if areas:
+                scale = min(max(train / float(np.median(np.sqrt(4.0 * np.array(areas) / math.pi))), 0.25), 4.0)
+                if abs(scale - 1.0) > 0.05:
+                    windows, scores = self.detect(norm, scale, found_thresh)
+        labels = np.zeros(norm.shape[:2], dtype=np.int32)
+        for k in np.argsort(scores, kind="stable"):  # lowest score first: the best one wins each pixel
+            if scores[k] >= thresh:
+                window, y, x = windows[k]
+                labels[y:y + window.shape[0], x:x + window.shape[1]][window] = k + 1
+        alive = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(scores) + 1)[1:])
+        order = alive[np.argsort(-scores[alive], kind="stable")]
+        lut = np.zeros(len(scores) + 1, dtype=np.int32)
+        lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
+        return lut[labels], scores[order].astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("image")
+    parser.add_argument("out", help="label image: .npy, or .tif (tifffile)")
+    parser.add_argument("--score-thresh", type=float)
+    parser.add_argument("--diameter", help="nucleus diameter in px, or auto")
+    parser.add_argument("--backend", choices=("onnx", "torchscript"))
+    args = parser.parse_args(argv)
+    tiff = (lambda p: Path(p).suffix.lower() in (".tif", ".tiff"))
+    if tiff(args.image) or tiff(args.out):
+        import tifffile  # only for TIFF files
+    image = tifffile.imread(args.image) if tiff(args.image) else np.load(args.image)
+    labels, scores = Segmenter(args.model_dir, args.backend)(image, args.score_thresh, args.diameter)
+    labels = labels.astype(np.uint16 if labels.max(initial=0) < 65536 else np.uint32)
+    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")  # written whole, then moved into place
+    with open(tmp, "wb") as f:
+        tifffile.imwrite(f, labels, compression="zlib") if tiff(args.out) else np.save(f, labels)
+    os.replace(tmp, args.out)
+    print(f"{args.out}: {len(scores)} nuclei")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
