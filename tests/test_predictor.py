@@ -11,7 +11,7 @@ from nucleus_seg.data.io import ImageReadError, normalize_from_cfg
 from nucleus_seg.data.transforms import median_diameter
 from nucleus_seg.inference.masks import paste_mask_windows, windows_to_label, windows_to_masks
 from nucleus_seg.inference.predictor import NucleusPredictor
-from nucleus_seg.inference.scale import AUTO_MAX_PASSES, AUTO_PROBE_SCALES
+from nucleus_seg.inference.scale import AUTO_MAX_PASSES
 from nucleus_seg.inference.tiling import LabelPrediction, masks_to_prediction
 from nucleus_seg.modeling.precision import cpu_has_native_bfloat16
 from nucleus_seg.structures import masks_to_label_image
@@ -217,10 +217,14 @@ def test_auto_diameter_without_confident_nuclei_keeps_the_first_pass(cfg):
     predictor = NucleusPredictor(cfg)
     sizes = record_input_sizes(predictor)
     image = blobs((64, 64), np.uint16, seed=5)
-    with pytest.warns(UserWarning, match="no confident nuclei"):
+    with pytest.warns(UserWarning, match="image 0: diameter 'auto' is unsure") as caught:
         auto = predictor(image, diameter=-1)["instances"]
-    # nothing at the input scale: probed larger, then smaller, before giving up
-    assert sizes == [(64, 64)] + [(round(64 * s), round(64 * s)) for s in AUTO_PROBE_SCALES]
+    # nothing at the input scale: tried at the scale the image's own blobs suggest, then gave up, saying so
+    blob = predictor.last_scales[0].image_diameter
+    assert blob and "found nothing, nothing" in str(caught[0].message)
+    expected = round(64 * predictor.train_diameter / blob)
+    assert sizes == [(64, 64), (expected, expected)]
+    assert not predictor.last_scales[0].sure and predictor.last_scales[0].scale == 1.0
     plain = predictor(image, diameter=0)["instances"]
     assert torch.equal(auto.pred_masks, plain.pred_masks)
 

@@ -171,7 +171,7 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
 def _predict_small(predictor: NucleusPredictor, run: PredictionRun, batch: list[tuple[Path, np.ndarray]]) -> None:
     """One forward for the batch; if it fails, image by image so only the bad one is lost."""
     try:
-        preds = predictor.predict_labels([raw for _, raw in batch])
+        preds = predictor.predict_labels([raw for _, raw in batch], names=[str(path) for path, _ in batch])
     except Exception:  # noqa: BLE001 - isolated below, image by image
         if len(batch) == 1:
             raise
@@ -197,7 +197,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun) -> None:
             continue
         if _is_large(raw.shape, predictor, tile):
             run.guarded(f, lambda f=f, raw=raw: run.write_image(
-                f, raw, predictor.predict_large(raw, progress=True), predictor.cfg))
+                f, raw, predictor.predict_large(raw, progress=True, name=str(f)), predictor.cfg))
             bar.update(1)
             continue
         pending.append((f, raw))

@@ -38,8 +38,16 @@ from ..modeling.fast_inference import final_box_predictor, speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
-from .scale import Diameter, diameter_to_scale, parse_diameter, refine_scale
-from .tiling import LabelPrediction, Stitcher, Tile, TileInstances, finalize_labels, make_tiles
+from .scale import Diameter, ScaleChoice, choose_scale, diameter_to_scale, image_diameter, parse_diameter
+from .tiling import (
+    LabelPrediction,
+    Stitcher,
+    Tile,
+    TileInstances,
+    finalize_labels,
+    label_prediction_to_instances,
+    make_tiles,
+)
 from .tta import forward_flips
 
 __all__ = ["CheckpointMismatch", "NucleusPredictor", "checkpoint_mismatch_message"]
@@ -71,6 +79,8 @@ def checkpoint_mismatch_message(weights: str, incompatible) -> str:
     return f"MODEL.WEIGHTS {weights} does not fit this config: {'; '.join(parts)}. Use {use}."
 
 logger = logging.getLogger(__name__)
+
+ONE_PASS_TILES = 2  # an image up to this many tiles on a side goes through the model whole
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -162,20 +172,26 @@ class NucleusPredictor:
         """Predict one image: ``{"instances": Instances}`` at its original resolution."""
         return self.predict_batch([original_image], diameter=diameter)[0]
 
-    def predict_batch(self, images: Sequence[np.ndarray], diameter: Diameter = None) -> list[dict]:
-        """``predictor(image)`` for many images, ``NUCLEUS.PREDICT.BATCH_SIZE`` per forward pass."""
+    def predict_batch(self, images: Sequence[np.ndarray], diameter: Diameter = None,
+                      names: Sequence[str] | None = None) -> list[dict]:
+        """``predictor(image)`` for many images, ``NUCLEUS.PREDICT.BATCH_SIZE`` per forward pass. ``names``
+        (e.g. file names) are what warnings about an image call it."""
         out = []
-        for det in self._detect(images, diameter):
-            inst = Instances(det.image_shape)
-            inst.pred_boxes = Boxes(det.boxes)
-            inst.scores = det.scores
-            inst.pred_classes = det.classes
-            inst.pred_masks = windows_to_masks(det.windows, det.oy, det.ox, det.image_shape)
+        for found in self._detect(images, diameter, names=names):
+            if isinstance(found, LabelPrediction):  # "auto" scaled it past one pass: predicted tile by tile
+                out.append({"instances": label_prediction_to_instances(found, self.device)})
+                continue
+            inst = Instances(found.image_shape)
+            inst.pred_boxes = Boxes(found.boxes)
+            inst.scores = found.scores
+            inst.pred_classes = found.classes
+            inst.pred_masks = windows_to_masks(found.windows, found.oy, found.ox, found.image_shape)
             out.append({"instances": inst})
         return out
 
     def predict_labels(self, images: Sequence[np.ndarray], diameter: Diameter = None,
-                       score_thresh: float | None = None) -> list[LabelPrediction]:
+                       score_thresh: float | None = None, names: Sequence[str] | None = None,
+                       ) -> list[LabelPrediction]:
         """One label image per input (instances scoring >= ``score_thresh``, highest score on top).
 
         Cheaper than ``predict_batch`` for label output: full-image masks are never made, the label
@@ -183,15 +199,26 @@ class NucleusPredictor:
         """
         thresh = self.score_thresh if score_thresh is None else float(score_thresh)
         out = []
-        for det in self._detect(images, diameter, score_thresh=thresh):
-            labels = windows_to_label(det.windows, det.oy, det.ox, det.scores, det.image_shape)
-            out.append(finalize_labels(labels.cpu().numpy(), det.scores.cpu().numpy(),
-                                       det.boxes.cpu().numpy()))
+        for found in self._detect(images, diameter, score_thresh=thresh, names=names):
+            if isinstance(found, LabelPrediction):
+                out.append(found)
+                continue
+            labels = windows_to_label(found.windows, found.oy, found.ox, found.scores, found.image_shape)
+            out.append(finalize_labels(labels.cpu().numpy(), found.scores.cpu().numpy(),
+                                       found.boxes.cpu().numpy()))
         return out
+
+    def estimate_diameter(self, image: np.ndarray, name: str = "image") -> ScaleChoice:
+        """What ``diameter="auto"`` decides for ``image``: the model-input scale, the nucleus diameter (input
+        px), the image-only estimate and whether the passes agreed (``sure``)."""
+        norm = self._normalize(image)
+        floor = self.diameter_score_thresh
+        run_pass = self._auto_pass(norm, floor)
+        return choose_scale(run_pass, run_pass(1.0), floor, self.train_diameter, image_diameter(norm), name)[0]
 
     def predict_large(self, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
                       diameter: Diameter = None, score_thresh: float | None = None,
-                      progress: bool = False) -> LabelPrediction:
+                      progress: bool = False, name: str = "image") -> LabelPrediction:
         """Label image of an image of any size, predicted tile by tile and stitched on the fly.
 
         ``tile`` and ``overlap`` are in model pixels (after the diameter rescale); the overlap should
@@ -199,7 +226,7 @@ class NucleusPredictor:
         one batch of tiles; no per-instance full-image masks. The seam rule is in ``tiling``.
         """
         bar = tqdm(desc="tiles", unit="tile", disable=not progress, leave=False)
-        for done, total, last in self.predict_large_steps(image, tile, overlap, diameter, score_thresh):
+        for done, total, last in self.predict_large_steps(image, tile, overlap, diameter, score_thresh, name):
             bar.total = total
             bar.update(done - bar.n)
             result = last
@@ -207,7 +234,7 @@ class NucleusPredictor:
         return result
 
     def predict_large_steps(self, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
-                            diameter: Diameter = None, score_thresh: float | None = None,
+                            diameter: Diameter = None, score_thresh: float | None = None, name: str = "image",
                             ) -> Iterator[tuple[int, int, LabelPrediction | None]]:
         """``predict_large`` one batch of tiles at a time, for callers that show progress or may stop
         early (the napari widget): yields ``(tiles done, tiles in all, None)`` after each batch, and
@@ -217,10 +244,22 @@ class NucleusPredictor:
         overlap = int(pred.TILE_OVERLAP if overlap is None else overlap)
         thresh = self.score_thresh if score_thresh is None else float(score_thresh)
         norm = self._normalize(image)
-        height, width = norm.shape[:2]
         scale = self.input_scale(diameter)
+        self.last_scales = [None]
         if scale is None:
-            scale = self._estimate_scale_tiled(norm, tile, overlap)
+            floor = min(thresh, self.diameter_score_thresh)
+            run_pass = self._auto_pass(norm, floor, tile, overlap)
+            choice = choose_scale(run_pass, run_pass(1.0), self.diameter_score_thresh, self.train_diameter,
+                                  image_diameter(norm), name)[0]
+            self.last_scales, scale = [choice], choice.scale
+        yield from self._stitched(norm, scale, tile, overlap, thresh)
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _stitched(self, norm: np.ndarray, scale: float, tile: int, overlap: int, thresh: float,
+                  ) -> Iterator[tuple[int, int, LabelPrediction | None]]:
+        """The tiles of ``norm`` at ``scale``, predicted and stitched; progress as ``predict_large_steps``."""
+        height, width = norm.shape[:2]
         # tiles are cut from the original image, so their size there is the model tile / scale
         tiles = make_tiles((height, width), max(1, round(tile / scale)), max(0, round(overlap / scale)))
         stitcher = Stitcher((height, width), edge_margin=max(1.0, 1.0 / scale))
@@ -241,6 +280,31 @@ class NucleusPredictor:
                 "where they matched; a larger overlap gives cleaner results", stitcher.num_cut, overlap,
             )
         yield len(tiles), len(tiles), stitcher.finish()
+
+    def _fits_one_pass(self, shape: tuple[int, int], scale: float) -> bool:
+        """Whether the image at ``scale`` goes through the model whole (else tile by tile: an image that
+        "auto" upscales 5x must not be sent whole)."""
+        return max(shape) * scale <= ONE_PASS_TILES * self.cfg.NUCLEUS.PREDICT.TILE_SIZE
+
+    def _auto_pass(self, norm: np.ndarray, floor: float, tile: int | None = None, overlap: int | None = None,
+                   ) -> Callable[[float], list[Detections]]:
+        """``run_pass(scale)`` for the diameter estimate: the whole image, or up to four tiles spread over it
+        when the image at that scale is larger than one pass."""
+        pred = self.cfg.NUCLEUS.PREDICT
+        tile = int(pred.TILE_SIZE if tile is None else tile)
+        overlap = int(pred.TILE_OVERLAP if overlap is None else overlap)
+        shape = norm.shape[:2]
+
+        def run_pass(scale: float) -> list[Detections]:
+            if self._fits_one_pass(shape, scale):
+                arrays = [_resize(norm, self._model_size(*shape, scale))]
+                return detections_from_outputs(self._forward(arrays, floor), shape, floor)
+            tiles = make_tiles(shape, max(1, round(tile / scale)), max(0, round(overlap / scale)))
+            picks = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).round()
+                                                 .astype(int))]
+            return [d for ds, _ in self._detect_tiles(norm, picks, scale, floor) for d in ds]
+
+        return run_pass
 
     # ---- internals --------------------------------------------------------------------------------
 
@@ -277,9 +341,12 @@ class NucleusPredictor:
                 height, width, self.aug.short_edge_length[0], self.aug.max_size)
         return max(1, round(height * scale)), max(1, round(width * scale))
 
-    def _detect(self, images: Sequence[np.ndarray], diameter: Diameter,
-                score_thresh: float | None = None) -> list[Detections]:
+    def _detect(self, images: Sequence[np.ndarray], diameter: Diameter, score_thresh: float | None = None,
+                names: Sequence[str] | None = None) -> list[Detections | LabelPrediction]:
+        """Each image's detections; with "auto", an image the estimate scales past one pass comes back as a
+        stitched ``LabelPrediction`` (``self.last_scales`` keeps each image's :class:`ScaleChoice`)."""
         scale = self.input_scale(diameter)
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
 
         def prepare(image: np.ndarray, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
             norm = self._normalize(image)
@@ -292,7 +359,8 @@ class NucleusPredictor:
         for i, image in enumerate(images):
             by_shape.setdefault(tuple(np.shape(image)[:2]), []).append(i)
         chunks = [c for group in by_shape.values() for c in _chunks(group, self.batch_size)]
-        results: list[Detections | None] = [None] * len(images)
+        results: list[Detections | LabelPrediction | None] = [None] * len(images)
+        self.last_scales: list[ScaleChoice | None] = [None] * len(images)
         norms: dict[int, np.ndarray] = {}
         # 'auto' passes keep what the diameter estimate needs as well as what the output keeps
         floor = score_thresh if scale is not None or score_thresh is None else min(
@@ -305,23 +373,18 @@ class NucleusPredictor:
                 if scale is None:
                     norms[i] = norm
         for i, norm in norms.items():
-            def run_pass(s: float, norm: np.ndarray = norm) -> list[Detections]:
-                arrays = [_resize(norm, self._model_size(*norm.shape[:2], s))]
-                return detections_from_outputs(self._forward(arrays, floor), norm.shape[:2], floor)
-
-            det = refine_scale(run_pass, [results[i]], self.diameter_score_thresh, self.train_diameter)[1][0]
-            results[i] = det if floor == score_thresh else keep_scores(det, score_thresh)
+            choice, passes = choose_scale(self._auto_pass(norm, floor), [results[i]], self.diameter_score_thresh,
+                                          self.train_diameter, image_diameter(norm), names[i])
+            self.last_scales[i] = choice
+            if self._fits_one_pass(norm.shape[:2], choice.scale):
+                det = passes[choice.scale][0]
+                results[i] = det if floor == score_thresh else keep_scores(det, score_thresh)
+            else:
+                pred = self.cfg.NUCLEUS.PREDICT
+                steps = self._stitched(norm, choice.scale, int(pred.TILE_SIZE), int(pred.TILE_OVERLAP),
+                                       self.score_thresh if score_thresh is None else score_thresh)
+                results[i] = [last for *_, last in steps][-1]
         return results
-
-    def _estimate_scale_tiled(self, norm: np.ndarray, tile: int, overlap: int) -> float:
-        """'auto' for large images: the passes run on up to four tiles spread over the image."""
-        def run_pass(scale: float) -> list[Detections]:
-            tiles = make_tiles(norm.shape[:2], max(1, round(tile / scale)), max(0, round(overlap / scale)))
-            picks = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).round()
-                                                 .astype(int))]
-            return [d for ds, _ in self._detect_tiles(norm, picks, scale, None) for d in ds]
-
-        return refine_scale(run_pass, run_pass(1.0), self.diameter_score_thresh, self.train_diameter)[0]
 
     def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,
                       score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:

@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from detectron2.structures import Boxes, Instances
 
 from ..structures import masks_to_label_image, paint_order
 
@@ -274,3 +276,16 @@ class Stitcher:
         """The stitched label image, empty instances dropped, ids 1..N by descending score."""
         boxes = np.stack(self._boxes[1:]) if len(self._boxes) > 1 else np.zeros((0, 4), np.float32)
         return finalize_labels(self.labels, np.asarray(self._scores[1:], dtype=np.float32), boxes)
+
+
+def label_prediction_to_instances(pred: LabelPrediction, device: torch.device | str = "cpu") -> Instances:
+    """detectron2 ``Instances`` (full-image masks, boxes, scores, class 0) of a label prediction."""
+    height, width = pred.labels.shape
+    inst = Instances((height, width))
+    labels = torch.from_numpy(pred.labels).to(device)
+    ids = torch.arange(1, len(pred) + 1, device=labels.device, dtype=labels.dtype)
+    inst.pred_masks = labels[None] == ids[:, None, None]
+    inst.pred_boxes = Boxes(torch.as_tensor(pred.boxes, dtype=torch.float32, device=labels.device))
+    inst.scores = torch.as_tensor(pred.scores, dtype=torch.float32, device=labels.device)
+    inst.pred_classes = torch.zeros(len(pred), dtype=torch.int64, device=labels.device)
+    return inst
