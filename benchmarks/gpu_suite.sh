@@ -40,6 +40,7 @@ collect_accuracy() {
   cp benchmarks/results/accuracy_*.json "$OUT/" 2>/dev/null
   cp /tmp/acc/predict/image_overlay.png "$OUT/dsb_sample_overlay.png" 2>/dev/null; cp /tmp/acc/eval/nucleus_dsb_sample/worst_01_*.png "$OUT/dsb_sample_gt_vs_pred.png" 2>/dev/null
   cp /tmp/acc/train/training_loss.png "$OUT/" 2>/dev/null
+  cp /tmp/acc/robustness/robustness_grid.png /tmp/acc/robustness/robustness.json "$OUT/" 2>/dev/null
 }
 if has ablation; then
   log "generator ablation: one accuracy recipe per GPU (benchmarks/accuracy_ablation.sh)"
@@ -52,11 +53,12 @@ if has ablation; then
 fi
 if has accuracy && [ "${ACC_GPUS:-1}" -gt 1 ]; then
   log "accuracy recipe on $ACC_GPUS GPUs (foreground)"
-  NUCLEUS_NUM_GPUS=$ACC_GPUS NUCLEUS_PROCS_PER_GPU=${ACC_PROCS:-1} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1
+  NUCLEUS_NUM_GPUS=$ACC_GPUS env ${ACC_PROCS:+NUCLEUS_PROCS_PER_GPU=$ACC_PROCS} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1
   log "accuracy recipe exit $?"; collect_accuracy
 elif has accuracy; then
   log "accuracy recipe on GPU $LAST_GPU (background)"
-  CUDA_VISIBLE_DEVICES=$LAST_GPU NUCLEUS_PROCS_PER_GPU=${ACC_PROCS:-1} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
+  # the recipe's own process count (2 per GPU) unless ACC_PROCS says otherwise
+  CUDA_VISIBLE_DEVICES=$LAST_GPU env ${ACC_PROCS:+NUCLEUS_PROCS_PER_GPU=$ACC_PROCS} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
   ACC_PID=$!
 fi
 # inference benchmarks use the accuracy recipe's model when there is one (trained weights make the

@@ -23,13 +23,22 @@ def _metrics(path: Path) -> dict | None:
     return out
 
 
-def _scale_sweep(path: Path) -> dict | None:
-    """DSB score per zoom of the real sample and mode (benchmarks/scale_sweep.py's line), if it ran."""
-    lines = path.read_text().strip().splitlines() if path.is_file() else []
-    if not lines:
+def _robustness(path: Path) -> dict | None:
+    """benchmarks/robustness.py's report (per-variant figures and background counts), if it ran."""
+    if not path.is_file():
         return None
-    sweep = json.loads(lines[-1])
-    return {mode: {zoom: row["dsb_score"] for zoom, row in rows.items()} for mode, rows in sweep["by_mode"].items()}
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("datasets", "background", "summary", "seconds")}
+
+
+def _by_zoom(robustness: dict | None) -> dict | None:
+    """The real sample's DSB score per magnification, for the model (estimated diameter) and the watershed."""
+    rows = (robustness or {}).get("datasets", {}).get("nucleus_dsb_sample")
+    if not rows:
+        return None
+    zooms = {k: v for k, v in rows.items() if k.startswith("x")}
+    return {"auto": {k: v["dsb"] for k, v in zooms.items()},
+            "watershed": {k: v["watershed_dsb"] for k, v in zooms.items()}}
 
 
 def _final_iteration(path: Path) -> int | None:
@@ -75,9 +84,10 @@ def main() -> None:
         "untuned_dsb_sample": _metrics(run / "eval_untuned" / "nucleus_dsb_sample" / "metrics.json"),
         "untuned_synthetic_val": _metrics(run / "eval_untuned" / "nucleus_synth_val" / "metrics.json"),
         "tuned_inference": json.loads((run / "tune" / "tune.json").read_text())["best"],
-        "dsb_sample_by_zoom": _scale_sweep(run / "scale_sweep.json"),
+        "robustness": _robustness(run / "robustness" / "robustness.json"),
         "generator": {"version": GENERATOR_VERSION, "features": _features(args.config, args.opts)},
     }
+    report["dsb_sample_by_zoom"] = _by_zoom(report["robustness"])
     out = args.out or (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
                        / f"accuracy_{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

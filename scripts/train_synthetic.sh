@@ -5,7 +5,7 @@
 # With N training processes in all (GPUs x processes per GPU) the batch and LR scale by N and MAX_ITER
 # by 1/N (SOLVER.REFERENCE_WORLD_SIZE 1).
 # Writes OUT/train (checkpoints, curves), OUT/tune (inference settings picked on synthetic val),
-# OUT/eval/<dataset>/metrics.json + overlays, OUT/eval_untuned, OUT/baseline/..., OUT/scale_sweep.json and
+# OUT/eval/<dataset>/metrics.json + overlays, OUT/eval_untuned, OUT/baseline/..., OUT/robustness/ and
 # benchmarks/results/accuracy_<date>.json (or $NUCLEUS_ACCURACY_JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,12 +30,12 @@ nucleus-eval --config-file "$CFG" --dataset nucleus_synth_val --dataset nucleus_
 [ -n "${NUCLEUS_SKIP_BASELINE:-}" ] || nucleus-eval --config-file "$CFG" --baseline watershed \
   --dataset nucleus_synth_val --dataset nucleus_dsb_sample --output "$OUT/baseline" "$@"
 nucleus-predict --config-file "$TUNED" --input nucleus_seg/data/sample/image.tif --output "$OUT/predict"
-# the real sample at other magnifications (its nuclei at ~4-36 px radius instead of ~12): estimated diameter
-# vs the image's own scale (vs watershed unless skipped); NUCLEUS_SCALE_SWEEP_ZOOMS="" skips it
-ZOOMS=${NUCLEUS_SCALE_SWEEP_ZOOMS-0.33,0.5,0.7,1,1.4,2,3}
-MODES=auto,own_scale; [ -n "${NUCLEUS_SKIP_BASELINE:-}" ] || MODES+=,watershed
-[ -z "$ZOOMS" ] || python benchmarks/scale_sweep.py --config-file "$TUNED" --zooms "$ZOOMS" --output "$OUT/zoom" \
-  --modes "$MODES" > "$OUT/scale_sweep.json"
+# robustness (benchmarks/robustness.py): the real sample at other magnifications (its nuclei ~24 px across at
+# x1), blurred, noisy, dim, unevenly lit, saturated, and background-only fields; NUCLEUS_ROBUSTNESS_ZOOMS="",
+# _VARIANTS="" and _BACKGROUND="" shorten it (the recipe test does)
+python benchmarks/robustness.py --config-file "$TUNED" --output "$OUT/robustness" \
+  --zooms "${NUCLEUS_ROBUSTNESS_ZOOMS-0.25,0.33,0.5,0.7,1,1.4,2,3,5}" \
+  --variants "${NUCLEUS_ROBUSTNESS_VARIANTS-all}" --background "${NUCLEUS_ROBUSTNESS_BACKGROUND-all}" > /dev/null
 python scripts/accuracy_report.py --run "$OUT" --config "$CFG" \
   ${NUCLEUS_ACCURACY_JSON:+--out "$NUCLEUS_ACCURACY_JSON"} \
   --train-minutes "$(python -c "print(round(($train_end - $start) / 60, 2))")" \

@@ -29,7 +29,8 @@ def test_recipe_script_writes_the_result_the_issue_asks_for(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                NUCLEUS_DATASETS=str(tmp_path / "datasets"), NUCLEUS_PROCS_PER_GPU="1",
                NUCLEUS_ACCURACY_JSON=str(result), MPLBACKEND="Agg",
-               NUCLEUS_SCALE_SWEEP_ZOOMS="0.5")  # one zoom: a 256x256 copy of the real sample
+               NUCLEUS_ROBUSTNESS_ZOOMS="0.5", NUCLEUS_ROBUSTNESS_VARIANTS="blur2",  # a short robustness suite
+               NUCLEUS_ROBUSTNESS_BACKGROUND="haze")
     proc = subprocess.run(["bash", "scripts/train_synthetic.sh", str(out), *TINY], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,7 +44,11 @@ def test_recipe_script_writes_the_result_the_issue_asks_for(tmp_path):
     assert report["iterations"] == 2 and report["train_minutes"] > 0 and report["device"]
     assert "CascadeROIHeads" in report["config_text"] and report["opts"] == TINY
     by_zoom = report["dsb_sample_by_zoom"]
-    assert set(by_zoom) == {"auto", "own_scale", "watershed"} and all(set(v) == {"x0.5"} for v in by_zoom.values())
+    assert set(by_zoom) == {"auto", "watershed"} and all(set(v) == {"x0.5"} for v in by_zoom.values())
+    robust = report["robustness"]
+    assert set(robust["datasets"]["nucleus_dsb_sample"]) == {"x0.5", "blur2"} and set(robust["background"]) == {"haze"}
+    assert robust["datasets"]["nucleus_dsb_sample"]["blur2"]["true_diameter"] > 20
+    assert (out / "robustness" / "robustness_grid.png").is_file()
     # tuning saw the recipe model's own size band, every threshold, and wrote a config the eval used
     rows = json.loads((out / "tune" / "tune.json").read_text())["rows"]
     cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_synth_h100.yaml", TINY)

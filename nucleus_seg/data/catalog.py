@@ -62,6 +62,7 @@ __all__ = [
     "ensure_synth_dataset",
     "generate_synthetic_data",
     "register_all_builtin",
+    "register_by_name",
     "register_datasets_from_cfg",
     "register_nucleus_dataset",
     "register_path_dataset",
@@ -375,7 +376,7 @@ def register_datasets_from_cfg(cfg: CfgNode) -> None:
     registered = set(DatasetCatalog.list())
     for key, group in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
         for name in group:
-            if name not in registered and not _register_by_name(name, registered):
+            if name not in registered and not register_by_name(name, registered):
                 nucleus = sorted(n for n in registered if n.startswith("nucleus_"))
                 raise KeyError(
                     f"{key} names dataset {name!r}, which is not registered and is no existing folder or "
@@ -385,7 +386,7 @@ def register_datasets_from_cfg(cfg: CfgNode) -> None:
                 )
 
 
-def _register_by_name(name: str, registered: set[str]) -> bool:
+def register_by_name(name: str, registered: set[str]) -> bool:
     """Register a dataset its name describes: a path, or ``NAME@xZ`` (NAME registered or a path)."""
     base, zoom = split_zoom(name)
     if zoom is None:
