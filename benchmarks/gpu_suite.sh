@@ -63,8 +63,10 @@ elif has accuracy; then
 fi
 # inference benchmarks use the accuracy recipe's model when there is one (trained weights make the
 # AMP-vs-fp32 mask agreement meaningful), else the training benchmark's
-WEIGHTS=/tmp/acc/train/model_final.pth
-[ -f "$WEIGHTS" ] || WEIGHTS=/tmp/train_bench/ours/model_final.pth
+WEIGHTS=/tmp/acc/train/model_final.pth INFER_CONFIG=configs/nucleus_R101_FPN_synth_h100.yaml
+# weights and config always from the same run: the recipe's Cascade heads do not load into the standard
+# config (the predictor now refuses such a checkpoint; it used to give median mask IoU 0.36 silently)
+[ -f "$WEIGHTS" ] || { WEIGHTS=/tmp/train_bench/ours/model_final.pth; INFER_CONFIG=configs/nucleus_R101_FPN_scratch.yaml; }
 INFER_GPU=0
 SIDE_PID=""
 if [ "$NGPU" -gt 1 ] && [ -z "$ACC_PID" ] && [ -f "$WEIGHTS" ]; then
@@ -73,12 +75,14 @@ fi
 infer_stages() {
   if has large; then
     log "predict_large 8192^2 on GPU $INFER_GPU (weights: $WEIGHTS)"
-    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_large.py --weights "$WEIGHTS" --size 8192 \
+    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_large.py --config-file "$INFER_CONFIG" \
+      --weights "$WEIGHTS" --size 8192 \
       --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
   if has infer; then
     log "inference throughput on GPU $INFER_GPU (weights: $WEIGHTS)"
-    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py ${WEIGHTS:+--weights "$WEIGHTS"} --num-images 64 \
+    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --config-file "$INFER_CONFIG" \
+      ${WEIGHTS:+--weights "$WEIGHTS"} --num-images 64 \
       --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
 }
@@ -93,12 +97,12 @@ if has profile; then
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_train.py --iters 40 --profile-iters 8 ${TRAIN_OPTS:-} \
     > "$OUT/profile.txt" 2>&1; grep -E "median s/iter" "$OUT/profile.txt"
 fi
-[ -f "$WEIGHTS" ] || WEIGHTS=/tmp/train_bench/ours/model_final.pth
+[ -f "$WEIGHTS" ] || { WEIGHTS=/tmp/train_bench/ours/model_final.pth; INFER_CONFIG=configs/nucleus_R101_FPN_scratch.yaml; }
 [ -f "$WEIGHTS" ] || WEIGHTS=""  # random (seeded) weights: timings only
 if has profile_infer; then
   log "profile of NucleusPredictor.predict_batch on GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_infer.py --num-images 64 --batch 32 \
-    ${WEIGHTS:+--weights "$WEIGHTS"} > "$OUT/profile_infer.txt" 2>&1; grep -E "unprofiled wall" "$OUT/profile_infer.txt"
+    --config-file "$INFER_CONFIG" ${WEIGHTS:+--weights "$WEIGHTS"} > "$OUT/profile_infer.txt" 2>&1; grep -E "unprofiled wall" "$OUT/profile_infer.txt"
 fi
 if [ "$INFER_GPU" = 0 ]; then infer_stages; else wait "$SIDE_PID"; fi
 if has scaling && [ "$NGPU" -gt 1 ]; then

@@ -118,7 +118,11 @@ def _write_side(args) -> None:
 
     result = run_side(args)
     if comm.is_main_process():
-        Path(args.child_out).write_text(json.dumps(result))
+        if args.child_out:  # a side run by main() for the comparison
+            Path(args.child_out).write_text(json.dumps(result))
+        else:  # one side asked for on the command line (--side vanilla / ours): its own JSON line
+            emit({"benchmark": f"train_throughput_{args.side}", **device_facts(), "config": args.config_file,
+                  "opts": args.opts, "variant": f"{args.procs_per_gpu}x{args.batch}", **result}, args.save)
     close_process_group()
 
 
