@@ -8,8 +8,9 @@ export NUCLEUS_VENV := $(VENV)
 setup:
 	@bash scripts/setup_env.sh
 
-demo: setup
-	@PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+demo:
+	@started=$$(date +%s) && bash scripts/setup_env.sh && \
+	NUCLEUS_DEMO_STARTED=$$started PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
 test: lint
 	@$(PY) -m pytest -q tests

@@ -72,6 +72,8 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.NUCLEUS.TRAIN.AMP_DTYPE = "bfloat16"
     # GroupNorm in the autocast precision (fp32 statistics) instead of autocast's fp32 cast round trip.
     cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM = True
+    # Iterations between progress lines (losses, speed, ETA) and metrics.json records; detectron2 uses 20.
+    cfg.NUCLEUS.TRAIN.LOG_PERIOD = 20
     # Periodic checkpoints (SOLVER.CHECKPOINT_PERIOD) kept: the last N (0 = all, detectron2's behaviour).
     # None is written at the last iteration, where model_final.pth holds the same weights.
     cfg.NUCLEUS.TRAIN.CHECKPOINT_KEEP = 2

@@ -200,6 +200,9 @@ class NucleusTrainer(DefaultTrainer):
         ret = [PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, keep=train.CHECKPOINT_KEEP,
                                     final_only=train.FINAL_ONLY) if isinstance(h, hooks.PeriodicCheckpointer) else h
                for h in ret]
+        for hook in ret:
+            if isinstance(hook, hooks.PeriodicWriter):
+                hook._period = max(1, int(train.LOG_PERIOD))  # a first progress line early on slow machines
         guard = train.DIVERGENCE
         ret.insert(0, DivergenceGuard(guard.FACTOR, guard.CEILING, guard.PATIENCE))
         best = None
