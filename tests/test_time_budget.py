@@ -80,3 +80,34 @@ def test_budget_counting_from_launch_includes_time_before_the_loop(tmp_path, cap
     assert trainer.iter + 1 == 1 == trainer.max_iter  # at once, not after the measuring window
     assert (tmp_path / "model_final.pth").is_file()
     assert "spent before the first step" in caplog.text and "spent before training" in caplog.text
+
+
+class _Slowing(_Slow):
+    """Steps that get slower as training goes (as Mask R-CNN's do when it starts finding nuclei)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, batch):
+        self.steps += 1
+        time.sleep(0.004 + 0.0004 * self.steps)
+        return {"loss": (self.w * batch).sum() ** 2}
+
+
+def test_a_run_that_slows_down_still_ends_within_its_budget(tmp_path):
+    """The speed measured early (iterations 2-7) would overrun by ~2x; measured again every window, it does not."""
+    model = _Slowing()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = LRMultiplier(opt, WarmupParamScheduler(MultiStepParamScheduler([1.0, 0.1], milestones=[5000],
+                                                                           num_updates=10_000), 0.1, 0.0), 10_000)
+    trainer = SimpleTrainer(model, _loader(), opt)
+    trainer.scheduler = sched
+    trainer.register_hooks([hooks.LRScheduler(opt, sched),
+                            hooks.PeriodicCheckpointer(DetectionCheckpointer(model, str(tmp_path)), 10**6, 10_000),
+                            TimeBudget(minutes=3 / 60, measure_from=2, measure_iters=5)])
+    start = time.perf_counter()
+    with pytest.raises(BudgetReached):
+        trainer.train(0, 10_000)
+    assert time.perf_counter() - start < 3 * 1.15
+    assert (tmp_path / "model_final.pth").is_file()

@@ -37,7 +37,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from tqdm import tqdm
 
 from ..structures import gt_label_image
-from ..utils.files import safe_name, write_json
+from ..utils.files import atomic_path, safe_name, write_json
 from . import synth
 from .cache import cache_key, write_cache
 from .datasets import (
@@ -262,10 +262,11 @@ def write_zoomed_dataset(records: Sequence[dict], zoom: float, folder: str | os.
         stem = str(r.get("image_name") or Path(r["file_name"]).stem)
         stem = stem if stem not in stems else f"{stem}_{r.get('image_id', len(stems))}"
         stems.add(stem)
-        tifffile.imwrite(folder / "images" / f"{stem}.tif", image.astype(dtype, copy=False))
+        with atomic_path(folder / "images" / f"{stem}.tif") as tmp:
+            tifffile.imwrite(tmp, image.astype(dtype, copy=False))
         label = resize.apply_segmentation(label)
-        tifffile.imwrite(folder / "labels" / f"{stem}.tif",
-                         label.astype(np.uint16 if label.max() < 2**16 else np.uint32))
+        with atomic_path(folder / "labels" / f"{stem}.tif") as tmp:
+            tifffile.imwrite(tmp, label.astype(np.uint16 if label.max() < 2**16 else np.uint32))
 
 
 def register_zoomed_dataset(name: str, base: str, zoom: float) -> None:

@@ -271,13 +271,20 @@ class TimeBudget(HookBase):
             self._shrink(trainer.iter + 1)
         if done == self._measure_from:
             self._t_from = time.perf_counter()
-        if not self._decided and done == self._measure_from + self._measure_iters:
+        first = done == self._measure_from + self._measure_iters
+        # steps often slow down as training goes (more detections, more ROI work): the speed is measured again
+        # every window and the schedule shrunk again where it would overrun (it never grows back)
+        again = self._decided and done > self._measure_from + self._measure_iters and (
+            done - self._measure_from) % self._measure_iters == 0 and trainer.iter + 1 < trainer.max_iter
+        if (not self._decided and first) or again:
             self._decided = True
-            per_iter = (time.perf_counter() - self._t_from) / self._measure_iters
-            left = self._budget - (time.perf_counter() - self._start)
+            now = time.perf_counter()
+            per_iter = (now - self._t_from) / self._measure_iters
+            self._t_from = now
+            left = self._budget - (now - self._start)
             new_max = min(trainer.max_iter, trainer.iter + 1 + max(0, int(left / per_iter)))
             new_max = min(comm.all_gather(new_max))  # every rank must stop at the same iteration
-            if left <= 0:
+            if left <= 0 and first:
                 logger.warning("Time budget %.1f min was spent before training could use it; stopping at "
                                "iteration %d", self._budget / 60, new_max)
             if new_max < trainer.max_iter:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, read_image, read_label_image
 from ..utils.dist import close_process_group, launch
-from ..utils.files import IMAGE_SUFFIXES, check_writable, write_json
+from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
 from .outputs import (
     coco_results,
     read_json_list,
@@ -218,9 +218,7 @@ def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> 
     predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine)
     parts = comm.gather(mine, dst=0)
     if comm.is_main_process():
-        tmp = handoff.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(parts))
-        tmp.replace(handoff)
+        atomic_write(handoff, pickle.dumps(parts))
     close_process_group()
 
 

@@ -14,6 +14,7 @@ from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from ...structures import label_image_to_annotations
+from ...utils.files import atomic_write
 from ..io import normalize_image
 from .generator import generate_image
 from .scene import FEATURES, check_features, image_rng
@@ -23,6 +24,14 @@ from .scene import FEATURES, check_features, image_rng
 
 
 LAYOUTS = ("dsb", "labels")
+
+
+def _write_png(path: Path, pixels: np.ndarray, params: list[int] | None = None) -> None:
+    """A PNG through the one atomic-write helper (a folder nucleus-synth fills is never left with half files)."""
+    ok, buf = cv2.imencode(".png", pixels, params or [])
+    if not ok:
+        raise OSError(f"cannot encode {path} as PNG")
+    atomic_write(path, buf.tobytes())
 
 
 def sample_image_path(folder: str | os.PathLike, name: str, layout: str = "dsb") -> Path:
@@ -46,15 +55,13 @@ def write_sample(folder: str | os.PathLike, name: str, image: np.ndarray, label:
     image_path = sample_image_path(folder, name, layout)
     image_path.parent.mkdir(parents=True, exist_ok=True)
     pixels = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    if not cv2.imwrite(str(image_path), pixels):
-        raise OSError(f"cannot write {image_path}")
+    _write_png(image_path, pixels)
     if layout == "labels":
         if label.max(initial=0) > np.iinfo(np.uint16).max:
             raise ValueError(f"{name}: {label.max()} nuclei do not fit a 16-bit label image")
         path = Path(folder) / "labels" / f"{name}.png"
         path.parent.mkdir(exist_ok=True)
-        if not cv2.imwrite(str(path), label.astype(np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            raise OSError(f"cannot write {path}")
+        _write_png(path, label.astype(np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, 1])
         return [path]
     sample = image_path.parent.parent
     paths: list[Path] = []
@@ -70,8 +77,7 @@ def write_sample(folder: str | os.PathLike, name: str, image: np.ndarray, label:
             continue
         buf[box] = (label[box] == k) * np.uint8(255)
         path = sample / "masks" / f"{k:0{width}d}.png"
-        if not cv2.imwrite(str(path), buf, bilevel):
-            raise OSError(f"cannot write {path}")
+        _write_png(path, buf, bilevel)
         buf[box] = 0
         paths.append(path)
     return paths
@@ -160,6 +166,5 @@ def write_preview(
     montage = np.concatenate(rows, axis=0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(montage, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write preview {path}")
+    _write_png(path, cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
     return path
