@@ -13,7 +13,7 @@ started=${NUCLEUS_DEMO_STARTED:-$t0}  # set by `make demo` before the set-up
 if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   CFG=${NUCLEUS_DEMO_CONFIG:-configs/nucleus_R101_FPN_scratch.yaml}
 else
-  CFG=${NUCLEUS_DEMO_CONFIG:-configs/nucleus_R101_FPN_cpu_demo.yaml}
+  CFG=${NUCLEUS_DEMO_CONFIG:-configs/nucleus_R18_FPN_cpu_demo.yaml}
 fi
 read -r -a OPTS <<< "${NUCLEUS_DEMO_OPTS:-}"
 say() { printf '[demo %s] %s\n' "$(date -u -d @$(( $(date +%s) - started )) +%M:%S)" "$*"; }
