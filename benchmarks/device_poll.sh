@@ -21,6 +21,6 @@ if [ -f "$RC" ]; then echo "finished: exit $(cat "$RC")"; else echo "still runni
 mkdir -p "$OUT"
 find "${DIRS[@]}" -type f -size -4M \( -name '*.json' -o -name '*.log' -o -name 'log.txt' -o -name 'tuned.yaml' \
   -o -path '*nucleus_dsb_sample/*.png' -o -name 'training_loss.png' -o -name 'image_overlay.png' \
-  -o -name 'robustness_grid.png' \) 2>/dev/null \
+  -o -name 'robustness_grid.png' -o -name 'adapt_grid.png' -o -name 'before_after.png' \) 2>/dev/null \
   | tar czf "$OUT/partial.tgz" -T - 2>/dev/null
 echo "packed $(tar tzf "$OUT/partial.tgz" 2>/dev/null | wc -l) files, $(du -h "$OUT/partial.tgz" | cut -f1)"

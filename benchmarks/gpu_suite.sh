@@ -5,7 +5,8 @@
 #   2. the accuracy recipe (scripts/train_synthetic.sh) in the background on the last GPU;
 #   3. on GPU 0: training throughput, inference throughput, predict_large on an 8192^2 mosaic.
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
-# stages: install smoke ablation accuracy train profile profile_infer infer large scaling (default: all). JSON lines go to OUT_DIR/results.jsonl.
+# stages: install smoke ablation accuracy train profile profile_infer infer large scaling adapt (default: all but
+# adapt). JSON lines go to OUT_DIR/results.jsonl.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARBALL=$1; OUT=$2; shift 2
@@ -130,5 +131,26 @@ fi
 if [ -n "$ACC_PID" ]; then
   log "waiting for the accuracy recipe"
   wait "$ACC_PID"; log "accuracy recipe exit $?"; collect_accuracy
+fi
+if has adapt; then
+  # the starting model: the recipe's when it ran, else a short run of it (ADAPT_START_MINUTES, 2000 images)
+  START_CFG=/tmp/acc/train/config.yaml START_W=/tmp/acc/train/model_final.pth
+  if [ ! -f "$START_W" ]; then
+    START_CFG=/tmp/adapt_start/config.yaml START_W=/tmp/adapt_start/model_final.pth
+    log "adaptation's starting model: the recipe's config for ${ADAPT_START_MINUTES:-5} min"
+    CUDA_VISIBLE_DEVICES=0 python3 -m nucleus_seg.cli.train --config-file configs/nucleus_R101_FPN_synth_h100.yaml \
+      --procs-per-gpu 2 NUCLEUS.TRAIN.TIME_BUDGET_MINUTES "${ADAPT_START_MINUTES:-5}" NUCLEUS.SYNTH.NUM_TRAIN 2000 \
+      NUCLEUS.TRAIN.FINAL_ONLY True OUTPUT_DIR /tmp/adapt_start > "$OUT/adapt_start.log" 2>&1
+    log "starting model exit $?"
+  fi
+  # one suite per target group, so the first group's figures (with their control arms) exist early
+  # groups "TARGETS:CONTROLS" separated by spaces
+  for group in ${ADAPT_GROUPS:-x1,noise_snr5,synth_he:x1,noise_snr5,synth_he x0.25,x3,blur2,gamma2,synth_brightfield:}; do
+    targets=${group%%:*}
+    log "adaptation suite: targets $targets, controls ${group#*:}"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/adapt_suite.py --config-file "$START_CFG" --weights "$START_W" \
+      --targets "$targets" --control "${group#*:}" --minutes "${ADAPT_MINUTES:-1.0}" \
+      --output "/tmp/adapt_out/${targets%%,*}" ${ADAPT_OPTS:-} 2>&1 | grep -E '^\{|\[adapt\]|Error|error' | cut -c1-3000 | tee -a "$OUT/adapt.log"
+  done
 fi
 log "done"

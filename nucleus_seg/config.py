@@ -31,6 +31,9 @@ def add_nucleus_config(cfg: CN) -> None:
     cfg.INPUT.NUCLEUS.CROP_SIZE = 512  # square training crop (padded when the image is smaller)
     cfg.INPUT.NUCLEUS.CROP_NUCLEUS_PROB = 0.9  # chance a crop is centred near a nucleus
     cfg.INPUT.NUCLEUS.MIN_INSTANCE_AREA = 4  # px; smaller remnants after crop/scale are dropped
+    # COCO "iscrowd" annotations: dropped (False, detectron2's behaviour) or kept as ignore regions that
+    # count neither as nucleus nor as background in the losses (True; nucleus-adapt's uncertain pseudo-labels)
+    cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE = False
     cfg.INPUT.NUCLEUS.SCALE_RANGE = (0.5, 2.0)  # log-uniform rescale: nuclei come at many magnifications
     # True: each training image is first rescaled so its median nucleus diameter is
     # NUCLEUS.PREDICT.TRAIN_DIAMETER, and SCALE_RANGE jitters around that (Cellpose's training); the

@@ -60,3 +60,11 @@ def tiny_cfg(tmp_path):
         ],
     )
     return cfg
+
+
+@pytest.fixture
+def synth_root(tmp_path_factory, monkeypatch):
+    """Synthetic datasets are generated (once per session) under a temporary NUCLEUS_DATASETS."""
+    root = tmp_path_factory.getbasetemp() / "nucleus_datasets"
+    monkeypatch.setenv("NUCLEUS_DATASETS", str(root))
+    return root

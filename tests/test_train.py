@@ -17,14 +17,6 @@ from nucleus_seg.modeling.precision import cpu_has_native_bfloat16
 TINY_SYNTH = {"NUCLEUS.SYNTH.NUM_TRAIN": 2, "NUCLEUS.SYNTH.NUM_VAL": 1, "NUCLEUS.SYNTH.SIZE": 128}
 
 
-@pytest.fixture
-def synth_root(tmp_path_factory, monkeypatch):
-    """Synthetic datasets are generated (once per session) under a temporary NUCLEUS_DATASETS."""
-    root = tmp_path_factory.getbasetemp() / "nucleus_datasets"
-    monkeypatch.setenv("NUCLEUS_DATASETS", str(root))
-    return root
-
-
 def config_file(cfg, tmp_path, **overrides) -> str:
     """tiny_cfg (plus overrides) as a YAML for the command line."""
     cfg = cfg.clone()

@@ -21,6 +21,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 from scipy import ndimage
 
+from ..modeling.ignore import IGNORE_CLASS
 from ..structures import LabelMasks, valid_polygons
 from .io import normalize_image, read_image
 from .transforms import build_nucleus_augmentation, median_diameter
@@ -309,6 +310,7 @@ class NucleusDatasetMapper:
         normalize: dict | None = None,
         use_instance_mask: bool = True,
         min_instance_area: int = 4,
+        crowd_as_ignore: bool = False,
     ):
         if image_format not in ("BGR", "RGB"):
             raise ValueError(f"INPUT.FORMAT must be BGR or RGB for nucleus images, got {image_format!r}")
@@ -320,6 +322,7 @@ class NucleusDatasetMapper:
         self.normalize = dict(normalize or {})
         self.use_instance_mask = use_instance_mask
         self.min_instance_area = int(min_instance_area)
+        self.crowd_as_ignore = bool(crowd_as_ignore)
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(
             f"[NucleusDatasetMapper] Augmentations used in {mode}: {augmentations}")
@@ -335,6 +338,7 @@ class NucleusDatasetMapper:
                           "gray": n.GRAY},
             "use_instance_mask": cfg.MODEL.MASK_ON,
             "min_instance_area": cfg.INPUT.NUCLEUS.MIN_INSTANCE_AREA,
+            "crowd_as_ignore": cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -356,7 +360,8 @@ class NucleusDatasetMapper:
             dataset_dict["image"] = self._to_tensor(aug_input.image)
             return dataset_dict
 
-        annos = [a for a in annos if a.get("iscrowd", 0) == 0]
+        if not self.crowd_as_ignore:
+            annos = [a for a in annos if a.get("iscrowd", 0) == 0]
         source = os.fspath(file_name)
         missing = [i for i, a in enumerate(annos) if "segmentation" not in a]
         if missing:
@@ -364,7 +369,9 @@ class NucleusDatasetMapper:
                                   "nucleus training needs instance masks")
         h, w = image.shape[:2]
         labels, layer_of = instance_label_layers([a["segmentation"] for a in annos], h, w, source)
-        classes = np.asarray([int(a.get("category_id", 0)) for a in annos], dtype=np.int64)
+        # crowd regions kept as ignore regions: class -1 (modeling.ignore takes them out of the losses)
+        classes = np.asarray([IGNORE_CLASS if a.get("iscrowd", 0) else int(a.get("category_id", 0))
+                              for a in annos], dtype=np.int64)
 
         aug_input = T.AugInput(image, boxes=_annotation_boxes(annos), sem_seg=labels)
         if self.needs_diameter:

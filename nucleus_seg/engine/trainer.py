@@ -21,6 +21,7 @@ from ..data.catalog import dataset_dirname, register_datasets_from_cfg
 from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
+from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 from ..utils.env import usable_device
 from ..utils.files import atomic_write
@@ -150,6 +151,8 @@ class NucleusTrainer(DefaultTrainer):
             atomic_write(Path(cfg.OUTPUT_DIR) / "model.txt", f"{model}\n")
         if cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM:
             use_half_group_norm(model)
+        if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
+            ignore_regions_in_losses(model)
         return model
 
     @classmethod

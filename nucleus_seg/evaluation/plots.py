@@ -116,3 +116,23 @@ def worst_rows(report: dict, n: int, key: str = "dsb_score") -> list[dict]:
     """The ``n`` per-image rows with the lowest ``key`` (ties by file name)."""
     rows: Sequence[dict] = report["per_image"]
     return sorted(rows, key=lambda r: (r[key], r["file_name"]))[: max(n, 0)]
+
+
+def plot_before_after(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | os.PathLike,
+                      titles: tuple[str, str] = ("before", "after")) -> str:
+    """One row per ``(name, normalised image, labels before, labels after)``: the two models' outlines
+    (magenta) side by side, with their counts."""
+    fig = _figure(figsize=(8, 4 * len(rows)))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for row, (name, image, *labels) in enumerate(rows):
+        gray = image if image.ndim == 2 else image[..., 0]
+        for column, (title, label) in enumerate(zip(titles, labels)):
+            rgb = np.repeat(gray[..., None].astype(np.float32) / 255.0 * 0.8, 3, axis=2)
+            rgb[find_boundaries(label, mode="inner")] = (1.0, 0.2, 1.0)
+            ax = axes[row, column]
+            ax.imshow(rgb, interpolation="nearest")
+            ax.set_title(f"{name}: {title}, {len(np.unique(label)) - 1} nuclei", fontsize=9)
+            ax.set_axis_off()
+    fig.tight_layout()
+    _save(fig, path, dpi=100)
+    return str(path)

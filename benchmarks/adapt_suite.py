@@ -1,0 +1,182 @@
+"""Label-free adaptation, measured: one starting model adapted to each target's images, scored before and after.
+
+Targets (labels are used for scoring only; ``nucleus-adapt`` never sees them):
+
+* the real DSB-2018 sample as it is (``x1``: it must not get worse), at other magnifications (``x0.25`` ...
+  ``x5``) and as other microscopes would show it (``blur2``, ``noise_snr5``, ``dim16``, ``gamma2``, ``ramp``,
+  ... from ``robustness.py``);
+* synthetic "unseen domains": generator styles the recipe never trained on (``synth_brightfield``,
+  ``synth_he``), four 512 px fields each from a seed no training set uses.
+
+Each target gets its own ``nucleus-adapt`` run from the same starting weights (``--minutes`` each). Prints one
+JSON line per target as it finishes (``--save`` appends them to a results file), and writes
+``OUT/adapt.json`` (all targets and the summary) and ``OUT/adapt_grid.png`` (first image of every target:
+ground truth green, before / after magenta).
+
+    python benchmarks/adapt_suite.py --config-file CFG --weights W --output OUT [--targets x1,noise_snr5,...]
+        [--minutes 1.0] [--rounds 2] [--synthetic 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_facts, emit  # noqa: E402
+from robustness import PHOTOMETRIC, _pairs, photometric  # noqa: E402
+
+DEFAULT_TARGETS = ("x1", "x0.25", "x3", "blur2", "noise_snr5", "gamma2", "ramp", "synth_brightfield", "synth_he")
+SYNTH_SEED = 90210  # no training set uses it (they use NUCLEUS.SYNTH.SEED, 0 by default)
+BELOW = 0.70  # the issue's bar: gains are averaged over the targets the starting model scores below this
+
+
+def target_pairs(target: str, dataset: str = "nucleus_dsb_sample", count: int = 4
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, labels) of one target."""
+    if target.startswith("x"):
+        return _pairs(dataset if target == "x1" else f"{dataset}@{target}")
+    if target in PHOTOMETRIC:
+        return [(photometric(image, labels, target), labels) for image, labels in _pairs(dataset)]
+    if target.startswith("synth_"):
+        from nucleus_seg.data.synth import generate_image, image_rng
+
+        style = target[len("synth_"):]
+        return [generate_image(image_rng(SYNTH_SEED, 7, i), 512, style, 16) for i in range(count)]
+    raise SystemExit(f"adapt_suite: unknown target {target!r}")
+
+
+def dsb(predictor, pairs) -> tuple[float, list[np.ndarray]]:
+    from nucleus_seg.evaluation.matching import dsb_score
+
+    preds = [predictor.predict_labels([image], names=[f"image {k}"])[0].labels for k, (image, _) in enumerate(pairs)]
+    return float(np.mean([dsb_score(labels, p) for (_, labels), p in zip(pairs, preds)])), preds
+
+
+def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> tuple[dict, tuple]:
+    import tifffile
+
+    from nucleus_seg import NucleusPredictor
+    from nucleus_seg.engine.adapt import adapt
+
+    pairs = target_pairs(target)
+    folder = out / (f"{target}_control" if control else target)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, (image, _) in enumerate(pairs):  # only the images are written where adaptation reads
+        paths.append(folder / "images" / f"{target}_{k}.tif")
+        tifffile.imwrite(paths[-1], image)
+    before, before_labels = dsb(NucleusPredictor(cfg), pairs)
+    started = time.perf_counter()
+    report = adapt(cfg, paths, folder / "adapted", replace(settings, train_on_images=not control))
+    minutes = (time.perf_counter() - started) / 60
+    adapted = cfg.clone()
+    adapted.defrost()
+    adapted.MODEL.WEIGHTS = report["weights"]
+    after, after_labels = dsb(NucleusPredictor(adapted), pairs)
+    row = {"target": target, "control": control, "images": len(pairs), "dsb_before": round(before, 4),
+           "dsb_after": round(after, 4), "gain": round(after - before, 4), "minutes": round(minutes, 2),
+           "iterations": [r["iterations"] for r in report["rounds"]],
+           "pseudo_labels": [r["pseudo_labels"] for r in report["rounds"]],
+           "ignore_regions": [r["ignore_regions"] for r in report["rounds"]]}
+    name = f"{target} (control)" if control else target
+    print(f"[adapt] {name:28s} DSB {before:.3f} -> {after:.3f} ({after - before:+.3f}) in {minutes:.1f} min",
+          file=sys.stderr, flush=True)
+    return row, (name, pairs[0][0], pairs[0][1], before_labels[0], after_labels[0], before, after)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The issue's bars: the mean gain over targets starting below 0.70 >= 0.05, no target losing > 0.01, x1 not
+    worse."""
+    controls = {r["target"]: r["gain"] for r in rows if r["control"]}
+    rows = [r for r in rows if not r["control"]]
+    low = [r for r in rows if r["dsb_before"] < BELOW]
+    mean_gain = round(float(np.mean([r["gain"] for r in low])), 4) if low else None
+    worst = min((r["gain"] for r in rows), default=None)
+    x1 = next((r["gain"] for r in rows if r["target"] == "x1"), None)
+    return {"targets_below_0.70": len(low), "mean_gain_below_0.70": mean_gain, "worst_gain": worst,
+            "x1_gain": x1, "bar_mean_gain_0.05": mean_gain is not None and mean_gain >= 0.05,
+            "bar_no_loss_over_0.01": worst is not None and worst >= -0.01,
+            "bar_x1_not_worse": x1 is None or x1 >= 0,
+            "control_gain": controls,
+            "gain_over_control": {r["target"]: round(r["gain"] - controls[r["target"]], 4) for r in rows
+                                  if r["target"] in controls}}
+
+
+def write_grid(panels: list[tuple], path: Path, side: int = 256) -> None:
+    import cv2
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from skimage.segmentation import find_boundaries
+
+    from nucleus_seg.data.io import normalize_image
+    from nucleus_seg.utils.files import atomic_path
+
+    fig = Figure(figsize=(2 * 2.6, len(panels) * 2.8))
+    FigureCanvasAgg(fig)
+    for row, (target, image, gt, before, after, b, a) in enumerate(panels):
+        for column, (title, pred) in enumerate(((f"{target}: before {b:.2f}", before), (f"after {a:.2f}", after))):
+            rgb = normalize_image(image).astype(np.float32) / 255 * 0.8
+            rgb[find_boundaries(gt, mode="inner")] = (0.1, 1.0, 0.2)
+            rgb[find_boundaries(pred, mode="inner")] = (1.0, 0.2, 1.0)
+            scale = side / max(rgb.shape[:2])
+            small = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
+                               interpolation=cv2.INTER_AREA)
+            ax = fig.add_subplot(len(panels), 2, 2 * row + column + 1)
+            ax.imshow(np.clip(small, 0, 1))
+            ax.set_title(title, fontsize=7)
+            ax.set_axis_off()
+    fig.suptitle("nucleus-adapt: ground truth green, model magenta (DSB score)", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", required=True, help="the starting model")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
+    parser.add_argument("--minutes", type=float, default=1.0, help="nucleus-adapt --minutes per target")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=0, help="iterations per round instead of minutes (CPU)")
+    parser.add_argument("--synthetic", type=int, default=200)
+    parser.add_argument("--control", default="", help="targets adapted again on synthetic images alone, the same "
+                        "schedule (after all targets): what the images themselves add")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--save", default="")
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
+    args = parser.parse_args(argv)
+
+    from nucleus_seg import get_nucleus_cfg
+    from nucleus_seg.engine.adapt import AdaptSettings
+
+    cfg = get_nucleus_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
+    settings = AdaptSettings(minutes=args.minutes, rounds=args.rounds, iters=args.iters, synthetic=args.synthetic,
+                             overlays=1)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    facts = {"benchmark": "adapt", **device_facts(), "config": args.config_file, "weights": args.weights,
+             "variant": f"minutes {args.minutes:g}, rounds {args.rounds}, synthetic {args.synthetic}"}
+    rows, panels = [], []
+    jobs = [(t, False) for t in args.targets.split(",") if t] + [(t, True) for t in args.control.split(",") if t]
+    for target, control in jobs:
+        row, panel = run_target(cfg, target, out, settings, control)
+        rows.append(row)
+        panels.append(panel)
+        emit({**facts, **row}, args.save)
+        (out / "adapt.json").write_text(json.dumps({**facts, "targets": rows, "summary": summarize(rows)}, indent=1))
+        write_grid(panels, out / "adapt_grid.png")
+    result = {**facts, "targets": rows, "summary": summarize(rows)}
+    print(json.dumps({"summary": result["summary"]}), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
