@@ -137,9 +137,9 @@ if has adapt; then
   START_CFG=/tmp/acc/train/config.yaml START_W=/tmp/acc/train/model_final.pth
   if [ ! -f "$START_W" ]; then
     START_CFG=/tmp/adapt_start/config.yaml START_W=/tmp/adapt_start/model_final.pth
-    log "adaptation's starting model: the recipe's config for ${ADAPT_START_MINUTES:-5} min"
+    log "adaptation's starting model: the recipe's config for ${ADAPT_START_MINUTES:-5.0} min"
     CUDA_VISIBLE_DEVICES=0 python3 -m nucleus_seg.cli.train --config-file configs/nucleus_R101_FPN_synth_h100.yaml \
-      --procs-per-gpu 2 NUCLEUS.TRAIN.TIME_BUDGET_MINUTES "${ADAPT_START_MINUTES:-5}" NUCLEUS.SYNTH.NUM_TRAIN 2000 \
+      --procs-per-gpu 2 NUCLEUS.TRAIN.TIME_BUDGET_MINUTES "${ADAPT_START_MINUTES:-5.0}" NUCLEUS.SYNTH.NUM_TRAIN 2000 \
       NUCLEUS.TRAIN.FINAL_ONLY True OUTPUT_DIR /tmp/adapt_start > "$OUT/adapt_start.log" 2>&1
     log "starting model exit $?"
   fi

@@ -225,3 +225,43 @@ def test_a_training_step_with_ignore_regions_runs_through_both_kinds_of_heads(ti
         losses = model([{"image": torch.rand(3, 128, 128) * 255, "instances": target}])
     assert all(torch.isfinite(v) for v in losses.values())
     assert ("loss_cls_stage2" in losses) == (heads == "CascadeROIHeads")
+
+
+def test_large_rescaled_images_become_tiles_with_their_own_annotations(tmp_path):
+    from nucleus_seg.engine.adapt import DATA_TILE, PseudoLabels, _coco_dataset, _tiles
+
+    windows = _tiles((2100, 1500))
+    assert len(windows) == 6 and max(w[0].stop - w[0].start for w in windows) <= DATA_TILE
+    covered = np.zeros((2100, 1500), int)
+    for rows, cols in windows:
+        covered[rows, cols] += 1
+    assert (covered == 1).all()
+    labels = np.zeros((2100, 1500), np.int32)
+    labels[100:130, 100:130] = 1  # in the first tile
+    labels[690:710, 740:760] = 2  # where four tiles meet (rows split at 700, columns at 750): a piece in each
+    ignored = np.zeros_like(labels)
+    ignored[2000:2050, 1400:1450] = 1  # in the last tile
+    path = _coco_dataset(tmp_path, [("big", np.zeros((2100, 1500), np.uint16),
+                                     PseudoLabels(labels, ignored, labels))], repeats=1)
+    data = json.loads(path.read_text())
+    assert len(data["images"]) == 6
+    per_image = {i["id"]: [a["iscrowd"] for a in data["annotations"] if a["image_id"] == i["id"]]
+                 for i in data["images"]}
+    assert sorted(len(v) for v in per_image.values()) == [0, 1, 1, 1, 1, 2]  # nucleus 1 + a piece in the first
+    assert sum(v.count(1) for v in per_image.values()) == 1
+
+
+def test_an_estimate_that_would_blow_an_image_up_skips_it_and_says_how_to_give_the_diameter(
+        tiny_cfg, tmp_path, random_weights, monkeypatch):
+    from nucleus_seg.inference.predictor import NucleusPredictor
+    from nucleus_seg.inference.scale import ScaleChoice
+
+    monkeypatch.setattr(NucleusPredictor, "estimate_diameter",
+                        lambda self, image, name="image": ScaleChoice(14.0, 2.3, 2.8, True, []))
+    cfg = tiny_cfg.clone()
+    cfg.MODEL.WEIGHTS = random_weights
+    cfg.NUCLEUS.PREDICT.DIAMETER = -1.0
+    cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER = 32.0
+    with pytest.raises(AdaptError, match=r"image: the diameter estimate \(2.3 px\) would rescale it x14.0 to 7168 px"
+                                         r".*NUCLEUS.PREDICT.DIAMETER"):
+        adapt(cfg, [SAMPLE_DIR / "image.tif"], tmp_path / "out", AdaptSettings(iters=1, synthetic=0))

@@ -35,6 +35,7 @@ import tifffile
 from detectron2.config import CfgNode
 
 from ..data.io import normalize_from_cfg, read_image
+from ..data.synth.scene import MAX_NUCLEI_PER_MPX
 from ..evaluation.matching import label_overlap
 from ..evaluation.plots import plot_before_after
 from ..inference.predictor import NucleusPredictor
@@ -48,6 +49,24 @@ logger = logging.getLogger("nucleus_seg.adapt")
 
 REPORT_FILE = "adapt_report.json"
 VIEWS = ((False, False), (True, False), (False, True))  # (left-right, up-down) flips the teacher agrees over
+
+
+MAX_SIDE = 4096  # px after the diameter rescale: an estimate that asks for more is more likely wrong than right
+
+
+DATA_TILE = 1024  # px: larger rescaled images are cut into tiles, so no training sample decodes a whole field
+
+
+def _input_scale(teacher: NucleusPredictor, image: np.ndarray, name: str, train_diameter: float,
+                 ) -> tuple[float, float | None, bool]:
+    """The model-input scale of ``image``, its nucleus diameter, and whether the scale was estimated (else the
+    config's DIAMETER gave it)."""
+    fixed = teacher.input_scale()
+    if fixed is not None or train_diameter <= 0:
+        diameter = float(teacher.cfg.NUCLEUS.PREDICT.DIAMETER)
+        return (fixed or 1.0), (diameter if diameter > 0 else None), False
+    choice = teacher.estimate_diameter(image, name)
+    return float(choice.scale), choice.diameter, True
 
 
 class AdaptError(RuntimeError):
@@ -94,6 +113,7 @@ class _Image:
     scale: float = 1.0
     diameter: float | None = None
     rounds: list[dict] = field(default_factory=list)
+    skipped: str = ""  # why the image was left out
 
 
 def _flip(array: np.ndarray, view: tuple[bool, bool]) -> np.ndarray:
@@ -151,24 +171,35 @@ def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
     return resized.reshape(resized.shape[:2] + image.shape[2:])
 
 
+def _tiles(shape: tuple[int, ...], tile: int = DATA_TILE) -> list[tuple[slice, slice]]:
+    """Non-overlapping windows of at most ``tile`` px covering an image (one window if it fits)."""
+    rows = np.linspace(0, shape[0], -(-shape[0] // tile) + 1).round().astype(int)
+    cols = np.linspace(0, shape[1], -(-shape[1] // tile) + 1).round().astype(int)
+    return [(slice(y0, y1), slice(x0, x1)) for y0, y1 in zip(rows, rows[1:]) for x0, x1 in zip(cols, cols[1:])]
+
+
 def _coco_dataset(folder: Path, entries: list[tuple[str, np.ndarray, PseudoLabels]], repeats: int) -> Path:
-    """``folder/pseudo.json`` (COCO; ignore regions as iscrowd) with each image listed ``repeats`` times."""
+    """``folder/pseudo.json`` (COCO; ignore regions as iscrowd), each image (or each tile of a large one) listed
+    ``repeats`` times."""
     images, annotations = [], []
     for name, image, pseudo in entries:
-        file_name = f"images/{name}.tif"
-        with atomic_path(folder / file_name) as tmp:
-            tifffile.imwrite(tmp, image)
-        annos = [dict(a, iscrowd=0) for a in label_image_to_annotations(pseudo.labels)]
-        annos += [dict(a, iscrowd=1) for a in label_image_to_annotations(pseudo.ignored)]
-        for _ in range(repeats):
-            image_id = len(images) + 1
-            images.append({"id": image_id, "file_name": file_name, "height": int(image.shape[0]),
-                           "width": int(image.shape[1])})
-            for a in annos:
-                x, y, w, h = a["bbox"]
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
-                                    "segmentation": a["segmentation"], "bbox": [x, y, w, h], "area": w * h,
-                                    "iscrowd": a["iscrowd"]})
+        windows = _tiles(image.shape)
+        for t, window in enumerate(windows):
+            file_name = f"images/{name}.tif" if len(windows) == 1 else f"images/{name}_tile{t:03d}.tif"
+            crop = np.ascontiguousarray(image[window])
+            with atomic_path(folder / file_name) as tmp:
+                tifffile.imwrite(tmp, crop)
+            annos = [dict(a, iscrowd=0) for a in label_image_to_annotations(pseudo.labels[window])]
+            annos += [dict(a, iscrowd=1) for a in label_image_to_annotations(pseudo.ignored[window])]
+            for _ in range(repeats):
+                image_id = len(images) + 1
+                images.append({"id": image_id, "file_name": file_name, "height": int(crop.shape[0]),
+                               "width": int(crop.shape[1])})
+                for a in annos:
+                    x, y, w, h = a["bbox"]
+                    annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                                        "segmentation": a["segmentation"], "bbox": [x, y, w, h], "area": w * h,
+                                        "iscrowd": a["iscrowd"]})
     return write_json(folder / "pseudo.json", {"images": images, "annotations": annotations,
                                                "categories": [{"id": 1, "name": "nucleus"}]}, indent=None)
 
@@ -274,26 +305,42 @@ def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
         teacher_weights = weights
         teacher = _predictor(cfg, weights)
         entries = []
-        for item in images:
+        for item in [i for i in images if not i.skipped]:
             raw = raws[item.name]
-            if train_diameter > 0 and k == 1:  # once: later rounds' labels must line up with these
-                choice = teacher.estimate_diameter(raw, item.name)
-                item.scale, item.diameter = float(choice.scale), choice.diameter
+            if k == 1:  # once: later rounds' labels must line up with these
+                item.scale, item.diameter, estimated = _input_scale(teacher, raw, item.name, train_diameter)
+                side = round(max(raw.shape[:2]) * item.scale)
+                if estimated and side > MAX_SIDE:
+                    item.skipped = (f"the diameter estimate ({item.diameter or 0:.1f} px) would rescale it "
+                                    f"x{item.scale:.1f} to {side} px, which looks wrong; give the diameter with "
+                                    "NUCLEUS.PREDICT.DIAMETER")
+                    logger.warning("%s: skipped: %s", item.name, item.skipped)
+                    continue
             scaled = _rescale(raw, item.scale)
             pseudo = pseudo_labels(teacher, scaled, settings, previous.get(item.name))
+            n_pseudo, n_ignored = pseudo.counts
+            per_mpx = (n_pseudo + n_ignored) / (scaled.shape[0] * scaled.shape[1] / 1e6)
+            if k == 1 and per_mpx > MAX_NUCLEI_PER_MPX:
+                item.skipped = (f"{per_mpx:.0f} nuclei per megapixel at x{item.scale:.2f}, denser than any field "
+                                "nuclei make; the diameter estimate is probably wrong (give it with "
+                                "NUCLEUS.PREDICT.DIAMETER)")
+                logger.warning("%s: skipped: %s", item.name, item.skipped)
+                continue
             previous[item.name] = pseudo.found
             entries.append((item.name, scaled, pseudo))
-            n_pseudo, n_ignored = pseudo.counts
             item.rounds.append({"round": k, "scale": item.scale, "diameter": item.diameter,
                                 "pseudo_labels": n_pseudo, "ignore_regions": n_ignored})
             logger.info("round %d: %s at x%.2f: %d pseudo-labels, %d ignore regions", k, item.name, item.scale,
                         n_pseudo, n_ignored)
+        if not entries:
+            raise AdaptError("every image was skipped: " + "; ".join(f"{i.name}: {i.skipped}" for i in images))
         total = sum(e[2].counts[0] for e in entries)
         if total == 0:
             raise AdaptError(f"round {k}: the teacher found no confident nucleus (score >= {settings.confident}, "
                              "the same in flipped views) in any image: nothing to adapt to. Check the images "
                              "and the model, or lower --confident")
-        repeats = max(1, round(settings.synthetic / len(images))) if settings.synthetic else 1
+        samples = sum(len(_tiles(e[1].shape)) for e in entries)
+        repeats = max(1, round(settings.synthetic / samples)) if settings.synthetic else 1
         dataset = _coco_dataset(folder / "data", entries, repeats)
         del teacher
         label_minutes = (time.time() - round_started) / 60
@@ -318,11 +365,12 @@ def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
     final_cfg.MODEL.WEIGHTS = str((output / "model_final.pth").resolve())
     atomic_write(output / "config.yaml", final_cfg.dump())
     report["minutes"] = round((time.time() - started) / 60, 3)
-    report["per_image"] = [{"name": i.name, "path": str(i.path), "rounds": i.rounds} for i in images]
+    report["per_image"] = [{"name": i.name, "path": str(i.path), "rounds": i.rounds, "skipped": i.skipped}
+                           for i in images]
     report["weights"] = str(output / "model_final.pth")
     if settings.overlays:
         _write_before_after(output / "before_after.png", cfg, start_weights, str(output / "model_final.pth"),
-                            images[:settings.overlays], raws)
+                            [i for i in images if not i.skipped][:settings.overlays], raws)
         report["before_after"] = str(output / "before_after.png")
     write_json(output / REPORT_FILE, report)
     return report
