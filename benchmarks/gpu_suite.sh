@@ -5,8 +5,8 @@
 #   2. the accuracy recipe (scripts/train_synthetic.sh) in the background on the last GPU;
 #   3. on GPU 0: training throughput, inference throughput, predict_large on an 8192^2 mosaic.
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
-# stages: install smoke ablation accuracy train profile profile_infer infer large scaling adapt (default: all but
-# adapt). JSON lines go to OUT_DIR/results.jsonl.
+# stages: install smoke ablation accuracy train profile profile_infer infer predict large scaling adapt (default:
+# all but predict and adapt). JSON lines go to OUT_DIR/results.jsonl.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARBALL=$1; OUT=$2; shift 2
@@ -85,6 +85,12 @@ infer_stages() {
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --config-file "$INFER_CONFIG" \
       ${WEIGHTS:+--weights "$WEIGHTS"} --num-images 64 \
       --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+  fi
+  if has predict; then
+    log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
+    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
+      ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" --save "$OUT/results.jsonl" 2>&1 \
+      | grep -E '^\{|Error|error' | cut -c1-3000
   fi
 }
 if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi

@@ -1,0 +1,172 @@
+"""``nucleus-predict`` end to end against the plain loop a user would write around ``DefaultPredictor``.
+
+Both sides get the same folder of 16-bit TIFFs (default 256 synthetic fields of 1024x1024) and the same
+weights, and are timed from building the predictor to the last file written:
+
+* plain loop: read each TIFF (tifffile), normalise it as nucleus_seg does (so both sides see the same pixels),
+  ``DefaultPredictor`` (fp32), paint a label image from the masks scoring >= ``NUCLEUS.PREDICT.SCORE_THRESH``
+  (lowest score first, so the highest wins), write it with tifffile;
+* ``nucleus-predict --formats labels,overlay,csv,submission,coco`` (every output), in this process.
+
+GPU busy: ``nvidia-smi --query-gpu=utilization.gpu -lms 100`` sampled beside each side; the figure is the mean
+utilization over that side's wall time (the share of 100 ms windows in which a kernel ran, as NVML counts
+it). Agreement: per image, the instance counts of the two label TIFFs and the mask IoU of matched nuclei.
+
+    python benchmarks/predict_throughput.py --config-file CFG --weights W [--num-images 256] [--size 1024]
+        [--save predict_throughput.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_facts, emit  # noqa: E402
+
+
+def make_images(folder: Path, num: int, size: int, seed: int = 4321) -> list[Path]:
+    """``num`` 16-bit synthetic fields as TIFFs (made once)."""
+    import tifffile
+
+    from nucleus_seg.data.synth import generate_image, image_rng
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"field_{i:04d}.tif" for i in range(num)]
+    for i, path in enumerate(paths):
+        if not path.exists():
+            tifffile.imwrite(path, generate_image(image_rng(seed, 3, i), size, "fluorescence", 16)[0])
+    return paths
+
+
+class GpuBusy:
+    """Mean GPU utilization while the ``with`` block runs, from nvidia-smi samples every 100 ms (None on CPU)."""
+
+    def __enter__(self):
+        self.samples: list[float] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
+                 "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
+                stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
+def plain_loop(cfg, paths: list[Path], out: Path) -> None:
+    """What a user writes around detectron2: read, DefaultPredictor, paint, write."""
+    import tifffile
+    from detectron2.engine import DefaultPredictor
+
+    from nucleus_seg.data.io import normalize_from_cfg
+
+    predictor = DefaultPredictor(cfg)
+    thresh = float(cfg.NUCLEUS.PREDICT.SCORE_THRESH)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        image = normalize_from_cfg(tifffile.imread(path), cfg)[..., ::-1]  # BGR, as DefaultPredictor wants
+        instances = predictor(np.ascontiguousarray(image))["instances"].to("cpu")
+        keep = instances.scores >= thresh
+        masks, scores = instances.pred_masks[keep].numpy(), instances.scores[keep].numpy()
+        labels = np.zeros(image.shape[:2], np.uint16)
+        for rank, k in enumerate(np.argsort(scores, kind="stable"), start=1):  # lowest first: highest on top
+            labels[masks[k]] = rank
+        tifffile.imwrite(out / f"{path.stem}_labels.tif", labels)
+
+
+def agreement(a: Path, b: Path, stems: list[str]) -> dict:
+    import tifffile
+
+    from nucleus_seg.evaluation.matching import label_overlap, match_pairs
+
+    ious, diffs = [], []
+    for stem in stems:
+        la, lb = (tifffile.imread(d / f"{stem}_labels.tif") for d in (a, b))
+        overlap = label_overlap(la, lb)
+        ious += overlap.iou[match_pairs(overlap, 0.5)].tolist()
+        na, nb = len(overlap.gt_ids), len(overlap.pred_ids)
+        diffs.append(abs(na - nb) / max(na, 1))
+    ious_np = np.asarray(ious)
+    return {"matched_instances": int(ious_np.size), "median_iou": float(np.median(ious_np)) if ious else None,
+            "max_count_diff_frac": max(diffs) if diffs else None,
+            "mean_count_diff_frac": float(np.mean(diffs)) if diffs else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.cli.predict import main as nucleus_predict
+    from nucleus_seg.config import get_nucleus_cfg
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default="configs/nucleus_R101_FPN_scratch.yaml")
+    parser.add_argument("--weights", default="", help="checkpoint; random init (seeded) when empty")
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
+    parser.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "predict_throughput"))
+    parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
+    args = parser.parse_args(argv)
+
+    # no rescale on either side (the plain loop has no diameter estimate): the models see the same pixels
+    opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", *args.opts]
+    cfg = get_nucleus_cfg(args.config_file, opts)
+    weights = args.weights
+    if not weights:
+        torch.manual_seed(0)
+        weights = os.path.join(tempfile.mkdtemp(), "random_init.pth")
+        torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = weights
+    paths = make_images(Path(args.data_root) / f"tiff16_{args.size}", args.num_images, args.size)
+    out = Path(args.output)
+    shutil.rmtree(out, ignore_errors=True)
+    sides: dict[str, dict] = {}
+    for side in ("plain_loop", "nucleus_predict"):
+        folder = out / side
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        with GpuBusy() as busy:
+            start = time.perf_counter()
+            if side == "plain_loop":
+                plain_loop(cfg, paths, folder)
+            else:
+                status = nucleus_predict(["--config-file", args.config_file, "--input", *map(str, paths),
+                                          "--output", str(folder), *opts, "MODEL.WEIGHTS", weights])
+                if status != 0:
+                    raise SystemExit(f"nucleus-predict exited with status {status}")
+            seconds = time.perf_counter() - start
+        sides[side] = {"seconds": round(seconds, 2), "img_per_s": round(len(paths) / seconds, 3),
+                       "gpu_busy_percent": busy.mean}
+    result = {
+        "benchmark": "predict_throughput", **device_facts(), "config": args.config_file,
+        "weights": args.weights or "random init (seeded)", "variant": "nucleus-predict, every output format",
+        "num_images": len(paths), "image_size": args.size, "bit_depth": 16, **sides,
+        "predict_speedup": round(sides["nucleus_predict"]["img_per_s"] / sides["plain_loop"]["img_per_s"], 3),
+        "agreement": agreement(out / "plain_loop", out / "nucleus_predict", [p.stem for p in paths]),
+    }
+    emit(result, args.save)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""benchmarks/predict_throughput.py and benchmarks/adapt_suite.py: what they compare and report, on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import adapt_suite  # noqa: E402
+import predict_throughput  # noqa: E402
+
+
+def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
+    """Both sides end to end on two small 16-bit TIFFs; with AMP off the label images must agree exactly."""
+    result = predict_throughput.main([
+        "--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--num-images", "2", "--size", "192",
+        "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+        "NUCLEUS.PREDICT.AMP", "False", "NUCLEUS.PREDICT.SCORE_THRESH", "0.3", "TEST.DETECTIONS_PER_IMAGE", "30",
+        "DATALOADER.NUM_WORKERS", "0",
+    ])
+    for side in ("plain_loop", "nucleus_predict"):
+        assert result[side]["img_per_s"] > 0
+        assert len(list((tmp_path / "out" / side).glob("*_labels.tif"))) == 2
+    assert (tmp_path / "out" / "nucleus_predict" / "submission.csv").is_file()  # every output format
+    agreement = result["agreement"]
+    assert agreement["matched_instances"] > 0 and agreement["max_count_diff_frac"] == 0
+    assert agreement["median_iou"] == pytest.approx(1.0)
+
+
+def test_adapt_suite_summary_applies_the_bars_and_subtracts_the_control_arms():
+    rows = [
+        {"target": "x1", "control": False, "dsb_before": 0.60, "gain": -0.02},
+        {"target": "noise", "control": False, "dsb_before": 0.30, "gain": 0.12},
+        {"target": "easy", "control": False, "dsb_before": 0.80, "gain": 0.00},
+        {"target": "noise", "control": True, "dsb_before": 0.30, "gain": 0.05},
+    ]
+    summary = adapt_suite.summarize(rows)
+    assert summary["targets_below_0.70"] == 2 and summary["mean_gain_below_0.70"] == pytest.approx(0.05)
+    assert summary["bar_mean_gain_0.05"] and not summary["bar_no_loss_over_0.01"]
+    assert summary["x1_gain"] == -0.02 and not summary["bar_x1_not_worse"]
+    assert summary["gain_over_control"] == {"noise": pytest.approx(0.07)}
+
+
+def test_adapt_suite_targets_are_the_real_sample_variants_and_unseen_synthetic_styles():
+    (image, labels), = adapt_suite.target_pairs("x1")
+    (noisy, same_labels), = adapt_suite.target_pairs("noise_snr5")
+    assert image.shape == noisy.shape and np.array_equal(labels, same_labels) and not np.array_equal(image, noisy)
+    he = adapt_suite.target_pairs("synth_he", count=2)
+    assert len(he) == 2 and he[0][0].ndim == 3 and he[0][1].max() > 0  # colour H&E fields with their labels
+    with pytest.raises(SystemExit, match="unknown target"):
+        adapt_suite.target_pairs("nonsense")
