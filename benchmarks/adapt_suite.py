@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_facts, emit  # noqa: E402
-from robustness import PHOTOMETRIC, _pairs, photometric  # noqa: E402
+from robustness import PHOTOMETRIC, _pairs, draw_panel, photometric  # noqa: E402
 
 DEFAULT_TARGETS = ("x1", "x0.25", "x3", "blur2", "noise_snr5", "gamma2", "ramp", "synth_brightfield", "synth_he")
 SYNTH_SEED = 90210  # no training set uses it (they use NUCLEUS.SYNTH.SEED, 0 by default)
@@ -110,28 +110,16 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def write_grid(panels: list[tuple], path: Path, side: int = 256) -> None:
-    import cv2
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from skimage.segmentation import find_boundaries
 
-    from nucleus_seg.data.io import normalize_image
     from nucleus_seg.utils.files import atomic_path
 
     fig = Figure(figsize=(2 * 2.6, len(panels) * 2.8))
     FigureCanvasAgg(fig)
     for row, (target, image, gt, before, after, b, a) in enumerate(panels):
         for column, (title, pred) in enumerate(((f"{target}: before {b:.2f}", before), (f"after {a:.2f}", after))):
-            rgb = normalize_image(image).astype(np.float32) / 255 * 0.8
-            rgb[find_boundaries(gt, mode="inner")] = (0.1, 1.0, 0.2)
-            rgb[find_boundaries(pred, mode="inner")] = (1.0, 0.2, 1.0)
-            scale = side / max(rgb.shape[:2])
-            small = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
-                               interpolation=cv2.INTER_AREA)
-            ax = fig.add_subplot(len(panels), 2, 2 * row + column + 1)
-            ax.imshow(np.clip(small, 0, 1))
-            ax.set_title(title, fontsize=7)
-            ax.set_axis_off()
+            draw_panel(fig.add_subplot(len(panels), 2, 2 * row + column + 1), image, gt, pred, title, side)
     fig.suptitle("nucleus-adapt: ground truth green, model magenta (DSB score)", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

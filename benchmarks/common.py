@@ -80,3 +80,19 @@ def inference_images(root: Path, num: int) -> list:
     name = benchmark_dataset(root, max(num, 16), name="bench_infer")
     images = [read_image(d["file_name"]) for d in DatasetCatalog.get(name)[:num]]
     return [np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2)) if g.ndim == 2 else g[..., :3] for g in images]
+
+
+def weights_or_random_init(cfg, weights: str) -> str:
+    """``weights``, or (when empty) a seeded random initialisation of ``cfg``'s model saved to a temporary file:
+    timings only, both sides of a comparison load the same file."""
+    if weights:
+        return weights
+    import tempfile
+
+    import torch
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    path = os.path.join(tempfile.mkdtemp(), "random_init.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return path

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_facts, emit, inference_cfg, inference_images  # noqa: E402
+from common import device_facts, emit, inference_cfg, inference_images, weights_or_random_init  # noqa: E402
 
 
 def mask_agreement(a, b) -> tuple[list[float], int, int]:
@@ -45,7 +45,6 @@ def main() -> None:
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import DefaultPredictor
-    from detectron2.modeling import build_model
 
     from nucleus_seg.inference.predictor import NucleusPredictor
 
@@ -63,12 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = inference_cfg(args.config_file, args.opts, args.detections, args.batch)
-    weights = args.weights
-    if not weights:
-        torch.manual_seed(0)
-        weights = os.path.join(tempfile.mkdtemp(), "random_init.pth")
-        torch.save({"model": build_model(cfg).state_dict()}, weights)
-    cfg.MODEL.WEIGHTS = weights
+    weights = cfg.MODEL.WEIGHTS = weights_or_random_init(cfg, args.weights)
 
     images = inference_images(Path(args.data_root), args.num_images)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_facts, emit  # noqa: E402
+from common import device_facts, emit, weights_or_random_init  # noqa: E402
 
 
 def make_images(folder: Path, num: int, size: int, seed: int = 4321) -> list[Path]:
@@ -112,7 +112,6 @@ def agreement(a: Path, b: Path, stems: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     import torch
-    from detectron2.modeling import build_model
 
     from nucleus_seg.cli.predict import main as nucleus_predict
     from nucleus_seg.config import get_nucleus_cfg
@@ -131,12 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     # no rescale on either side (the plain loop has no diameter estimate): the models see the same pixels
     opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", *args.opts]
     cfg = get_nucleus_cfg(args.config_file, opts)
-    weights = args.weights
-    if not weights:
-        torch.manual_seed(0)
-        weights = os.path.join(tempfile.mkdtemp(), "random_init.pth")
-        torch.save({"model": build_model(cfg).state_dict()}, weights)
-    cfg.MODEL.WEIGHTS = weights
+    weights = cfg.MODEL.WEIGHTS = weights_or_random_init(cfg, args.weights)
     paths = make_images(Path(args.data_root) / f"tiff16_{args.size}", args.num_images, args.size)
     out = Path(args.output)
     shutil.rmtree(out, ignore_errors=True)

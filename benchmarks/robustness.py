@@ -145,29 +145,36 @@ class Suite:
     def write_grid(self, path: Path, columns: int = 6, side: int = 256) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from skimage.segmentation import find_boundaries
 
-        from nucleus_seg.data.io import normalize_image
         from nucleus_seg.utils.files import atomic_path
 
         rows = (len(self.panels) + columns - 1) // columns
         fig = Figure(figsize=(columns * 2.6, rows * 2.8))
         FigureCanvasAgg(fig)
         for k, (title, image, gt, pred) in enumerate(self.panels):
-            rgb = normalize_image(image).astype(np.float32) / 255 * 0.8
-            rgb[find_boundaries(gt, mode="inner")] = (0.1, 1.0, 0.2)
-            rgb[find_boundaries(pred, mode="inner")] = (1.0, 0.2, 1.0)
-            scale = side / max(rgb.shape[:2])
-            small = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
-                               interpolation=cv2.INTER_AREA)
-            ax = fig.add_subplot(rows, columns, k + 1)
-            ax.imshow(np.clip(small, 0, 1))
-            ax.set_title(title, fontsize=6)
-            ax.set_axis_off()
+            draw_panel(fig.add_subplot(rows, columns, k + 1), image, gt, pred, title, side, fontsize=6)
         fig.suptitle("robustness: ground truth green, prediction magenta", fontsize=9)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
+
+
+def draw_panel(ax, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, side: int = 256,
+               fontsize: int = 7) -> None:
+    """One grid cell: the normalised image at most ``side`` px, ground truth green, prediction magenta."""
+    from skimage.segmentation import find_boundaries
+
+    from nucleus_seg.data.io import normalize_image
+
+    rgb = normalize_image(image).astype(np.float32) / 255 * 0.8
+    rgb[find_boundaries(gt, mode="inner")] = (0.1, 1.0, 0.2)
+    rgb[find_boundaries(pred, mode="inner")] = (1.0, 0.2, 1.0)
+    scale = side / max(rgb.shape[:2])
+    small = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA)
+    ax.imshow(np.clip(small, 0, 1))
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_axis_off()
 
 
 def _median(values) -> float | None:
