@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_facts, emit  # noqa: E402
 from robustness import PHOTOMETRIC, _pairs, draw_panel, photometric  # noqa: E402
 
-DEFAULT_TARGETS = ("x1", "x0.25", "x3", "blur2", "noise_snr5", "gamma2", "ramp", "synth_brightfield", "synth_he")
+DEFAULT_TARGETS = ("x1", "gamma2", "dim16", "ramp", "blur2", "noise_snr5", "x0.25", "x3", "synth_brightfield",
+                   "synth_he")
 SYNTH_SEED = 90210  # no training set uses it (they use NUCLEUS.SYNTH.SEED, 0 by default)
 BELOW = 0.70  # the bar: gains are averaged over the targets the starting model scores below this
 
@@ -63,7 +64,7 @@ def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> 
     import tifffile
 
     from nucleus_seg import NucleusPredictor
-    from nucleus_seg.engine.adapt import adapt
+    from nucleus_seg.engine.adapt import AdaptError, adapt
 
     pairs = target_pairs(target)
     folder = out / (f"{target}_control" if control else target)
@@ -74,7 +75,11 @@ def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> 
         tifffile.imwrite(paths[-1], image)
     before, before_labels = dsb(NucleusPredictor(cfg), pairs)
     started = time.perf_counter()
-    report = adapt(cfg, paths, folder / "adapted", replace(settings, train_on_images=not control))
+    try:
+        report = adapt(cfg, paths, folder / "adapted", replace(settings, train_on_images=not control))
+    except AdaptError as exc:  # refused (e.g. every image skipped): the user keeps the starting model
+        report = {"weights": cfg.MODEL.WEIGHTS, "rounds": [], "refused": str(exc)}
+        print(f"[adapt] {target}: refused: {exc}", file=sys.stderr, flush=True)
     minutes = (time.perf_counter() - started) / 60
     adapted = cfg.clone()
     adapted.defrost()
@@ -84,7 +89,8 @@ def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> 
            "dsb_after": round(after, 4), "gain": round(after - before, 4), "minutes": round(minutes, 2),
            "iterations": [r["iterations"] for r in report["rounds"]],
            "pseudo_labels": [r["pseudo_labels"] for r in report["rounds"]],
-           "ignore_regions": [r["ignore_regions"] for r in report["rounds"]]}
+           "ignore_regions": [r["ignore_regions"] for r in report["rounds"]],
+           **({"refused": report["refused"]} if "refused" in report else {})}
     name = f"{target} (control)" if control else target
     print(f"[adapt] {name:28s} DSB {before:.3f} -> {after:.3f} ({after - before:+.3f}) in {minutes:.1f} min",
           file=sys.stderr, flush=True)

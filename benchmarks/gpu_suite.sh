@@ -151,7 +151,9 @@ if has adapt; then
   fi
   # one suite per target group, so the first group's figures (with their control arms) exist early
   # groups "TARGETS:CONTROLS" separated by spaces
-  for group in ${ADAPT_GROUPS:-x1,noise_snr5,synth_he:x1,noise_snr5,synth_he x0.25,x3,blur2,gamma2,synth_brightfield:}; do
+  # (first the real sample and the variants at its own scale, each with its control arm: 2026-12-02's run lost
+  # every control to one stalled target)
+  for group in ${ADAPT_GROUPS:-x1,gamma2,dim16:x1,gamma2,dim16 ramp,blur2,noise_snr5:ramp x0.25,x3,synth_he,synth_brightfield:}; do
     targets=${group%%:*}
     log "adaptation suite: targets $targets, controls ${group#*:}"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/adapt_suite.py --config-file "$START_CFG" --weights "$START_W" \

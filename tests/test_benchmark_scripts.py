@@ -52,3 +52,25 @@ def test_adapt_suite_targets_are_the_real_sample_variants_and_unseen_synthetic_s
     assert len(he) == 2 and he[0][0].ndim == 3 and he[0][1].max() > 0  # colour H&E fields with their labels
     with pytest.raises(SystemExit, match="unknown target"):
         adapt_suite.target_pairs("nonsense")
+
+
+def test_a_refused_target_is_reported_with_the_starting_models_score(tiny_cfg, tmp_path, monkeypatch):
+    """One target adaptation refuses (here: an estimate that would blow the image up) must not end the suite."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.engine.adapt import AdaptSettings
+    from nucleus_seg.inference.predictor import NucleusPredictor
+    from nucleus_seg.inference.scale import ScaleChoice
+
+    cfg = tiny_cfg.clone()
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "start.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "start.pth")
+    cfg.NUCLEUS.PREDICT.DIAMETER = -1.0
+    cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER = 32.0
+    monkeypatch.setattr(NucleusPredictor, "estimate_diameter",
+                        lambda self, image, name="image": ScaleChoice(14.0, 2.3, 2.8, True, []))
+    row, _ = adapt_suite.run_target(cfg, "x1", tmp_path / "out", AdaptSettings(iters=1, synthetic=0))
+    assert "would rescale it x14.0" in row["refused"]
+    assert row["gain"] == 0 and row["iterations"] == []
