@@ -6,9 +6,11 @@ import datetime
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NAMED = ("device", "config", "weights", "variant")  # what every result line names
 
 
 def device_facts() -> dict:
@@ -48,6 +50,9 @@ def benchmark_dataset(root: Path, num: int, size: int = 512, seed: int = 1234, n
 
 def emit(result: dict, save: str | None) -> None:
     """Print one JSON line; append it to benchmarks/results/<save> when asked (GPU runs)."""
+    missing = [k for k in NAMED if k not in result]
+    if missing:  # a result line that cannot be told apart from another run's is a bug in its script
+        print(f"warning: benchmark line without {', '.join(missing)}", file=sys.stderr, flush=True)
     line = json.dumps(result, sort_keys=True)
     print(line, flush=True)
     if save:

@@ -116,6 +116,7 @@ def main() -> None:
         **device_facts(),
         "config": args.config_file,
         "weights": "random init (seeded)" if not args.weights else args.weights,
+        "variant": best,
         "num_images": len(images),
         "image_size": 512,
         "detections_per_image": args.detections,

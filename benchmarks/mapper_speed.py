@@ -126,7 +126,9 @@ def main() -> None:
     lo, hi = cfg.INPUT.NUCLEUS.SCALE_RANGE
     from common import device_facts, emit
 
-    results: dict = {"benchmark": "mapper_speed", "size": args.size, "format": args.format,
+    results: dict = {"benchmark": "mapper_speed", "config": "configs/nucleus_R101_FPN_scratch.yaml",
+                     "weights": "none (data loading only)", "variant": f"{args.format}, {args.size} px",
+                     "size": args.size, "format": args.format,
                      "images": args.images, "passes": args.passes, "threads": 1, **device_facts()}
     with tempfile.TemporaryDirectory() as tmp:
         dicts = make_dicts(Path(tmp), args.images, args.size, args.nuclei, args.format)

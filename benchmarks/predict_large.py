@@ -76,7 +76,9 @@ def main() -> None:
     emit({
         "benchmark": "predict_large",
         **device_facts(),
+        "config": args.config_file,
         "weights": args.weights or "random init",
+        "variant": f"predict_large, tile {args.tile}, overlap {args.overlap}",
         "image": f"{image.shape[0]}x{image.shape[1]} uint16 synthetic mosaic",
         "tile": args.tile,
         "overlap": args.overlap,

@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     report, suite = run(args)
     suite.write_grid(out / "robustness_grid.png")
     line = {"benchmark": "robustness", **device_facts(), "config": args.config_file,
-            "weights": args.weights or "(config)", **report}
+            "weights": args.weights or "(config)",
+            "variant": f"zooms {args.zooms}; photometric {args.variants}; background {args.background}", **report}
     (out / "robustness.json").write_text(json.dumps(line, indent=1) + "\n")
     emit(line, args.save)
     return line

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                       "min_dsb": min(r["dsb_score"] for r in by_zoom.values())}
                for mode, by_zoom in rows.items()}
     emit({"benchmark": "scale_sweep", **device_facts(), "config": args.config_file,
-          "weights": args.weights or "(config)", "dataset": args.dataset, "zooms": zooms,
+          "weights": args.weights or "(config)", "variant": "auto diameter vs own scale vs watershed",
+          "dataset": args.dataset, "zooms": zooms,
           "summary": summary, "by_mode": rows, "seconds": seconds}, args.save)
 
 

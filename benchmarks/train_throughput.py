@@ -122,7 +122,8 @@ def _write_side(args) -> None:
             Path(args.child_out).write_text(json.dumps(result))
         else:  # one side asked for on the command line (--side vanilla / ours): its own JSON line
             emit({"benchmark": f"train_throughput_{args.side}", **device_facts(), "config": args.config_file,
-                  "opts": args.opts, "variant": f"{args.procs_per_gpu}x{args.batch}", **result}, args.save)
+                  "opts": args.opts, "weights": "random init (from scratch)",
+                  "variant": f"{args.procs_per_gpu}x{args.batch}", **result}, args.save)
     close_process_group()
 
 
@@ -187,6 +188,8 @@ def main() -> None:
             "benchmark": "train_scaling",
             **device_facts(),
             "config": args.config_file,
+            "weights": "random init (from scratch)",
+            "variant": f"1 vs {n} GPUs, batch {args.batch} per GPU",
             "opts": args.opts,
             "batch_per_gpu": args.batch,
             "images": args.iters * args.batch,
@@ -211,6 +214,8 @@ def main() -> None:
         "benchmark": "train_throughput",
         **device_facts(),
         "config": args.config_file,
+        "weights": "random init (from scratch)",
+        "variant": best,
         "opts": args.opts,
         "batch": args.batch,
         "iters": args.iters,

@@ -74,3 +74,18 @@ def test_a_refused_target_is_reported_with_the_starting_models_score(tiny_cfg, t
     row, _ = adapt_suite.run_target(cfg, "x1", tmp_path / "out", AdaptSettings(iters=1, synthetic=0))
     assert "would rescale it x14.0" in row["refused"]
     assert row["gain"] == 0 and row["iterations"] == []
+
+
+def test_every_benchmark_line_names_device_config_weights_and_variant(capsys):
+    import common
+
+    sources = [p for p in Path(common.__file__).parent.glob("*.py") if p.name != "common.py"]
+    emitting = [p for p in sources if "emit(" in p.read_text()]
+    assert len(emitting) >= 8
+    for path in emitting:
+        text = path.read_text()
+        missing = [key for key in common.NAMED if f'"{key}"' not in text and key != "device"]
+        assert not missing, f"{path.name} emits lines without {missing}"
+        assert "device_facts()" in text, f"{path.name} does not name the device"
+    common.emit({"benchmark": "x", "device": "cpu", "config": "c"}, None)
+    assert "warning: benchmark line without weights, variant" in capsys.readouterr().err
