@@ -265,3 +265,20 @@ def test_an_estimate_that_would_blow_an_image_up_skips_it_and_says_how_to_give_t
     with pytest.raises(AdaptError, match=r"image: the diameter estimate \(2.3 px\) would rescale it x14.0 to 7168 px"
                                          r".*NUCLEUS.PREDICT.DIAMETER"):
         adapt(cfg, [SAMPLE_DIR / "image.tif"], tmp_path / "out", AdaptSettings(iters=1, synthetic=0))
+
+
+def test_nucleus_adapt_names_a_bad_image_or_checkpoint_with_status_2(tmp_path, random_weights, capsys):
+    from nucleus_seg.cli.adapt import main
+
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a tiff")
+    image = str(SAMPLE_DIR / "image.tif")
+    base = ["--config-file", "configs/nucleus_R101_FPN_cpu_demo.yaml", "--iters", "1"]
+    assert main(base + ["--images", str(broken), "--output", str(tmp_path / "a"), "MODEL.WEIGHTS", random_weights]) == 2
+    assert "broken.tif" in capsys.readouterr().err
+    assert main(base + ["--images", image, "--output", str(tmp_path / "b"), "MODEL.WEIGHTS",
+                        str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    r18 = ["--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--iters", "1"]  # R101 weights do not fit
+    assert main(r18 + ["--images", image, "--output", str(tmp_path / "c"), "MODEL.WEIGHTS", random_weights]) == 2
+    assert "does not fit this config" in capsys.readouterr().err

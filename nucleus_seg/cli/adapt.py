@@ -18,6 +18,7 @@ from pathlib import Path
 from ..data.io import ImageReadError
 from ..engine.adapt import REPORT_FILE, AdaptError, AdaptSettings, adapt
 from ..inference.batch import expand_inputs
+from ..inference.predictor import CheckpointMismatch
 from ..utils.files import check_writable
 from ..utils.logs import setup_logging
 from .common import add_version, load_config, split_overrides
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                              procs_per_gpu=args.procs_per_gpu)
     try:
         report = adapt(cfg, files, args.output, settings, overwrite=args.overwrite)
-    except ImageReadError as exc:
+    except (ImageReadError, CheckpointMismatch, FileNotFoundError) as exc:  # a file at fault, named
         print(f"nucleus-adapt: error: {exc}", file=sys.stderr)
         return 2
     except AdaptError as exc:
