@@ -16,23 +16,19 @@ import sys
 from pathlib import Path
 
 from ..data.io import ImageReadError
-from ..engine.adapt import REPORT_FILE, AdaptError, AdaptSettings, adapt
+from ..engine.adapt import AdaptError, AdaptSettings, adapt, earlier_adaptation
 from ..inference.batch import expand_inputs
 from ..inference.predictor import CheckpointMismatch
 from ..utils.files import check_writable
 from ..utils.logs import setup_logging
-from .common import add_version, load_config, split_overrides
+from .common import console_parser, load_config, split_overrides
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = AdaptSettings()
-    parser = argparse.ArgumentParser(
-        prog="nucleus-adapt", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
-    )
-    add_version(parser)
+    parser = console_parser("nucleus-adapt", __doc__)
     parser.add_argument("--config-file", help="the model's YAML config (the config.yaml saved beside it)")
     parser.add_argument("--images", nargs="+", default=[], metavar="FILE|DIR|GLOB",
                         help="your unlabelled images: files, folders or quoted glob patterns")
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.output, "--output")
     except (ValueError, PermissionError) as exc:
         parser.error(str(exc))
-    earlier = [p for p in (Path(args.output) / REPORT_FILE, Path(args.output) / "round_1") if p.exists()]
+    earlier = earlier_adaptation(Path(args.output))
     if earlier and not args.overwrite:
         parser.error(f"--output {args.output} already holds an adaptation ({earlier[0].name}): choose another "
                      "folder or add --overwrite")

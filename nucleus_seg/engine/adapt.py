@@ -29,13 +29,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tifffile
 from detectron2.config import CfgNode
 
 from ..data.io import normalize_from_cfg, read_image
 from ..data.synth.scene import MAX_NUCLEI_PER_MPX
+from ..data.transforms import FastResizeTransform
 from ..evaluation.matching import label_overlap
 from ..evaluation.plots import plot_before_after
 from ..inference.predictor import NucleusPredictor
@@ -43,7 +43,7 @@ from ..structures import label_image_to_annotations
 from ..utils.files import atomic_path, atomic_write, safe_name, write_json
 from .job import run as run_training
 
-__all__ = ["AdaptError", "AdaptSettings", "PseudoLabels", "adapt", "pseudo_labels"]
+__all__ = ["AdaptError", "AdaptSettings", "PseudoLabels", "adapt", "earlier_adaptation", "pseudo_labels"]
 
 logger = logging.getLogger("nucleus_seg.adapt")
 
@@ -141,11 +141,9 @@ def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: Adap
         views.append((_flip(found.labels, view), found.scores))
     base, scores = views[0]
     keep = scores >= settings.confident
-    for other, _ in views[1:]:
+    # found again in every flipped view and (after round 1) by the previous teacher
+    for other in [v for v, _ in views[1:]] + ([previous] if previous is not None else []):
         best = _best_iou(base, other)
-        keep &= np.asarray([best.get(k, 0.0) >= settings.agree_iou for k in range(1, len(scores) + 1)], bool)
-    if previous is not None:
-        best = _best_iou(base, previous)
         keep &= np.asarray([best.get(k, 0.0) >= settings.agree_iou for k in range(1, len(scores) + 1)], bool)
     lut = np.zeros(len(scores) + 1, np.int32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
@@ -165,10 +163,8 @@ def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
     if abs(scale - 1.0) < 1e-3:
         return image
     height, width = image.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, size, interpolation=interpolation)
-    return resized.reshape(resized.shape[:2] + image.shape[2:])
+    return FastResizeTransform(height, width, max(1, round(height * scale)), max(1, round(width * scale))
+                               ).apply_image(image)
 
 
 def _tiles(shape: tuple[int, ...], tile: int = DATA_TILE) -> list[tuple[slice, slice]]:
@@ -271,6 +267,11 @@ def _write_before_after(path: Path, cfg: CfgNode, before: str, after: str, image
 OUTPUT_FILES = (REPORT_FILE, "model_final.pth", "config.yaml", "before_after.png")
 
 
+def earlier_adaptation(output: Path) -> list[Path]:
+    """What an earlier adaptation left in ``output`` (refused unless overwritten)."""
+    return sorted(output.glob("round_*")) + [output / f for f in OUTPUT_FILES if (output / f).exists()]
+
+
 def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
           settings: AdaptSettings | None = None, overwrite: bool = False) -> dict:
     """Adapt ``cfg``'s model (``MODEL.WEIGHTS``) to ``image_paths`` without labels; returns the report
@@ -278,7 +279,7 @@ def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
     ``OUTPUT/config.yaml``. An earlier adaptation in ``output`` is refused unless ``overwrite``."""
     settings = settings or AdaptSettings()
     output = Path(output)
-    earlier = sorted(output.glob("round_*")) + [output / f for f in OUTPUT_FILES if (output / f).exists()]
+    earlier = earlier_adaptation(output)
     if earlier and not overwrite:
         raise AdaptError(f"{output} already holds an adaptation ({earlier[0].name}): use another folder or "
                          "overwrite=True")
@@ -305,6 +306,7 @@ def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
         teacher_weights = weights
         teacher = _predictor(cfg, weights)
         entries = []
+        totals = np.zeros(2, int)  # pseudo-labels, ignore regions
         for item in [i for i in images if not i.skipped]:
             raw = raws[item.name]
             if k == 1:  # once: later rounds' labels must line up with these
@@ -328,14 +330,14 @@ def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
                 continue
             previous[item.name] = pseudo.found
             entries.append((item.name, scaled, pseudo))
+            totals += (n_pseudo, n_ignored)
             item.rounds.append({"round": k, "scale": item.scale, "diameter": item.diameter,
                                 "pseudo_labels": n_pseudo, "ignore_regions": n_ignored})
             logger.info("round %d: %s at x%.2f: %d pseudo-labels, %d ignore regions", k, item.name, item.scale,
                         n_pseudo, n_ignored)
         if not entries:
             raise AdaptError("every image was skipped: " + "; ".join(f"{i.name}: {i.skipped}" for i in images))
-        total = sum(e[2].counts[0] for e in entries)
-        if total == 0:
+        if totals[0] == 0:
             raise AdaptError(f"round {k}: the teacher found no confident nucleus (score >= {settings.confident}, "
                              "the same in flipped views) in any image: nothing to adapt to. Check the images "
                              "and the model, or lower --confident")
@@ -354,12 +356,12 @@ def adapt(cfg: CfgNode, image_paths: list[Path], output: str | Path,
         final = folder / "train" / "final_metrics.json"
         iterations = json.loads(final.read_text()).get("iteration") if final.is_file() else None
         report["rounds"].append({
-            "round": k, "teacher": teacher_weights, "student": weights, "pseudo_labels": total,
-            "ignore_regions": sum(e[2].counts[1] for e in entries), "label_minutes": round(label_minutes, 3),
+            "round": k, "teacher": teacher_weights, "student": weights, "pseudo_labels": int(totals[0]),
+            "ignore_regions": int(totals[1]), "label_minutes": round(label_minutes, 3),
             "train_minutes": round((time.time() - train_started) / 60, 3), "iterations": iterations,
         })
-    shutil.copyfile(weights, output / "model_final.pth.tmp")
-    (output / "model_final.pth.tmp").replace(output / "model_final.pth")
+    with atomic_path(output / "model_final.pth") as tmp:
+        shutil.copyfile(weights, tmp)
     final_cfg = cfg.clone()
     final_cfg.defrost()
     final_cfg.MODEL.WEIGHTS = str((output / "model_final.pth").resolve())
