@@ -12,7 +12,7 @@ from detectron2.config import CfgNode
 from ..config import get_nucleus_cfg
 from ..utils.env import version_report
 
-__all__ = ["add_version", "load_config", "split_overrides"]
+__all__ = ["add_version", "console_parser", "load_config", "split_overrides"]
 
 _CFG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
@@ -31,6 +31,14 @@ def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--version``: print what is installed (and where detectron2 came from), then exit."""
     parser.add_argument("--version", action=_VersionAction)
     return parser
+
+
+def console_parser(prog: str, doc: str, epilog_from: int = 1) -> argparse.ArgumentParser:
+    """A console script's parser from its module text: the first paragraph is the description, paragraphs
+    ``epilog_from`` onwards (usage examples, outputs) the epilog, as written; ``--version`` added."""
+    return add_version(argparse.ArgumentParser(
+        prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", epilog_from)[epilog_from]))
 
 
 def split_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str], list[str]]:

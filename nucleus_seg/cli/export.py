@@ -15,14 +15,11 @@ import sys
 from ..export.api import FORMATS, export_model
 from ..export.network import ExportCheckError, ExportError
 from ..utils.logs import setup_logging
-from .common import add_version, load_config
+from .common import console_parser, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nucleus-export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    add_version(parser)
+    parser = console_parser("nucleus-export", __doc__)
     parser.add_argument("--config-file", required=True, help="YAML config (a bundled one by name, or a path)")
     parser.add_argument("--format", required=True, help=f"comma list of {', '.join(FORMATS)}")
     parser.add_argument("--output", required=True, help="output folder (created)")

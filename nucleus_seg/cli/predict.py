@@ -21,7 +21,7 @@ from ..config import check_predict_settings
 from ..inference.batch import FORMATS, predict_to_folder
 from ..inference.scale import parse_diameter
 from ..utils.logs import setup_logging
-from .common import add_version, load_config, split_overrides
+from .common import console_parser, load_config, split_overrides
 
 __all__ = ["build_parser", "main"]
 
@@ -30,11 +30,7 @@ FLAG_KEYS = {"--tile": "TILE_SIZE", "--overlap": "TILE_OVERLAP", "--batch": "BAT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nucleus-predict", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
-    )
-    add_version(parser)
+    parser = console_parser("nucleus-predict", __doc__, epilog_from=2)
     parser.add_argument("--config-file", help="YAML config (a bundled one by name, or a path)")
     parser.add_argument("--input", nargs="+", default=[], metavar="FILE|DIR|GLOB",
                         help="image files, folders (their images, not recursive) or quoted glob patterns")
