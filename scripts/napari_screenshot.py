@@ -57,12 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the segmentation")
     args = parser.parse_args(argv)
+    # the random weights (~240 MB) and napari's settings live only as long as the run
+    with tempfile.TemporaryDirectory(prefix="napari_screenshot_") as tmp:
+        return screenshot(args, Path(tmp))
+
+
+def screenshot(args: argparse.Namespace, tmp: Path) -> int:
+    """Run the widget on the sample in an offscreen viewer and write the window grab to ``args.out``."""
     os.environ["QT_QPA_PLATFORM"] = "offscreen"
     ensure_display()
     import napari  # imported here: Qt reads QT_QPA_PLATFORM when napari first loads it
     from qtpy.QtWidgets import QApplication
 
-    tmp = Path(tempfile.mkdtemp(prefix="napari_screenshot_"))
     config, weights = args.config, args.weights
     if weights is None:
         cfg = get_nucleus_cfg(config, ["MODEL.DEVICE", "cpu"])
