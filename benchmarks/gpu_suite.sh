@@ -81,16 +81,23 @@ infer_stages() {
       --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
   if has infer; then
-    log "inference throughput on GPU $INFER_GPU (weights: $WEIGHTS)"
-    CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --config-file "$INFER_CONFIG" \
-      ${WEIGHTS:+--weights "$WEIGHTS"} --num-images 64 \
-      --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+    # INFER_CONFIGS: more configs to time; one other than the weights' config runs on random (seeded) weights
+    for config in "$INFER_CONFIG" ${INFER_CONFIGS:-}; do
+      w=$WEIGHTS; [ "$config" = "$INFER_CONFIG" ] || w=""
+      log "inference throughput on GPU $INFER_GPU ($config, weights: ${w:-random init})"
+      CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --config-file "$config" \
+        ${w:+--weights "$w"} --num-images 64 \
+        --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+    done
   fi
   if has predict; then
+    # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
+    variant_args=()
+    for v in ${PREDICT_VARIANTS:-}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
     log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
-      ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" --save "$OUT/results.jsonl" 2>&1 \
-      | grep -E '^\{|Error|error' | cut -c1-3000
+      ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" "${variant_args[@]}" \
+      --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
 }
 if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi

@@ -41,6 +41,17 @@ def mask_agreement(a, b) -> tuple[list[float], int, int]:
     return iou[rows, cols].tolist(), len(a), len(b)
 
 
+VARIANT_FLAGS = ("cl", "compile")
+
+
+def parse_variant(text: str) -> tuple[int, set[str]]:
+    """"32+cl+compile" -> (32, {"cl", "compile"}): batch size, then flags."""
+    batch, *flags = text.split("+")
+    if not batch.isdigit() or not set(flags) <= set(VARIANT_FLAGS):
+        raise SystemExit(f"--variants: expected BATCH[+FLAG...] with flags from {VARIANT_FLAGS}, got {text!r}")
+    return int(batch), set(flags)
+
+
 def main() -> None:
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
@@ -54,7 +65,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--variants", default="",
-                        help="more of ours to time, e.g. 32,16cl (batch size; cl = channels-last backbone)")
+                        help="more of ours to time, e.g. 32,32+compile,16+cl (batch size, then flags: cl = "
+                        "channels-last backbone, compile = NUCLEUS.PREDICT.COMPILE)")
     parser.add_argument("--detections", type=int, default=400)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
@@ -69,11 +81,15 @@ def main() -> None:
     vanilla = DefaultPredictor(cfg)
     DetectionCheckpointer(vanilla.model).load(weights)
     variants = [str(args.batch)] + [v for v in args.variants.split(",") if v and v != str(args.batch)]
+    for v in variants:
+        parse_variant(v)  # a typo fails here, not after the vanilla side has run
 
     def make(variant: str) -> NucleusPredictor:
+        batch, flags = parse_variant(variant)
         c = cfg.clone()
-        c.NUCLEUS.PREDICT.BATCH_SIZE = int(variant.removesuffix("cl"))
-        return NucleusPredictor(c, channels_last=variant.endswith("cl"))
+        c.NUCLEUS.PREDICT.BATCH_SIZE = batch
+        c.NUCLEUS.PREDICT.COMPILE = "compile" in flags
+        return NucleusPredictor(c, channels_last="cl" in flags)
 
     def sync():
         if torch.cuda.is_available():
@@ -120,8 +136,9 @@ def main() -> None:
         "num_images": len(images),
         "image_size": 512,
         "detections_per_image": args.detections,
-        "batch": int(best.removesuffix("cl")),
-        "channels_last": best.endswith("cl"),
+        "batch": parse_variant(best)[0],
+        "channels_last": "cl" in parse_variant(best)[1],
+        "compile": "compile" in parse_variant(best)[1],
         "amp": str(predictors[best].amp_dtype).removeprefix("torch.") if predictors[best].amp else None,
         "vanilla": {"img_per_s": v_ips, "ms_per_img": 1000 / v_ips},
         "nucleus_seg": {"variant": best, "img_per_s": o_ips, "ms_per_img": 1000 / o_ips},

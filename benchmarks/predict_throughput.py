@@ -124,8 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "predict_throughput"))
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                        help="one more nucleus-predict side with these overrides, e.g. "
+                        "--variant compile NUCLEUS.PREDICT.COMPILE=True (repeatable)")
     parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
+    variants = {"nucleus_predict": []}
+    for name, *pairs in args.variant:
+        if not all("=" in p for p in pairs):
+            parser.error(f"--variant {name}: overrides are KEY=VALUE, got {pairs}")
+        variants[f"nucleus_predict+{name}"] = [t for p in pairs for t in p.split("=", 1)]
 
     # no rescale on either side (the plain loop has no diameter estimate): the models see the same pixels
     opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", *args.opts]
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output)
     shutil.rmtree(out, ignore_errors=True)
     sides: dict[str, dict] = {}
-    for side in ("plain_loop", "nucleus_predict"):
+    for side in ("plain_loop", *variants):
         folder = out / side
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -145,18 +153,22 @@ def main(argv: list[str] | None = None) -> dict:
                 plain_loop(cfg, paths, folder)
             else:
                 status = nucleus_predict(["--config-file", args.config_file, "--input", *map(str, paths),
-                                          "--output", str(folder), *opts, "MODEL.WEIGHTS", weights])
+                                          "--output", str(folder), *opts, *variants[side],
+                                          "MODEL.WEIGHTS", weights])
                 if status != 0:
                     raise SystemExit(f"nucleus-predict exited with status {status}")
             seconds = time.perf_counter() - start
         sides[side] = {"seconds": round(seconds, 2), "img_per_s": round(len(paths) / seconds, 3),
                        "gpu_busy_percent": busy.mean}
+    best = max(variants, key=lambda side: sides[side]["img_per_s"])
+    speedup = {side: round(sides[side]["img_per_s"] / sides["plain_loop"]["img_per_s"], 3) for side in variants}
     result = {
         "benchmark": "predict_throughput", **device_facts(), "config": args.config_file,
-        "weights": args.weights or "random init (seeded)", "variant": "nucleus-predict, every output format",
+        "weights": args.weights or "random init (seeded)", "variant": f"{best}, every output format",
+        "variant_overrides": {side: variants[side] for side in variants},
         "num_images": len(paths), "image_size": args.size, "bit_depth": 16, **sides,
-        "predict_speedup": round(sides["nucleus_predict"]["img_per_s"] / sides["plain_loop"]["img_per_s"], 3),
-        "agreement": agreement(out / "plain_loop", out / "nucleus_predict", [p.stem for p in paths]),
+        "predict_speedup": speedup[best], "predict_speedup_variants": speedup,
+        "agreement": agreement(out / "plain_loop", out / best, [p.stem for p in paths]),
     }
     emit(result, args.save)
     return result

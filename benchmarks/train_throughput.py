@@ -128,23 +128,35 @@ def _write_side(args) -> None:
 
 
 def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str, *, procs_per_gpu: int = 1,
-           batch: int | None = None) -> dict:
+           batch: int | None = None, extra_opts: list[str] = ()) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, __file__, "--side", side, "--child-out", tmp.name, "--num-gpus", str(num_gpus),
                "--procs-per-gpu", str(procs_per_gpu), "--config-file", args.config_file, "--iters", str(iters),
                "--warmup", str(warmup), "--batch", str(batch or args.batch), "--num-images", str(args.num_images),
                "--data-root", args.data_root, "--out-dir", out_dir, "--vanilla-workers", str(args.vanilla_workers),
-               *args.opts]
+               *args.opts, *extra_opts]
         subprocess.run(cmd, check=True)
         return json.loads(Path(tmp.name).read_text())
 
 
-def parse_variants(text: str) -> list[tuple[int, int]]:
-    """"1x8,2x8" -> [(1, 8), (2, 8)]: processes per GPU x images per process."""
-    try:
-        return [(int(p), int(b)) for p, b in (v.lower().split("x") for v in text.split(",") if v)]
-    except ValueError as exc:
-        raise SystemExit(f"--variants: expected PxB[,PxB...] such as 1x8,2x8, got {text!r}") from exc
+# a variant's flags, as config overrides of our side
+VARIANT_FLAGS = {"compile": ["NUCLEUS.TRAIN.COMPILE", "True"]}
+
+
+def parse_variants(text: str) -> list[tuple[int, int, list[str]]]:
+    """"1x8,3x8+compile" -> [(1, 8, []), (3, 8, ["NUCLEUS.TRAIN.COMPILE", "True"])]: processes per GPU x
+    images per process, then the overrides of the flags."""
+    variants = []
+    for v in (v for v in text.split(",") if v):
+        shape, *flags = v.lower().split("+")
+        try:
+            procs, batch = (int(n) for n in shape.split("x"))
+        except ValueError as exc:
+            raise SystemExit(f"--variants: expected PxB[+FLAG][,...] such as 1x8,3x8+compile, got {v!r}") from exc
+        if not set(flags) <= set(VARIANT_FLAGS):
+            raise SystemExit(f"--variants: unknown flag in {v!r} (flags: {', '.join(VARIANT_FLAGS)})")
+        variants.append((procs, batch, [o for f in flags for o in VARIANT_FLAGS[f]]))
+    return variants
 
 
 def main() -> None:
@@ -199,15 +211,15 @@ def main() -> None:
         }
         emit(result, args.save)
         return
+    variants = zip(parse_variants(args.variants), (v for v in args.variants.split(",") if v))  # typos fail here
     vanilla = _child(args, "vanilla", 1, args.iters, args.warmup, args.out_dir)  # trains in OUT_DIR/vanilla
     ours = {}
-    for procs, batch in parse_variants(args.variants):
-        name = f"{procs}x{batch}"
+    for (procs, batch, extra), name in variants:
         # the same number of images in every variant
         iters = max(args.warmup + 10, args.iters * args.batch // (procs * batch))
         ours[name] = _child(args, "ours", 1, iters, args.warmup * args.batch // (procs * batch),
                             args.out_dir if name == f"1x{args.batch}" else os.path.join(args.out_dir, name),
-                            procs_per_gpu=procs, batch=batch)
+                            procs_per_gpu=procs, batch=batch, extra_opts=extra)
     best = max(ours, key=lambda k: ours[k]["img_per_s"])
     same = ours.get(f"1x{args.batch}")
     result = {

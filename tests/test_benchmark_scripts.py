@@ -10,7 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import adapt_suite  # noqa: E402
+import infer_throughput  # noqa: E402
 import predict_throughput  # noqa: E402
+import train_throughput  # noqa: E402
 
 
 def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
@@ -19,15 +21,28 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
         "--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--num-images", "2", "--size", "192",
         "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
         "NUCLEUS.PREDICT.AMP", "False", "NUCLEUS.PREDICT.SCORE_THRESH", "0.3", "TEST.DETECTIONS_PER_IMAGE", "30",
-        "DATALOADER.NUM_WORKERS", "0",
+        "DATALOADER.NUM_WORKERS", "0", "--variant", "batch1", "NUCLEUS.PREDICT.BATCH_SIZE=1",
     ])
-    for side in ("plain_loop", "nucleus_predict"):
+    for side in ("plain_loop", "nucleus_predict", "nucleus_predict+batch1"):
         assert result[side]["img_per_s"] > 0
         assert len(list((tmp_path / "out" / side).glob("*_labels.tif"))) == 2
+    assert result["variant_overrides"]["nucleus_predict+batch1"] == ["NUCLEUS.PREDICT.BATCH_SIZE", "1"]
+    assert result["predict_speedup_variants"].keys() == {"nucleus_predict", "nucleus_predict+batch1"}
     assert (tmp_path / "out" / "nucleus_predict" / "submission.csv").is_file()  # every output format
     agreement = result["agreement"]
     assert agreement["matched_instances"] > 0 and agreement["max_count_diff_frac"] == 0
     assert agreement["median_iou"] == pytest.approx(1.0)
+
+
+def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():
+    assert train_throughput.parse_variants("1x8,3x8+compile") == [
+        (1, 8, []), (3, 8, ["NUCLEUS.TRAIN.COMPILE", "True"])]
+    assert infer_throughput.parse_variant("32+cl+compile") == (32, {"cl", "compile"})
+    for bad in ("3x8+fast", "3by8"):
+        with pytest.raises(SystemExit, match="--variants"):
+            train_throughput.parse_variants(bad)
+    with pytest.raises(SystemExit, match="--variants"):
+        infer_throughput.parse_variant("32cl")
 
 
 def test_adapt_suite_summary_applies_the_bars_and_subtracts_the_control_arms():

@@ -21,6 +21,7 @@ from ..data.catalog import dataset_dirname, register_datasets_from_cfg
 from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
+from ..modeling.compile import compile_backbone
 from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 from ..utils.env import usable_device
@@ -153,6 +154,8 @@ class NucleusTrainer(DefaultTrainer):
             use_half_group_norm(model)
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
+        if cfg.NUCLEUS.TRAIN.COMPILE:
+            compile_backbone(model)
         return model
 
     @classmethod
