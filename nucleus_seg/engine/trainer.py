@@ -24,6 +24,7 @@ from ..evaluation.runner import evaluate_datasets
 from ..modeling.compile import compile_backbone
 from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
+from ..modeling.roi_align import use_nucleus_roi_align
 from ..utils.env import usable_device
 from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
@@ -152,6 +153,7 @@ class NucleusTrainer(DefaultTrainer):
             atomic_write(Path(cfg.OUTPUT_DIR) / "model.txt", f"{model}\n")
         if cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM:
             use_half_group_norm(model)
+        use_nucleus_roi_align(model)  # float32 boxes under autocast; the sparse backward on the CPU
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
         if cfg.NUCLEUS.TRAIN.COMPILE:

@@ -22,6 +22,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_r
 from detectron2.structures import Boxes, Instances
 
 from .precision import use_half_group_norm
+from .roi_align import use_nucleus_roi_align
 
 __all__ = ["batched_fast_rcnn_inference", "batched_nms_keep", "final_box_predictor", "speed_up_inference"]
 
@@ -240,4 +241,5 @@ def speed_up_inference(model: torch.nn.Module, half_group_norm: bool = True) -> 
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     if half_group_norm:
         use_half_group_norm(model)
+    use_nucleus_roi_align(model)  # float32 boxes under autocast; fp32 inference is unchanged
 
