@@ -7,6 +7,7 @@ diameter as Cellpose does: the median size of the confident instances of a first
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -107,15 +108,15 @@ def image_diameter(gray: np.ndarray, max_side: int = 1024) -> float | None:
     return _log_diameter(gray)
 
 
-def _log_diameter(gray: np.ndarray) -> float | None:
-    span = float(gray.max() - gray.min())
-    if span <= 0:
-        return None
-    g = (gray - gray.min()) / span
-    sigmas = 2.0 ** np.arange(0, 6.01, 0.25)  # 1-64 px
+SIGMAS = 2.0 ** np.arange(0, 6.01, 0.25)  # the blob scales image_diameter looks at: 1-64 px
+NOISE_K = 8.0  # a blob response counts only above this many times what the local noise alone would give
+
+
+def _log_responses(g: np.ndarray) -> np.ndarray:
+    """Scale-normalised LoG responses (len(SIGMAS), H, W), each sigma on a pyramid level where it is 1-3 px."""
     responses = []
-    for sigma in sigmas:
-        step = max(1, int(sigma // 2))  # each sigma on a pyramid level where it is 1-3 px wide
+    for sigma in SIGMAS:
+        step = max(1, int(sigma // 2))
         level = g if step == 1 else cv2.resize(g, (max(4, g.shape[1] // step), max(4, g.shape[0] // step)),
                                                interpolation=cv2.INTER_AREA)
         s = sigma / step
@@ -123,7 +124,35 @@ def _log_diameter(gray: np.ndarray) -> float | None:
         if step > 1:
             response = cv2.resize(response, (g.shape[1], g.shape[0]), interpolation=cv2.INTER_LINEAR)
         responses.append(response)
-    stack = np.stack(responses)
+    return np.stack(responses)
+
+
+@functools.cache
+def _unit_noise_response() -> np.ndarray:
+    """Standard deviation of each sigma's response to white noise of standard deviation 1 (measured once)."""
+    noise = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+    return np.asarray([float(r.std()) for r in _log_responses(noise)], np.float32)
+
+
+def _local_noise(g: np.ndarray) -> np.ndarray:
+    """Per-pixel noise standard deviation from the Laplacian's local energy (white noise: sqrt(20) x its std;
+    edges and texture count as noise too, which only makes the test below stricter)."""
+    laplacian = cv2.Laplacian(g, cv2.CV_32F)
+    return np.sqrt(cv2.GaussianBlur(laplacian * laplacian, (0, 0), 8.0) / 20.0)
+
+
+def _log_diameter(gray: np.ndarray) -> float | None:
+    """The weighted median blob scale. Responses the local noise alone could give are dropped first: under shot
+    noise at SNR 5 the speckles outvoted the nuclei (synthetic fields: median estimate 0.21x the labels'
+    diameter; with the noise test it equals the clean field's estimate on 20 of 22, and clean fields keep theirs)."""
+    span = float(gray.max() - gray.min())
+    if span <= 0:
+        return None
+    g = (gray - gray.min()) / span
+    sigmas = SIGMAS
+    stack = _log_responses(g)
+    noise_floor = NOISE_K * _local_noise(g)[None] * _unit_noise_response()[:, None, None]
+    stack = np.where(stack > noise_floor, stack, 0.0)
     strongest = stack.max(axis=0)
     centres = (strongest == ndimage.maximum_filter(strongest, size=3)) & (
         strongest > max(float(np.percentile(strongest, 97)), 0.02))
