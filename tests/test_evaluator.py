@@ -184,7 +184,7 @@ def _ddp_worker(out_dir: str) -> None:
 
 def test_evaluator_gathers_over_ddp_processes(tmp_path):
     """Under DDP every rank processes its share; only the main process computes and writes."""
-    from detectron2.engine import launch
+    from nucleus_seg.utils.dist import launch  # detectron2's, with ranks that leave without teardown
 
     launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
     main = json.loads((tmp_path / "rank0.json").read_text())

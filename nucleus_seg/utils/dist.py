@@ -37,6 +37,8 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int, *, procs_pe
     """
     timeout = timeout or DEFAULT_TIMEOUT
     if procs_per_gpu <= 1:
+        if num_gpus_per_machine * num_machines > 1:  # spawned ranks leave as _shared_gpu_worker's do
+            main_func, args = _leave_after, (main_func, args)
         d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
                   dist_url=dist_url, args=args, timeout=timeout)
         return
@@ -61,9 +63,15 @@ def _shared_gpu_worker(local_rank: int, main_func: Callable[..., Any], world_siz
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for_local_rank(local_rank, procs_per_gpu))
     comm.synchronize()
+    _leave_after(main_func, args)
+
+
+def _leave_after(main_func: Callable[..., Any], args: tuple) -> None:
+    """Run a spawned rank's work, then leave without interpreter teardown: there a rank once died (oneMKL
+    "Cannot load libtorch_cpu.so") and turned a finished training into a failed one, and gloo threads still
+    alive abort a process ("terminate called without an active exception", seen in a 2-rank CPU test).
+    An exception still propagates (launch() reports it)."""
     main_func(*args)
-    # The work is done and every file written: leave without interpreter teardown, where a rank once died
-    # (oneMKL "Cannot load libtorch_cpu.so") and turned a finished training into a failed one.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
