@@ -117,6 +117,7 @@ def main() -> None:
             timings[side].append(time.perf_counter() - t0)
     ips = {side: len(images) / statistics.median(t) for side, t in timings.items()}
     best = max(variants, key=ips.get)
+    best_batch, best_flags = parse_variant(best)
     v_ips, o_ips = ips["vanilla"], ips[best]
     results["ours"] = results[best]
 
@@ -136,9 +137,9 @@ def main() -> None:
         "num_images": len(images),
         "image_size": 512,
         "detections_per_image": args.detections,
-        "batch": parse_variant(best)[0],
-        "channels_last": "cl" in parse_variant(best)[1],
-        "compile": "compile" in parse_variant(best)[1],
+        "batch": best_batch,
+        "channels_last": "cl" in best_flags,
+        "compile": "compile" in best_flags,
         "amp": str(predictors[best].amp_dtype).removeprefix("torch.") if predictors[best].amp else None,
         "vanilla": {"img_per_s": v_ips, "ms_per_img": 1000 / v_ips},
         "nucleus_seg": {"variant": best, "img_per_s": o_ips, "ms_per_img": 1000 / o_ips},

@@ -83,11 +83,11 @@ def add_nucleus_config(cfg: CN) -> None:
     # True: at the end only model_final.pth is left, and it holds the weights alone (no optimizer state:
     # a third of the size; --resume from it cannot continue the schedule, only use the weights).
     cfg.NUCLEUS.TRAIN.FINAL_ONLY = False
-    # A loss that explodes but stays finite (too high a learning rate) stops training like NaN does: when it
-    # exceeds CEILING, or FACTOR x its running median, PATIENCE logged steps in a row (PATIENCE 0: off).
     # torch.compile the backbone (ResNet + FPN; nucleus_seg.modeling.compile): faster steps after a compilation
     # of about a minute per process, so only for long GPU runs.
     cfg.NUCLEUS.TRAIN.COMPILE = False
+    # A loss that explodes but stays finite (too high a learning rate) stops training like NaN does: when it
+    # exceeds CEILING, or FACTOR x its running median, PATIENCE logged steps in a row (PATIENCE 0: off).
     cfg.NUCLEUS.TRAIN.DIVERGENCE = CN()
     cfg.NUCLEUS.TRAIN.DIVERGENCE.FACTOR = 100.0
     cfg.NUCLEUS.TRAIN.DIVERGENCE.CEILING = 1e4

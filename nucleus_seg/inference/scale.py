@@ -149,7 +149,6 @@ def _log_diameter(gray: np.ndarray) -> float | None:
     if span <= 0:
         return None
     g = (gray - gray.min()) / span
-    sigmas = SIGMAS
     stack = _log_responses(g)
     noise_floor = NOISE_K * _local_noise(g)[None] * _unit_noise_response()[:, None, None]
     stack = np.where(stack > noise_floor, stack, 0.0)
@@ -158,7 +157,7 @@ def _log_diameter(gray: np.ndarray) -> float | None:
         strongest > max(float(np.percentile(strongest, 97)), 0.02))
     if not centres.any():
         return None
-    votes, weights = sigmas[stack.argmax(axis=0)[centres]], strongest[centres]
+    votes, weights = SIGMAS[stack.argmax(axis=0)[centres]], strongest[centres]
     order = np.argsort(votes)
     cumulative = np.cumsum(weights[order])
     sigma = votes[order][np.searchsorted(cumulative, cumulative[-1] / 2)]

@@ -27,12 +27,12 @@ def compile_backbone(model: torch.nn.Module, *, backend: str = "inductor", fullg
     ``dynamic=None``: a second input size recompiles once with symbolic sizes instead of once per size.
     ``fullgraph`` True raises where dynamo would split the backbone (the tests use it to prove it does not).
     """
-    backbone = model.backbone
     if is_compiled(model):
         return
+    backbone = model.backbone
     backbone.forward = torch.compile(backbone.forward, backend=backend, fullgraph=fullgraph, dynamic=None)
     backbone._nucleus_compiled = True
-    logger.info("backbone compiled with torch.compile (inductor): the first batch of each input size is slow")
+    logger.info("backbone compiled with torch.compile (%s): the first batch of each input size is slow", backend)
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

@@ -9,10 +9,13 @@ import torch
 from detectron2.config import CfgNode
 from torch.nn import functional as F
 
-__all__ = ["AMP_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype", "training_precision",
-           "use_half_group_norm"]
+__all__ = ["AMP_DTYPES", "HALF_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype",
+           "training_precision", "use_half_group_norm"]
 
 logger = logging.getLogger(__name__)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -21,7 +24,7 @@ def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
     Autocast runs GroupNorm in fp32, so every GN layer paid a cast of its input up and of its output
     back down; with ~120 GN layers that was as costly as the convolutions.
     """
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+    if x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
     return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

@@ -21,6 +21,8 @@ import types
 import torch
 from torchvision.ops import roi_align
 
+from .precision import HALF_DTYPES
+
 __all__ = ["roi_align_weights", "sparse_backward_roi_align", "use_nucleus_roi_align"]
 
 
@@ -115,15 +117,12 @@ def sparse_backward_roi_align(features: torch.Tensor, rois: torch.Tensor, output
     return _SparseBackwardROIAlign.apply(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
 
-HALF = (torch.float16, torch.bfloat16)
-
-
 def _forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     """detectron2's ``ROIAlign.forward`` with float32 boxes under autocast, and the sparse backward where it
     pays: CPU tensors that need a gradient (inference and GPU training keep torchvision's kernels)."""
     if input.is_quantized:
         input = input.dequantize()
-    if input.dtype in HALF and torch.is_autocast_enabled(input.device.type):
+    if input.dtype in HALF_DTYPES and torch.is_autocast_enabled(input.device.type):
         # detectron2 casts the boxes to the features' dtype, but autocast runs ROIAlign in float32 anyway: the
         # cast only rounded them (bfloat16 keeps 8 significant bits: a box edge between 256 and 512 px moved
         # by up to 1 px, 4 px past 1024; float16 a quarter pixel past 512)
