@@ -86,6 +86,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # torch.compile the backbone (ResNet + FPN; nucleus_seg.modeling.compile): faster steps after a compilation
     # of about a minute per process, so only for long GPU runs.
     cfg.NUCLEUS.TRAIN.COMPILE = False
+    # Exponential moving average of the weights (0 = off), put into the model at the last step, so
+    # model_final.pth and the final evaluation use it (engine.hooks.WeightAverage). Off: on the CPU demo, whose
+    # LR drops for its last 15%, 0.99-0.998 scored below the raw weights (benchmarks/README.md).
+    cfg.NUCLEUS.TRAIN.EMA_DECAY = 0.0
     # A loss that explodes but stays finite (too high a learning rate) stops training like NaN does: when it
     # exceeds CEILING, or FACTOR x its running median, PATIENCE logged steps in a row (PATIENCE 0: off).
     cfg.NUCLEUS.TRAIN.DIVERGENCE = CN()

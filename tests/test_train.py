@@ -79,7 +79,7 @@ def test_resume_continues_an_interrupted_run_with_its_schedule(tiny_cfg, tmp_pat
 
     overrides = {"DATASETS.TRAIN": "('nucleus_synth_train',)", "DATASETS.TEST": "()",
                  "SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.STEPS": "(2,)",
-                 "SOLVER.WARMUP_ITERS": 3}
+                 "SOLVER.WARMUP_ITERS": 3, "NUCLEUS.TRAIN.EMA_DECAY": 0.9}
     yaml = config_file(tiny_cfg, tmp_path, **overrides)
     cfg = tiny_cfg.clone()
     cfg.merge_from_file(yaml)
@@ -96,6 +96,8 @@ def test_resume_continues_an_interrupted_run_with_its_schedule(tiny_cfg, tmp_pat
     with pytest.raises(Interrupted):
         trainer.train()
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    saved = torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=False)
+    assert saved["trainer"]["hooks"]["WeightAverage"]["updates"] == 2  # the weight average resumes too
     stopped = read_json(out / "final_metrics.json")
     assert not stopped["completed"] and "Interrupted" in stopped["error"]
     del trainer

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from detectron2.engine import HookBase
 from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.utils import comm
@@ -20,8 +21,8 @@ from matplotlib.figure import Figure
 from ..utils.files import atomic_path, write_json
 
 __all__ = [
-    "BudgetReached", "DivergenceGuard", "FinalMetrics", "TimeBudget", "TrainingCurves", "plot_training_curves",
-    "read_metrics",
+    "BudgetReached", "DivergenceGuard", "FinalMetrics", "TimeBudget", "TrainingCurves", "WeightAverage",
+    "plot_training_curves", "read_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -307,6 +308,8 @@ class TimeBudget(HookBase):
             if isinstance(hook, PeriodicCheckpointer):
                 hook.max_iter = new_max
                 if new_max == trainer.iter + 1:  # this step is the last: the hook's save for it has passed
+                    for average in (h for h in trainer._hooks if isinstance(h, WeightAverage)):
+                        average.apply()
                     if hasattr(hook, "save_final"):  # nucleus_seg's (weights-only option, no duplicate)
                         hook.save_final(trainer.iter)
                     else:
@@ -314,3 +317,66 @@ class TimeBudget(HookBase):
             for writer in getattr(hook, "_writers", ()):  # PeriodicWriter's CommonMetricPrinter: the ETA
                 if hasattr(writer, "_max_iter"):
                     writer._max_iter = new_max
+
+
+class WeightAverage(HookBase):
+    """An exponential moving average of the weights, put into the model at the last step (before
+    ``model_final.pth`` is saved and the final evaluation runs).
+
+    A short schedule ends while SGD still jitters around the minimum; the average of the last ~1/(1-decay)
+    steps sits nearer it. The decay ramps up as ``decay * (1 - exp(-step / ramp))`` so early steps, far
+    from any minimum, are forgotten quickly. Every floating-point entry of the state dict is averaged, other
+    entries are copied. The average is part of the hook's state, which detectron2 saves with the trainer in
+    every full checkpoint, so ``--resume`` continues it.
+
+    Needs to sit before the PeriodicCheckpointer and the EvalHook.
+    """
+
+    def __init__(self, decay: float, ramp: float = 100.0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"NUCLEUS.TRAIN.EMA_DECAY must be in (0, 1) to average (0 turns it off), got {decay}")
+        self.decay, self.ramp = float(decay), float(ramp)
+        self.updates = 0
+        self.average: dict[str, torch.Tensor] = {}
+        self.applied = False
+
+    @staticmethod
+    def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return getattr(model, "module", model).state_dict()
+
+    def before_train(self) -> None:
+        if not self.average:  # a resumed run has it from the checkpoint
+            self.average = {k: v.detach().clone() for k, v in self._weights(self.trainer.model).items()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.applied:
+            return
+        self.updates += 1
+        decay = self.decay * (1.0 - math.exp(-self.updates / self.ramp))
+        floats = [(self.average[k], v) for k, v in self._weights(self.trainer.model).items()
+                  if v.is_floating_point()]
+        if floats:
+            averages, currents = zip(*floats)
+            torch._foreach_lerp_(list(averages), list(currents), 1.0 - decay)
+        for k, v in self._weights(self.trainer.model).items():
+            if not v.is_floating_point():
+                self.average[k].copy_(v)
+        if self.trainer.iter + 1 >= self.trainer.max_iter:
+            self.apply()
+
+    def apply(self) -> None:
+        """Put the average into the model (once): the weights that are saved and evaluated from now on."""
+        if self.applied:
+            return
+        getattr(self.trainer.model, "module", self.trainer.model).load_state_dict(self.average)
+        self.applied = True
+        logger.info("Weights averaged over the last ~%d steps (EMA decay %g) put into the model",
+                    round(1 / (1 - self.decay)), self.decay)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.average = {k: v.clone() for k, v in state["average"].items()}

@@ -29,7 +29,7 @@ from ..utils.env import usable_device
 from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
 from .checkpoint import NucleusCheckpointer, PeriodicCheckpointer
-from .hooks import BudgetReached, DivergenceGuard, FinalMetrics, TimeBudget, TrainingCurves
+from .hooks import BudgetReached, DivergenceGuard, FinalMetrics, TimeBudget, TrainingCurves, WeightAverage
 from .optim import with_fast_norm_clipping
 
 __all__ = ["NucleusTrainer", "best_metric_key", "divergence_message", "prepare_cfg"]
@@ -213,6 +213,8 @@ class NucleusTrainer(DefaultTrainer):
                 hook._period = max(1, int(train.LOG_PERIOD))  # a first progress line early on slow machines
         guard = train.DIVERGENCE
         ret.insert(0, DivergenceGuard(guard.FACTOR, guard.CEILING, guard.PATIENCE))
+        if train.EMA_DECAY > 0:  # first: the average is in the model before the final save and evaluation
+            ret.insert(0, WeightAverage(train.EMA_DECAY))
         best = None
         if comm.is_main_process() and len(self.cfg.DATASETS.TEST):
             best = hooks.BestCheckpointer(
