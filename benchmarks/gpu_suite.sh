@@ -90,7 +90,11 @@ infer_stages() {
         --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
     done
   fi
-  if has predict; then
+  if has predict && [ -z "$WEIGHTS" ]; then
+    # random weights give ~400 detections per 512 px tile: the run took over 16 minutes (session 12) and timed
+    # post-processing no trained model would ask for
+    log "predict stage skipped: no trained weights (run the train or accuracy stage first)"
+  elif has predict; then
     # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
     variant_args=()
     for v in ${PREDICT_VARIANTS:-}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
