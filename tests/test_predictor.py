@@ -269,8 +269,41 @@ def random_proposals(sizes, levels, seed):
     return boxes, logits
 
 
+@pytest.fixture(params=["serial", "fixed_point"])
+def nms_path(request, monkeypatch):
+    """Both NMS paths on this CPU: torchvision's serial kernel per group (the CPU default) and the GPU's
+    parallel fixed point."""
+    from nucleus_seg.modeling import fast_inference
+
+    if request.param == "fixed_point":
+        monkeypatch.setattr(fast_inference, "SERIAL_NMS_DEVICES", ())
+    return request.param
+
+
+def test_both_nms_paths_keep_what_torchvision_keeps(nms_path):
+    import torchvision
+
+    from nucleus_seg.modeling.fast_inference import batched_nms_keep
+
+    g = torch.Generator().manual_seed(3)
+    groups, n = 5, 400
+    xy = torch.rand(groups, n, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(groups, n, 2, generator=g) * 60], dim=2)
+    scores = torch.rand(groups, n, generator=g)
+    scores[:, 20:30] = scores[:, 19:20]  # exact ties: the visiting order must be torchvision's stable one
+    valid = torch.rand(groups, n, generator=g) > 0.1
+    valid[4] = False  # an empty group
+    keep = batched_nms_keep(boxes, scores, valid, 0.5)
+    for i in range(groups):
+        idx = valid[i].nonzero().squeeze(1)
+        want = torch.zeros(n, dtype=torch.bool)
+        want[idx[torchvision.ops.nms(boxes[i, idx], scores[i, idx], 0.5)]] = True
+        assert torch.equal(keep[i], want)
+    assert keep[:4].sum() > 0 and not keep[~valid].any()
+
+
 @pytest.mark.parametrize("levels", [(150, 60, 20), (900, 700, 300)])  # torchvision's offset trick / per level
-def test_batched_rpn_proposals_equal_detectron2s(levels):
+def test_batched_rpn_proposals_equal_detectron2s(levels, nms_path):
     from types import SimpleNamespace
 
     from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
@@ -290,7 +323,7 @@ def test_batched_rpn_proposals_equal_detectron2s(levels):
 
 
 @pytest.mark.parametrize("count,topk", [(300, 50), (1200, -1)])  # offset trick / per-class path on CPU
-def test_batched_box_inference_equals_detectron2s(count, topk):
+def test_batched_box_inference_equals_detectron2s(count, topk, nms_path):
     from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
     from nucleus_seg.modeling.fast_inference import batched_fast_rcnn_inference
@@ -316,7 +349,7 @@ def test_batched_box_inference_equals_detectron2s(count, topk):
 
 
 @pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])
-def test_fast_and_detectron2_inference_give_the_same_detections(cfg, heads):
+def test_fast_and_detectron2_inference_give_the_same_detections(cfg, heads, nms_path):
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000  # > 4000 box coordinates: torchvision's per-level branch
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 300
     cfg.MODEL.ROI_HEADS.NAME = heads
