@@ -264,6 +264,38 @@ def test_sharded_two_process_run_writes_what_one_process_writes(cli_cfg, tmp_pat
     assert read_csv(runs[2] / "submission.csv")  # and there is something to compare
 
 
+def test_writer_processes_write_what_the_predicting_process_writes(cli_cfg, tmp_path, capsys):
+    """NUCLEUS.PREDICT.WRITERS 2 (each image's files written by spawned processes while the next batch is
+    predicted) leaves the same files and the same failures as writing in the predicting process: a read
+    failure (broken.png) and a write failure in a worker (an obstacle where gray16's overlay goes)."""
+    weights = random_weights(cli_cfg, tmp_path)
+    make_inputs(tmp_path / "in")
+    runs, failures = {}, {}
+    for writers in (0, 2):
+        out = tmp_path / f"out{writers}"
+        (out / "gray16_overlay.png").mkdir(parents=True)  # the write of that file fails
+        argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out),
+                "--tile", "128", "--overlap", "32", "--batch", "1", "--diameter", "0",
+                "MODEL.WEIGHTS", str(weights), "NUCLEUS.PREDICT.WRITERS", str(writers)]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert ("by 2 writer processes" in err) == (writers == 2)
+        failures[writers] = sorted(line.strip().split(":")[0] for line in err.split("failed:")[1].strip().splitlines())
+        runs[writers] = out
+    assert failures[0] == failures[2] == sorted([str(tmp_path / "in" / "broken.png"),
+                                                  str(tmp_path / "in" / "gray16.tif")])
+    names = sorted(p.name for p in runs[0].iterdir())
+    assert names == sorted(p.name for p in runs[2].iterdir())
+    assert "rgb8_measurements.csv" in names and "big_overlay.png" in names
+    for name in names:
+        a, b = runs[0] / name, runs[2] / name
+        if a.is_dir():
+            continue
+        assert a.read_bytes() == b.read_bytes(), name
+    # gray16 failed, so the per-run files hold the other two images only
+    assert {r["ImageId"] for r in read_csv(runs[2] / "submission.csv")} <= {"big", "rgb8"}
+
+
 def test_coco_results_load_against_ground_truth_built_from_the_labels(cli_cfg, tmp_path):
     """Integer image ids, and coco_images.json is the ground truth's ``images`` list: COCO.loadRes takes the
     results (a file-stem id made loadRes refuse them: 'Results do not correspond to current coco set')."""

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import glob
 import logging
+import multiprocessing
 import os
 import pickle
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +88,33 @@ def expand_inputs(specs: Sequence[str], skip_dir: Path | None = None) -> tuple[l
     return unique, problems
 
 
+ImageEntries = tuple  # (submission rows or None, COCO results or None, COCO image entry or None)
+
+
+def image_entries(formats: set[str], stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
+                  file_name: str) -> ImageEntries:
+    """An image's submission rows and COCO results (ids are given when the per-run files are written)."""
+    rows = submission_rows(stem, labels) if "submission" in formats else None
+    if "coco" not in formats:
+        return rows, None, None
+    image = {"file_name": file_name, "height": int(labels.shape[0]), "width": int(labels.shape[1])}
+    return rows, coco_results(0, labels, scores), image
+
+
+def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarray, labels: np.ndarray,
+                        scores: Sequence[float] | dict[int, float], cfg) -> ImageEntries:
+    """One image's files (label TIFF, overlay, measurements) and its per-run entries; a plain function, so a
+    writer process can run it."""
+    stem = path.stem
+    if "labels" in formats:
+        write_label_tiff(out / f"{stem}{PER_IMAGE['labels']}", labels)
+    if "overlay" in formats:
+        write_overlay_png(out / f"{stem}{PER_IMAGE['overlay']}", normalize_from_cfg(raw, cfg), labels)
+    if "csv" in formats:
+        write_measurements_csv(out / f"{stem}{PER_IMAGE['csv']}", labels, raw, scores)
+    return image_entries(formats, stem, labels, scores, path.name)
+
+
 @dataclass
 class PredictionRun:
     """What the per-run files need from every image, in input order, and what went wrong."""
@@ -110,23 +141,19 @@ class PredictionRun:
 
     def collect(self, stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
                 file_name: str) -> None:
-        if "submission" in self.formats:
-            self.rows[stem] = submission_rows(stem, labels)
-        if "coco" in self.formats:
-            self.coco[stem] = coco_results(0, labels, scores)  # ids are given when the files are written
-            self.images[stem] = {"file_name": file_name, "height": int(labels.shape[0]),
-                                 "width": int(labels.shape[1])}
+        self.add(stem, image_entries(self.formats, stem, labels, scores, file_name))
+
+    def add(self, stem: str, entries: ImageEntries) -> None:
+        """What an image contributes to the per-run files; its outputs are complete."""
+        rows, coco, image = entries
+        if rows is not None:
+            self.rows[stem] = rows
+        if coco is not None:
+            self.coco[stem], self.images[stem] = coco, image
+        self.written.add(stem)
 
     def write_image(self, path: Path, raw: np.ndarray, pred, cfg) -> None:
-        stem = path.stem
-        if "labels" in self.formats:
-            write_label_tiff(self.path(stem, "labels"), pred.labels)
-        if "overlay" in self.formats:
-            write_overlay_png(self.path(stem, "overlay"), normalize_from_cfg(raw, cfg), pred.labels)
-        if "csv" in self.formats:
-            write_measurements_csv(self.path(stem, "csv"), pred.labels, raw, pred.scores)
-        self.collect(stem, pred.labels, pred.scores, path.name)
-        self.written.add(stem)
+        self.add(path.stem, write_image_outputs(self.out, self.formats, path, raw, pred.labels, pred.scores, cfg))
 
     def reload(self, path: Path) -> None:
         """Per-run entries of an image skipped by resume, from its label TIFF (and CSV scores)."""
@@ -140,7 +167,6 @@ class PredictionRun:
             raise ValueError(f"{self.path(stem, 'csv')}: no score for ids {missing[:5]} of "
                              f"{self.path(stem, 'labels')}")
         self.collect(stem, labels, scores, path.name)
-        self.written.add(stem)
 
     def fail(self, path: Path, exc: BaseException) -> None:
         message = str(exc)
@@ -168,7 +194,71 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
     return max(shape[:2]) * (1.0 if scale is None else scale) > tile
 
 
-def _predict_small(predictor: NucleusPredictor, run: PredictionRun, batch: list[tuple[Path, np.ndarray]]) -> None:
+def writer_count(cfg, world_size: int = 1) -> int:
+    """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: one process per core the predicting processes leave
+    (at most 8) on a GPU, none on the CPU, where the model already uses every core."""
+    workers = int(cfg.NUCLEUS.PREDICT.WRITERS)
+    if workers >= 0:
+        return workers
+    if cfg.MODEL.DEVICE == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, world_size) - 1))
+
+
+class ImageWriter:
+    """Each image's files, written by ``workers`` processes while the next batch is predicted (0: here).
+
+    At most ``2 x workers`` images wait, so memory stays bounded when writing is slower than predicting. A
+    failed write is that image's failure, as in the predicting process; a pool that breaks (a worker killed)
+    fails its pending images and the rest are written here.
+    """
+
+    def __init__(self, run: PredictionRun, cfg, workers: int):
+        self.run, self.cfg, self.workers = run, cfg, workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: deque[tuple[Path, Future]] = deque()
+
+    def submit(self, path: Path, raw: np.ndarray, pred) -> None:
+        run = self.run
+        if self.workers > 0 and self.pool is None:  # spawn: no copy of the CUDA context or the model
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            logger.info("image files written by %d writer processes while the next batch is predicted",
+                        self.workers)
+        if self.pool is not None:
+            try:
+                future = self.pool.submit(write_image_outputs, run.out, run.formats, path, raw, pred.labels,
+                                          pred.scores, self.cfg)
+            except BrokenProcessPool:
+                logger.warning("the writer processes stopped: the remaining images are written here")
+                self.pool, self.workers = None, 0
+            else:
+                self.pending.append((path, future))
+                while len(self.pending) > 2 * self.workers:
+                    self._finish_oldest()
+                return
+        run.guarded(path, lambda: run.write_image(path, raw, pred, self.cfg))
+
+    def _finish_oldest(self) -> None:
+        path, future = self.pending.popleft()
+        self.run.guarded(path, lambda: self.run.add(path.stem, future.result()))
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for every pending image (``cancel``: drop those not started, e.g. on Ctrl-C)."""
+        if not cancel:
+            while self.pending:
+                self._finish_oldest()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+            self.pool = None
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def _predict_small(predictor: NucleusPredictor, writer: ImageWriter, batch: list[tuple[Path, np.ndarray]]) -> None:
     """One forward for the batch; if it fails, image by image so only the bad one is lost."""
     try:
         preds = predictor.predict_labels([raw for _, raw in batch], names=[str(path) for path, _ in batch])
@@ -176,38 +266,45 @@ def _predict_small(predictor: NucleusPredictor, run: PredictionRun, batch: list[
         if len(batch) == 1:
             raise
         for item in batch:
-            run.guarded(item[0], lambda item=item: _predict_small(predictor, run, [item]))
+            writer.run.guarded(item[0], lambda item=item: _predict_small(predictor, writer, [item]))
         return
     for (path, raw), pred in zip(batch, preds):
-        run.guarded(path, lambda path=path, raw=raw, pred=pred: run.write_image(path, raw, pred, predictor.cfg))
+        writer.submit(path, raw, pred)
 
 
-def predict_files(cfg, files: list[Path], run: PredictionRun) -> None:
-    """Predict ``files`` into ``run``: batches of small images, large ones tile by tile."""
+def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 1) -> None:
+    """Predict ``files`` into ``run``: batches of small images, large ones tile by tile; each image's files
+    are written by writer processes (``NUCLEUS.PREDICT.WRITERS``) while the next batch is predicted."""
     predictor = NucleusPredictor(cfg)
     tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
+    workers = writer_count(predictor.cfg, world_size) if len(files) > 1 else 0
     pending: list[tuple[Path, np.ndarray]] = []
     bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
-    for f in files:
-        try:
-            raw = read_image(f)
-        except Exception as exc:  # noqa: BLE001 - reported, run goes on
-            run.fail(f, exc)
-            bar.update(1)
-            continue
-        if _is_large(raw.shape, predictor, tile):
-            run.guarded(f, lambda f=f, raw=raw: run.write_image(
-                f, raw, predictor.predict_large(raw, progress=True, name=str(f)), predictor.cfg))
-            bar.update(1)
-            continue
-        pending.append((f, raw))
-        if len(pending) >= predictor.batch_size:
-            _predict_small(predictor, run, pending)
+    with ImageWriter(run, predictor.cfg, workers) as writer:
+        for f in files:
+            try:
+                raw = read_image(f)
+            except Exception as exc:  # noqa: BLE001 - reported, run goes on
+                run.fail(f, exc)
+                bar.update(1)
+                continue
+            if _is_large(raw.shape, predictor, tile):
+                try:
+                    pred = predictor.predict_large(raw, progress=True, name=str(f))
+                except Exception as exc:  # noqa: BLE001 - reported, run goes on
+                    run.fail(f, exc)
+                else:
+                    writer.submit(f, raw, pred)
+                bar.update(1)
+                continue
+            pending.append((f, raw))
+            if len(pending) >= predictor.batch_size:
+                _predict_small(predictor, writer, pending)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            _predict_small(predictor, writer, pending)
             bar.update(len(pending))
-            pending = []
-    if pending:
-        _predict_small(predictor, run, pending)
-        bar.update(len(pending))
     bar.close()
 
 
@@ -215,7 +312,7 @@ def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> 
     """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
     outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
     mine = PredictionRun(run.out, run.formats)
-    predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine)
+    predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine, comm.get_world_size())
     parts = comm.gather(mine, dst=0)
     if comm.is_main_process():
         atomic_write(handoff, pickle.dumps(parts))
