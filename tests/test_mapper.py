@@ -384,3 +384,38 @@ def test_an_instance_of_exactly_the_minimum_area_is_kept():
     inst = instances_from_labels(labels, np.zeros(3, np.int64), np.zeros(3, np.int64), min_area=4)
     assert inst.gt_masks.ids.tolist() == [1, 3]
     assert inst.gt_boxes.tensor.tolist() == [[2, 2, 4, 4], [15, 15, 19, 19]]
+
+
+@pytest.mark.parametrize("snr", [3.0, 10.0])
+def test_shot_noise_grows_with_the_signal_and_keeps_the_brightness(snr):
+    """Poisson noise: on a field at grey level 120 (the bright level) the SNR is the one asked for; a dim
+    field at 30 is 2x noisier relative to its level; the mean stays; an RGB grey image stays grey."""
+    from detectron2.data import transforms as T
+
+    from nucleus_seg.data.transforms import RandomShotNoise
+
+    img = np.zeros((256, 256, 3), np.uint8)
+    img[:, :128] = 120  # below 255 - 3 sigma at SNR 3: no clipping to bias the mean
+    img[:, 128:] = 30
+    np.random.seed(0)
+    aug_input = T.AugInput(img.copy())
+    T.AugmentationList([RandomShotNoise((snr, snr), read_noise=0.0)])(aug_input)
+    out = aug_input.image
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+    bright, dim = out[:, 8:120, 0].astype(float), out[:, 136:248, 0].astype(float)
+    assert abs(bright.mean() - 120) < 2 and abs(dim.mean() - 30) < 1.5
+    assert bright.mean() / bright.std() == pytest.approx(snr, rel=0.15)
+    assert dim.mean() / dim.std() == pytest.approx(snr / 2, rel=0.15)  # 1/4 of the photons
+    assert not np.array_equal(out, img)
+
+
+def test_shot_noise_is_in_the_training_augmentation_only_when_asked():
+    from nucleus_seg.data.transforms import RandomShotNoise, build_nucleus_augmentation
+
+    cfg = get_nucleus_cfg()
+    def has_shot_noise(c):
+        return any(isinstance(getattr(a, "aug", a), RandomShotNoise) for a in build_nucleus_augmentation(c, True))
+    assert not has_shot_noise(cfg)
+    cfg.INPUT.NUCLEUS.SHOT_NOISE_PROB = 0.2
+    assert has_shot_noise(cfg)

@@ -245,6 +245,36 @@ def _add_noise(img: np.ndarray, std: float, seed: int) -> np.ndarray:
     return out.reshape(img.shape)
 
 
+class RandomShotNoise(T.Augmentation):
+    """Photon (Poisson) noise plus camera read noise, as a short exposure gives it: the image's bright level
+    (99.9th percentile) gets a shot-noise SNR drawn log-uniformly from ``snr_range`` (SNR 5 = 25 photons),
+    darker pixels proportionally fewer photons, so the noise grows with the signal (RandomGaussianNoise's
+    does not). The same noise goes into every channel (a grey image stored as RGB stays grey)."""
+
+    def __init__(self, snr_range: tuple[float, float] = (3.0, 20.0), read_noise: float = 2.0):
+        super().__init__()
+        self._init({"snr_range": (float(snr_range[0]), float(snr_range[1])), "read_noise": float(read_noise)})
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        lo, hi = self.snr_range
+        snr = math.exp(np.random.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
+        seed = int(np.random.randint(2**31))
+        return T.ColorTransform(op=lambda img: _shot_noise(img, snr, self.read_noise, seed))
+
+
+def _shot_noise(img: np.ndarray, snr: float, read_noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grey = (img if img.ndim == 2 else img.max(axis=2)).astype(np.float32)
+    top = float(np.percentile(grey[::2, ::2], 99.9)) or 1.0
+    photons_per_level = snr * snr / top
+    photons = rng.poisson(grey * photons_per_level).astype(np.float32)
+    photons += rng.normal(0.0, read_noise, grey.shape).astype(np.float32)  # read noise, in photons
+    delta = photons / photons_per_level - grey  # zero mean: the exposure's brightness is kept
+    if img.ndim == 3:
+        delta = delta[..., None]
+    return np.clip(img.astype(np.float32) + delta + 0.5, 0, 255).astype(np.uint8)
+
+
 def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
     """The nucleus augmentation list from ``cfg.INPUT.NUCLEUS`` (training) or detectron2's test resize.
 
@@ -269,4 +299,6 @@ def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
         augs.append(T.RandomApply(RandomGaussianBlur(tuple(n.BLUR_SIGMA)), prob=n.BLUR_PROB))
     if n.NOISE_PROB > 0:
         augs.append(T.RandomApply(RandomGaussianNoise(tuple(n.NOISE_STD)), prob=n.NOISE_PROB))
+    if n.SHOT_NOISE_PROB > 0:
+        augs.append(T.RandomApply(RandomShotNoise(tuple(n.SHOT_NOISE_SNR)), prob=n.SHOT_NOISE_PROB))
     return augs
