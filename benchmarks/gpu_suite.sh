@@ -97,7 +97,8 @@ infer_stages() {
   elif has predict; then
     # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
     variant_args=()
-    for v in ${PREDICT_VARIANTS:-}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
+    # by default also with the image files written in the predicting process: what the writer processes gain
+    for v in ${PREDICT_VARIANTS-writers0:NUCLEUS.PREDICT.WRITERS=0}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
     log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
       ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" "${variant_args[@]}" \
