@@ -221,9 +221,14 @@ class ImageWriter:
     def submit(self, path: Path, raw: np.ndarray, pred) -> None:
         run = self.run
         if self.workers > 0 and self.pool is None:  # spawn: no copy of the CUDA context or the model
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            logger.info("image files written by %d writer processes while the next batch is predicted",
-                        self.workers)
+            try:
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            except (OSError, ValueError) as exc:  # no processes to be had here: write in this one
+                logger.warning("no writer processes (%s): image files are written here", exc)
+                self.workers = 0
+            else:
+                logger.info("image files written by %d writer processes while the next batch is predicted",
+                            self.workers)
         if self.pool is not None:
             try:
                 future = self.pool.submit(write_image_outputs, run.out, run.formats, path, raw, pred.labels,
