@@ -139,8 +139,15 @@ def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str
         return json.loads(Path(tmp.name).read_text())
 
 
-# a variant's flags, as config overrides of our side
-VARIANT_FLAGS = {"compile": ["NUCLEUS.TRAIN.COMPILE", "True"]}
+# a variant's flags, as config overrides of our side. fp16 + d2aug make the loss comparable with vanilla's:
+# its AMP precision, and its data (whole 512 px images, flips, no scale jitter, no photometric changes)
+VARIANT_FLAGS = {
+    "compile": ["NUCLEUS.TRAIN.COMPILE", "True"],
+    "fp16": ["NUCLEUS.TRAIN.AMP_DTYPE", "float16"],
+    "d2aug": ["INPUT.NUCLEUS.SCALE_RANGE", "(1.0, 1.0)", "INPUT.NUCLEUS.ROT90", "False",
+              "INPUT.NUCLEUS.BRIGHTNESS", "0.0", "INPUT.NUCLEUS.CONTRAST", "0.0", "INPUT.NUCLEUS.GAMMA", "(1.0, 1.0)",
+              "INPUT.NUCLEUS.BLUR_PROB", "0.0", "INPUT.NUCLEUS.NOISE_PROB", "0.0"],
+}
 
 
 def parse_variants(text: str) -> list[tuple[int, int, list[str]]]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nucleus_seg.config import get_nucleus_cfg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import adapt_suite  # noqa: E402
 import infer_throughput  # noqa: E402
@@ -37,6 +39,11 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
 def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():
     assert train_throughput.parse_variants("1x8,3x8+compile") == [
         (1, 8, []), (3, 8, ["NUCLEUS.TRAIN.COMPILE", "True"])]
+    # the like-for-like loss variant: vanilla's precision and data, as overrides that the config accepts
+    (_, _, overrides), = train_throughput.parse_variants("1x8+fp16+d2aug")
+    cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_scratch.yaml", overrides)
+    assert cfg.NUCLEUS.TRAIN.AMP_DTYPE == "float16" and tuple(cfg.INPUT.NUCLEUS.SCALE_RANGE) == (1.0, 1.0)
+    assert cfg.INPUT.NUCLEUS.NOISE_PROB == cfg.INPUT.NUCLEUS.BLUR_PROB == 0.0 and not cfg.INPUT.NUCLEUS.ROT90
     assert infer_throughput.parse_variant("32+cl+compile") == (32, {"cl", "compile"})
     for bad in ("3x8+fast", "3by8"):
         with pytest.raises(SystemExit, match="--variants"):
