@@ -64,10 +64,10 @@ def main() -> None:
     weights = {"raw": train_dir / "model_final.pth"} | {
         f"ema {d:g}": train_dir / f"model_ema_{d:g}.pth" for d in decays}
     env = dict(os.environ, NUCLEUS_DATASETS=args.val_root)
+    nucleus_eval = str(Path(sys.executable).with_name("nucleus-eval"))
     scores = {}
     for name, path in weights.items():
         out = Path(args.output) / "eval" / name.replace(" ", "_")
-        nucleus_eval = str(Path(sys.executable).with_name("nucleus-eval"))
         subprocess.run([nucleus_eval, "--config-file", str(train_dir / "config.yaml"), "--dataset", "nucleus_synth_val",
                         "--output", str(out), "MODEL.WEIGHTS", str(path),
                         "NUCLEUS.SYNTH.NUM_VAL", str(args.val_images)],

@@ -340,13 +340,13 @@ class WeightAverage(HookBase):
         self.average: dict[str, torch.Tensor] = {}
         self.applied = False
 
-    @staticmethod
-    def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return getattr(model, "module", model).state_dict()
+    @property
+    def _model(self) -> torch.nn.Module:
+        return getattr(self.trainer.model, "module", self.trainer.model)  # DDP's wrapped model
 
     def before_train(self) -> None:
         if not self.average:  # a resumed run has it from the checkpoint
-            self.average = {k: v.detach().clone() for k, v in self._weights(self.trainer.model).items()}
+            self.average = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -354,14 +354,15 @@ class WeightAverage(HookBase):
             return
         self.updates += 1
         decay = self.decay * (1.0 - math.exp(-self.updates / self.ramp))
-        floats = [(self.average[k], v) for k, v in self._weights(self.trainer.model).items()
-                  if v.is_floating_point()]
-        if floats:
-            averages, currents = zip(*floats)
-            torch._foreach_lerp_(list(averages), list(currents), 1.0 - decay)
-        for k, v in self._weights(self.trainer.model).items():
-            if not v.is_floating_point():
+        averages, currents = [], []
+        for k, v in self._model.state_dict().items():
+            if v.is_floating_point():
+                averages.append(self.average[k])
+                currents.append(v)
+            else:
                 self.average[k].copy_(v)
+        if averages:
+            torch._foreach_lerp_(averages, currents, 1.0 - decay)
         if self.trainer.iter + 1 >= self.trainer.max_iter:
             self.apply()
 
@@ -369,7 +370,7 @@ class WeightAverage(HookBase):
         """Put the average into the model (once): the weights that are saved and evaluated from now on."""
         if self.applied:
             return
-        getattr(self.trainer.model, "module", self.trainer.model).load_state_dict(self.average)
+        self._model.load_state_dict(self.average)
         self.applied = True
         logger.info("Weights averaged over the last ~%d steps (EMA decay %g) put into the model",
                     round(1 / (1 - self.decay)), self.decay)

@@ -91,6 +91,11 @@ def expand_inputs(specs: Sequence[str], skip_dir: Path | None = None) -> tuple[l
 ImageEntries = tuple  # (submission rows or None, COCO results or None, COCO image entry or None)
 
 
+def output_path(out: Path, stem: str, fmt: str) -> Path:
+    """Where an image's per-image output of format ``fmt`` goes."""
+    return out / f"{stem}{PER_IMAGE[fmt]}"
+
+
 def image_entries(formats: set[str], stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
                   file_name: str) -> ImageEntries:
     """An image's submission rows and COCO results (ids are given when the per-run files are written)."""
@@ -107,11 +112,11 @@ def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarra
     writer process can run it."""
     stem = path.stem
     if "labels" in formats:
-        write_label_tiff(out / f"{stem}{PER_IMAGE['labels']}", labels)
+        write_label_tiff(output_path(out, stem, "labels"), labels)
     if "overlay" in formats:
-        write_overlay_png(out / f"{stem}{PER_IMAGE['overlay']}", normalize_from_cfg(raw, cfg), labels)
+        write_overlay_png(output_path(out, stem, "overlay"), normalize_from_cfg(raw, cfg), labels)
     if "csv" in formats:
-        write_measurements_csv(out / f"{stem}{PER_IMAGE['csv']}", labels, raw, scores)
+        write_measurements_csv(output_path(out, stem, "csv"), labels, raw, scores)
     return image_entries(formats, stem, labels, scores, path.name)
 
 
@@ -128,7 +133,7 @@ class PredictionRun:
     written: set[str] = field(default_factory=set)
 
     def path(self, stem: str, fmt: str) -> Path:
-        return self.out / f"{stem}{PER_IMAGE[fmt]}"
+        return output_path(self.out, stem, fmt)
 
     def done(self, stem: str) -> bool:
         """All requested per-image outputs exist, and the per-run files can be rebuilt from them."""

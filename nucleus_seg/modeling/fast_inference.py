@@ -21,7 +21,7 @@ from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 
-from .precision import use_half_group_norm
+from .precision import HALF_DTYPES, use_half_group_norm
 from .roi_align import use_nucleus_roi_align
 
 __all__ = ["batched_fast_rcnn_inference", "batched_nms_keep", "final_box_predictor", "speed_up_inference"]
@@ -54,7 +54,7 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
             idx = valid[i].nonzero().squeeze(1)
             if idx.numel():  # float32 like torchvision's autocast wrapper of nms
                 box, score = boxes[i, idx], scores[i, idx]
-                if box.dtype in (torch.float16, torch.bfloat16):
+                if box.dtype in HALF_DTYPES:
                     box, score = box.float(), score.float()
                 keep_out[i, idx[torchvision.ops.nms(box, score, iou_threshold)]] = True
         return keep_out
