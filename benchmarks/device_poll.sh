@@ -19,7 +19,7 @@ end=$(( $(date +%s) + WAIT ))
 while [ ! -f "$RC" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
 if [ -f "$RC" ]; then echo "finished: exit $(cat "$RC")"; else echo "still running"; fi
 mkdir -p "$OUT"
-find "${DIRS[@]}" -type f -size -4M \( -name '*.json' -o -name '*.log' -o -name 'log.txt' -o -name 'tuned.yaml' \
+find "${DIRS[@]}" -type f -size -4M \( -name '*.json' -o -name '*.jsonl' -o -name 'profile*.txt' -o -name '*.log' -o -name 'log.txt' -o -name 'tuned.yaml' \
   -o -path '*nucleus_dsb_sample/*.png' -o -name 'training_loss.png' -o -name 'image_overlay.png' \
   -o -name 'robustness_grid.png' -o -name 'adapt_grid.png' -o -name 'before_after.png' \) 2>/dev/null \
   | tar czf "$OUT/partial.tgz" -T - 2>/dev/null
