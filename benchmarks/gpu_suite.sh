@@ -62,12 +62,15 @@ elif has accuracy; then
   CUDA_VISIBLE_DEVICES=$LAST_GPU env ${ACC_PROCS:+NUCLEUS_PROCS_PER_GPU=$ACC_PROCS} bash scripts/train_synthetic.sh /tmp/acc ${ACC_OPTS:-} > "$OUT/accuracy.log" 2>&1 &
   ACC_PID=$!
 fi
+# the training benchmark's weights: one folder per variant (/tmp/train_bench/VARIANT/ours); a one-process
+# variant ran the most iterations (session 13's suite missed them at the old path and ran on random weights)
+train_bench_weights() { ls /tmp/train_bench/1x*/ours/model_final.pth /tmp/train_bench/*/ours/model_final.pth 2>/dev/null | head -1; }
 # inference benchmarks use the accuracy recipe's model when there is one (trained weights make the
 # AMP-vs-fp32 mask agreement meaningful), else the training benchmark's
 WEIGHTS=/tmp/acc/train/model_final.pth INFER_CONFIG=configs/nucleus_R101_FPN_synth_h100.yaml
 # weights and config always from the same run: the recipe's Cascade heads do not load into the standard
 # config (the predictor now refuses such a checkpoint; it used to give median mask IoU 0.36 silently)
-[ -f "$WEIGHTS" ] || { WEIGHTS=/tmp/train_bench/ours/model_final.pth; INFER_CONFIG=configs/nucleus_R101_FPN_scratch.yaml; }
+[ -f "$WEIGHTS" ] || { WEIGHTS=$(train_bench_weights); INFER_CONFIG=configs/nucleus_R101_FPN_scratch.yaml; }
 INFER_GPU=0
 SIDE_PID=""
 if [ "$NGPU" -gt 1 ] && [ -z "$ACC_PID" ] && [ -f "$WEIGHTS" ]; then
@@ -98,10 +101,12 @@ infer_stages() {
     # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
     variant_args=()
     # by default also with the image files written in the predicting process: what the writer processes gain
-    for v in ${PREDICT_VARIANTS-writers0:NUCLEUS.PREDICT.WRITERS=0}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
+    # and untiled (TILE_SIZE 2048: a 1024 px image in one pass instead of 9 stitched tiles of 512)
+    for v in ${PREDICT_VARIANTS-writers0:NUCLEUS.PREDICT.WRITERS=0 tile2048:NUCLEUS.PREDICT.TILE_SIZE=2048}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
     log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
       ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" "${variant_args[@]}" \
+      --profile "$OUT/profile_predict.txt" \
       --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
 }
@@ -116,7 +121,7 @@ if has profile; then
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_train.py --iters 40 --profile-iters 8 ${TRAIN_OPTS:-} \
     > "$OUT/profile.txt" 2>&1; grep -E "median s/iter" "$OUT/profile.txt"
 fi
-[ -f "$WEIGHTS" ] || { WEIGHTS=/tmp/train_bench/ours/model_final.pth; INFER_CONFIG=configs/nucleus_R101_FPN_scratch.yaml; }
+[ -f "$WEIGHTS" ] || { WEIGHTS=$(train_bench_weights); INFER_CONFIG=configs/nucleus_R101_FPN_scratch.yaml; }
 [ -f "$WEIGHTS" ] || WEIGHTS=""  # random (seeded) weights: timings only
 if has profile_infer; then
   log "profile of NucleusPredictor.predict_batch on GPU 0"

@@ -110,6 +110,22 @@ def agreement(a: Path, b: Path, stems: list[str]) -> dict:
             "mean_count_diff_frac": float(np.mean(diffs)) if diffs else None}
 
 
+def profiled(fn, argv: list[str], path: Path) -> int:
+    """``fn(argv)`` under cProfile; the 40 costliest functions (cumulative, then own time) go to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    status = profile.runcall(fn, argv)
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text)
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
+    return status
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -127,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                         help="one more nucleus-predict side with these overrides, e.g. "
                         "--variant compile NUCLEUS.PREDICT.COMPILE=True (repeatable)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="cProfile the first nucleus-predict side (the predicting process, not its writers) "
+                        "and write its top functions to FILE: where a host-bound run spends its time")
     parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
     variants = {"nucleus_predict": []}
@@ -152,9 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
             if side == "plain_loop":
                 plain_loop(cfg, paths, folder)
             else:
-                status = nucleus_predict(["--config-file", args.config_file, "--input", *map(str, paths),
-                                          "--output", str(folder), *opts, *variants[side],
-                                          "MODEL.WEIGHTS", weights])
+                argv_side = ["--config-file", args.config_file, "--input", *map(str, paths),
+                             "--output", str(folder), *opts, *variants[side], "MODEL.WEIGHTS", weights]
+                if args.profile and side == "nucleus_predict":
+                    status = profiled(nucleus_predict, argv_side, Path(args.profile))
+                else:
+                    status = nucleus_predict(argv_side)
                 if status != 0:
                     raise SystemExit(f"nucleus-predict exited with status {status}")
             seconds = time.perf_counter() - start

@@ -24,6 +24,7 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
         "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
         "NUCLEUS.PREDICT.AMP", "False", "NUCLEUS.PREDICT.SCORE_THRESH", "0.3", "TEST.DETECTIONS_PER_IMAGE", "30",
         "DATALOADER.NUM_WORKERS", "0", "--variant", "batch1", "NUCLEUS.PREDICT.BATCH_SIZE=1",
+        "--profile", str(tmp_path / "profile.txt"),
     ])
     for side in ("plain_loop", "nucleus_predict", "nucleus_predict+batch1"):
         assert result[side]["img_per_s"] > 0
@@ -34,6 +35,8 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
     agreement = result["agreement"]
     assert agreement["matched_instances"] > 0 and agreement["max_count_diff_frac"] == 0
     assert agreement["median_iou"] == pytest.approx(1.0)
+    profile = (tmp_path / "profile.txt").read_text()  # the nucleus-predict side's own functions, profiled
+    assert "predict_files" in profile and "predict_labels" in profile
 
 
 def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():

@@ -359,3 +359,17 @@ def test_bad_values_and_an_unwritable_output_fail_before_any_compute(cli_cfg, tm
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "not writable" in err and str(tmp_path / "file" / "out") in err
     assert not (tmp_path / "o").exists()  # nothing was written for the refused runs
+
+
+def test_writer_processes_start_before_the_first_image(tmp_path):
+    """``start()`` spawns every writer at once, so their imports (~4 s) overlap the model's build and load
+    instead of stalling the first batch; closing stops them."""
+    from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.inference.batch import ImageWriter, PredictionRun
+
+    writer = ImageWriter(PredictionRun(tmp_path, {"labels"}), get_nucleus_cfg(), 2)
+    with writer:
+        writer.start()
+        processes = list(writer.pool._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    assert writer.pool is None and not any(p.is_alive() for p in processes)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, read_image, read_label_image
 from ..utils.dist import close_process_group, launch
+from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
 from .outputs import (
     coco_results,
@@ -210,6 +211,10 @@ def writer_count(cfg, world_size: int = 1) -> int:
     return max(0, min(8, (os.cpu_count() or 1) // max(1, world_size) - 1))
 
 
+def _writer_ready() -> None:
+    """A writer process's first task: unpickling it has imported this module, and with it the writers."""
+
+
 class ImageWriter:
     """Each image's files, written by ``workers`` processes while the next batch is predicted (0: here).
 
@@ -223,17 +228,25 @@ class ImageWriter:
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[tuple[Path, Future]] = deque()
 
+    def start(self) -> None:
+        """Spawn the writer processes now (no copy of the CUDA context or the model), each importing what
+        writing needs (~4 s) while this process builds and loads the model, instead of after the first batch."""
+        if self.workers <= 0 or self.pool is not None:
+            return
+        try:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self.workers):  # one task per process spawns them all
+                self.pool.submit(_writer_ready)
+        except (OSError, ValueError, BrokenProcessPool) as exc:  # no processes to be had here: write in this one
+            logger.warning("no writer processes (%s): image files are written here", exc)
+            self.pool, self.workers = None, 0
+        else:
+            logger.info("image files written by %d writer processes while the next batch is predicted",
+                        self.workers)
+
     def submit(self, path: Path, raw: np.ndarray, pred) -> None:
         run = self.run
-        if self.workers > 0 and self.pool is None:  # spawn: no copy of the CUDA context or the model
-            try:
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            except (OSError, ValueError) as exc:  # no processes to be had here: write in this one
-                logger.warning("no writer processes (%s): image files are written here", exc)
-                self.workers = 0
-            else:
-                logger.info("image files written by %d writer processes while the next batch is predicted",
-                            self.workers)
+        self.start()
         if self.pool is not None:
             try:
                 future = self.pool.submit(write_image_outputs, run.out, run.formats, path, raw, pred.labels,
@@ -285,12 +298,15 @@ def _predict_small(predictor: NucleusPredictor, writer: ImageWriter, batch: list
 def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 1) -> None:
     """Predict ``files`` into ``run``: batches of small images, large ones tile by tile; each image's files
     are written by writer processes (``NUCLEUS.PREDICT.WRITERS``) while the next batch is predicted."""
-    predictor = NucleusPredictor(cfg)
-    tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
-    workers = writer_count(predictor.cfg, world_size) if len(files) > 1 else 0
-    pending: list[tuple[Path, np.ndarray]] = []
-    bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
-    with ImageWriter(run, predictor.cfg, workers) as writer:
+    on_device = cfg.clone()
+    on_device.MODEL.DEVICE = usable_device(cfg.MODEL.DEVICE)  # what the predictor will run on
+    workers = writer_count(on_device, world_size) if len(files) > 1 else 0
+    with ImageWriter(run, on_device, workers) as writer:
+        writer.start()  # the writers start up while the model is built
+        predictor = NucleusPredictor(cfg)
+        tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
+        pending: list[tuple[Path, np.ndarray]] = []
+        bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
         for f in files:
             try:
                 raw = read_image(f)
