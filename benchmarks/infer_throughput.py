@@ -41,7 +41,7 @@ def mask_agreement(a, b) -> tuple[list[float], int, int]:
     return iou[rows, cols].tolist(), len(a), len(b)
 
 
-VARIANT_FLAGS = ("cl", "compile", "heads")
+VARIANT_FLAGS = ("cl", "compile")
 
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
@@ -66,8 +66,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--variants", default="",
                         help="more of ours to time, e.g. 32,32+compile,16+cl (batch size, then flags: cl = "
-                        "channels-last backbone, compile = NUCLEUS.PREDICT.COMPILE, "
-                        "heads = NUCLEUS.PREDICT.COMPILE_HEADS)")
+                        "channels-last backbone, compile = NUCLEUS.PREDICT.COMPILE)")
     parser.add_argument("--detections", type=int, default=400)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
@@ -90,7 +89,6 @@ def main() -> None:
         c = cfg.clone()
         c.NUCLEUS.PREDICT.BATCH_SIZE = batch
         c.NUCLEUS.PREDICT.COMPILE = "compile" in flags
-        c.NUCLEUS.PREDICT.COMPILE_HEADS = "heads" in flags
         return NucleusPredictor(c, channels_last="cl" in flags)
 
     def sync():
@@ -142,7 +140,6 @@ def main() -> None:
         "batch": best_batch,
         "channels_last": "cl" in best_flags,
         "compile": "compile" in best_flags,
-        "compile_heads": "heads" in best_flags,
         "amp": str(predictors[best].amp_dtype).removeprefix("torch.") if predictors[best].amp else None,
         "vanilla": {"img_per_s": v_ips, "ms_per_img": 1000 / v_ips},
         "nucleus_seg": {"variant": best, "img_per_s": o_ips, "ms_per_img": 1000 / o_ips},

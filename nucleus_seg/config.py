@@ -126,9 +126,6 @@ def add_nucleus_config(cfg: CN) -> None:
     # torch.compile the backbone for inference (see NUCLEUS.TRAIN.COMPILE): the first batch of each new input
     # size waits for the compilation; worth it over hundreds of same-sized images on a GPU.
     cfg.NUCLEUS.PREDICT.COMPILE = False
-    # torch.compile the ROI heads' conv towers too (box heads, mask head; any number of boxes): fuses their
-    # GroupNorm and ReLU over tens of thousands of ROIs per batch. Off: measured on a GPU first.
-    cfg.NUCLEUS.PREDICT.COMPILE_HEADS = False
     # nucleus-predict: processes writing each image's files (label TIFF, overlay, measurements: ~0.2 s of one
     # core per 1024 px image) while the next batch is predicted. -1: on a GPU, one per spare core (at most 8);
     # on the CPU none (the model has the cores). 0: written in the predicting process.

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..config import check_predict_settings
 from ..data.io import check_image_shape, normalize_from_cfg
-from ..modeling.compile import compile_backbone, compile_heads
+from ..modeling.compile import compile_backbone
 from ..modeling.fast_inference import final_box_predictor, speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
@@ -162,8 +162,6 @@ class NucleusPredictor:
                 self.model.backbone.to(memory_format=torch.channels_last)
         if pred.COMPILE and model is None:  # a model passed in keeps what its trainer chose
             compile_backbone(self.model)
-        if pred.COMPILE_HEADS and model is None:
-            compile_heads(self.model)
         if self.cfg.INPUT.MIN_SIZE_TEST:
             self.aug = T.ResizeShortestEdge(
                 [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-__all__ = ["compile_backbone", "compile_heads", "heads_compiled", "is_compiled"]
+__all__ = ["compile_backbone", "is_compiled"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,32 +37,3 @@ def compile_backbone(model: torch.nn.Module, *, backend: str = "inductor", fullg
 
 def is_compiled(model: torch.nn.Module) -> bool:
     return bool(getattr(model.backbone, "_nucleus_compiled", False))
-
-
-def _box_heads(heads: torch.nn.Module) -> list[torch.nn.Module]:
-    head = getattr(heads, "box_head", None)
-    return list(head) if isinstance(head, torch.nn.ModuleList) else [] if head is None else [head]
-
-
-def compile_heads(model: torch.nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> None:
-    """Compile the ROI heads' convolution towers in place: each box head (Cascade: one per stage) and the
-    mask head's layers, with symbolic ROI counts (``dynamic=True``: one graph for any number of boxes).
-
-    At 400 detections per image these towers run on ~32,000 proposals and ~13,000 masks per batch of 32,
-    each conv followed by an eager GroupNorm and ReLU; inductor fuses those. Post-processing (NMS, mask
-    pasting) stays eager.
-    """
-    heads = getattr(model, "roi_heads", None)
-    if heads is None or heads_compiled(model):
-        return
-    for head in _box_heads(heads):
-        head.forward = torch.compile(head.forward, backend=backend, fullgraph=fullgraph, dynamic=True)
-    mask_head = getattr(heads, "mask_head", None)
-    if mask_head is not None and hasattr(mask_head, "layers"):
-        mask_head.layers = torch.compile(mask_head.layers, backend=backend, fullgraph=fullgraph, dynamic=True)
-    heads._nucleus_compiled = True
-    logger.info("ROI heads compiled with torch.compile (%s)", backend)
-
-
-def heads_compiled(model: torch.nn.Module) -> bool:
-    return bool(getattr(getattr(model, "roi_heads", None), "_nucleus_compiled", False))
