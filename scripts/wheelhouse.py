@@ -62,6 +62,15 @@ def requirements(no_torch: bool) -> list[str]:
     return reqs
 
 
+def capped_exclusions(excluded: set[str], reqs: list[str]) -> list[str]:
+    """The requirements an ``--exclude`` drops although nucleus_seg caps their version (``<``, ``==``, ``~=``):
+    the node's own copy may be newer, and then the offline install fails (setuptools 81 did, 2026-12-02)."""
+    def name(req: str) -> str:
+        return _canon(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0])
+
+    return [r for r in reqs if name(r) in excluded and re.search(r"<|==|~=", r.split(";")[0])]
+
+
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
@@ -93,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--constraint", type=Path, help="pip constraints for the download (e.g. opencv<5)")
     parser.add_argument("--pack", action="store_true", help="also write OUT.tar.xz for transfer")
     args = parser.parse_args(argv)
+    capped = capped_exclusions({_canon(x) for x in args.exclude.split(",") if x.strip()}, requirements(False))
+    if capped:
+        parser.error(f"--exclude drops {', '.join(capped)}: nucleus_seg caps the version, a node's newer copy "
+                     "fails the offline install; leave it in the wheelhouse")
 
     out = args.out.resolve()
     if out.exists():

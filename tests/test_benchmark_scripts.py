@@ -114,3 +114,18 @@ def test_every_benchmark_line_names_device_config_weights_and_variant(capsys):
         assert "device_facts()" in text, f"{path.name} does not name the device"
     common.emit({"benchmark": "x", "device": "cpu", "config": "c"}, None)
     assert "warning: benchmark line without weights, variant" in capsys.readouterr().err
+
+
+def test_the_wheelhouse_refuses_to_leave_out_a_version_the_package_caps(capsys):
+    """``--exclude setuptools`` shipped a wheelhouse whose install failed on the GPU node (its setuptools 81
+    against ``setuptools<81``); it is refused before any download, and uncapped projects may still go."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import wheelhouse
+
+    reqs = wheelhouse.requirements(False)
+    assert wheelhouse.capped_exclusions({"setuptools", "numpy", "scikit-image"}, reqs) == ["setuptools<81"]
+    assert wheelhouse.capped_exclusions({"faster-coco-eval"}, reqs) == ["faster-coco-eval>=1.6,<2"]
+    assert wheelhouse.capped_exclusions({"scikit-image", "tifffile"}, reqs) == []
+    with pytest.raises(SystemExit) as exc:
+        wheelhouse.main(["--exclude", "numpy,setuptools", "--out", "/nonexistent/never-made"])
+    assert exc.value.code == 2 and "setuptools<81" in capsys.readouterr().err
