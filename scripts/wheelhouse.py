@@ -50,6 +50,11 @@ def platform_tags(platform: str) -> list[str]:
     return [*tags, f"manylinux1_{arch}"]
 
 
+def _requirement_name(req: str) -> str:
+    """The canonical project name of a requirement string such as ``setuptools<81``."""
+    return _canon(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0])
+
+
 def requirements(no_torch: bool) -> list[str]:
     try:
         import tomllib
@@ -58,17 +63,14 @@ def requirements(no_torch: bool) -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
     if no_torch:
-        reqs = [r for r in reqs if _canon(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) not in TORCH]
+        reqs = [r for r in reqs if _requirement_name(r) not in TORCH]
     return reqs
 
 
 def capped_exclusions(excluded: set[str], reqs: list[str]) -> list[str]:
     """The requirements an ``--exclude`` drops although nucleus_seg caps their version (``<``, ``==``, ``~=``):
     the node's own copy may be newer, and then the offline install fails (setuptools 81 did, 2026-12-02)."""
-    def name(req: str) -> str:
-        return _canon(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0])
-
-    return [r for r in reqs if name(r) in excluded and re.search(r"<|==|~=", r.split(";")[0])]
+    return [r for r in reqs if _requirement_name(r) in excluded and re.search(r"<|==|~=", r.split(";")[0])]
 
 
 def run(cmd: list[str]) -> None:
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--constraint", type=Path, help="pip constraints for the download (e.g. opencv<5)")
     parser.add_argument("--pack", action="store_true", help="also write OUT.tar.xz for transfer")
     args = parser.parse_args(argv)
-    capped = capped_exclusions({_canon(x) for x in args.exclude.split(",") if x.strip()}, requirements(False))
+    excluded = {_canon(x) for x in args.exclude.split(",") if x.strip()}
+    capped = capped_exclusions(excluded, requirements(False))
     if capped:
         parser.error(f"--exclude drops {', '.join(capped)}: nucleus_seg caps the version, a node's newer copy "
                      "fails the offline install; leave it in the wheelhouse")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.constraint:
         cmd += ["-c", str(args.constraint)]
     run(cmd + requirements(args.no_torch))
-    excluded = {_canon(x) for x in args.exclude.split(",") if x.strip()} | (TORCH if args.no_torch else set())
+    excluded |= TORCH if args.no_torch else set()
     for wheel in out.glob("*.whl"):
         if _wheel_project(wheel) in excluded:
             wheel.unlink()

@@ -303,7 +303,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
     workers = writer_count(on_device, world_size) if len(files) > 1 else 0
     with ImageWriter(run, on_device, workers) as writer:
         writer.start()  # the writers start up while the model is built
-        predictor = NucleusPredictor(cfg)
+        predictor = NucleusPredictor(on_device)  # device resolved once: one fallback warning, not two
         tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
         pending: list[tuple[Path, np.ndarray]] = []
         bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
