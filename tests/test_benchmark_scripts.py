@@ -13,6 +13,7 @@ from nucleus_seg.config import get_nucleus_cfg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import adapt_suite  # noqa: E402
 import infer_throughput  # noqa: E402
+import predict_stages  # noqa: E402
 import predict_throughput  # noqa: E402
 import train_throughput  # noqa: E402
 
@@ -37,6 +38,22 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
     assert agreement["median_iou"] == pytest.approx(1.0)
     profile = (tmp_path / "profile.txt").read_text()  # the nucleus-predict side's own functions, profiled
     assert "predict_files" in profile and "predict_labels" in profile
+
+
+def test_predict_stages_times_every_stage_of_the_tiled_path(tmp_path):
+    """Each stage of nucleus-predict's path, timed alone on small tiled images (2x2 tiles of 128 px)."""
+    result = predict_stages.main([
+        "--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--num-images", "2", "--size", "192",
+        "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--variant", "small",
+        "NUCLEUS.PREDICT.TILE_SIZE", "128", "NUCLEUS.PREDICT.TILE_OVERLAP", "32", "TEST.DETECTIONS_PER_IMAGE", "30",
+    ])
+    stages = result["ms_per_image"]
+    assert set(stages) == {"read", "normalize", "forward_tiles", "detect_tiles", "predict_large", "tile_batcher",
+                           "stitch", "forward_whole", "predict_labels_whole", "write_labels", "write_overlay",
+                           "write_csv", "write_submission", "write_coco", "write_all"}
+    assert all(ms > 0 for ms in stages.values())
+    assert result["variant"] == "small" and result["tile_size"] == 128
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[:1] == ["field_0000_labels.tif"]
 
 
 def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():

@@ -155,11 +155,13 @@ def test_cli_writes_every_good_image_and_fails_naming_the_corrupt_one(cli_cfg, t
     shapes = make_inputs(tmp_path / "in")
     out = tmp_path / "out"
     argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out),
-            "--tile", "128", "--overlap", "32", "--batch", "2", "--diameter", "0"]
+            "--tile", "96", "--overlap", "32", "--batch", "1", "--diameter", "0"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "broken.png" in err and "1 failed" in err
-    assert "tiles" in err  # big.tif (150x200 > --tile 128) went through predict_large
+    # big.tif (6 tiles of 96 px: more than BATCHED_TILES batches of 1) went through predict_large, its tile
+    # progress shown; gray16 and rgb8 (2 tiles each) through the tile batcher, stitched by the writer
+    assert "tiles" in err
     assert "gray16" not in err.split("failed:")[1]
     submission = read_csv(out / "submission.csv")
     coco = json.loads((out / "coco_results.json").read_text())

@@ -582,3 +582,64 @@ def test_boxes_are_brought_back_to_full_resolution_after_a_diameter_rescale(tiny
     assert at_full.image_size == (192, 160)
     torch.testing.assert_close(at_full.pred_boxes.tensor, at_half.pred_boxes.tensor * 2)
     torch.testing.assert_close(at_full.scores, at_half.scores)
+
+
+def record_batches(predictor: NucleusPredictor, fail_on: int | None = None) -> list[list[tuple[int, ...]]]:
+    """The input shapes of each forward the predictor runs, one list per forward; forward number ``fail_on``
+    (0-based) raises instead (a GPU out of memory, say)."""
+    batches = []
+    real = predictor._forward
+
+    def spy(arrays, *args, **kwargs):
+        batches.append([a.shape for a in arrays])
+        if len(batches) - 1 == fail_on:
+            raise RuntimeError("out of memory (injected)")
+        return real(arrays, *args, **kwargs)
+
+    predictor._forward = spy
+    return batches
+
+
+def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg):
+    """Tiles of consecutive images share forwards (full batches), tiles of another shape never share one
+    (GroupNorm would see padding), and each image stitched from its TiledDetections equals predict_large."""
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 5
+    predictor = NucleusPredictor(cfg)
+    images = [blobs((100, 124), seed=2), blobs((150, 230), seed=3), blobs((60, 200), seed=6)]
+    expected = [predictor.predict_large(image, tile=96, overlap=32, diameter=0) for image in images]
+    batches = record_batches(predictor)
+    batcher = predictor.tile_batcher(tile=96, overlap=32)
+    done = []
+    for key, image in enumerate(images):
+        done += batcher.add(key, predictor.normalize(image), 1.0)
+    done += batcher.flush()
+    assert [key for key, _ in done] == [0, 1, 2]
+    # 4 + 8 tiles of 96x96, then 3 of 60x96: batches run across images, never across shapes
+    assert batches == [[(96, 96, 3)] * 5, [(96, 96, 3)] * 5, [(96, 96, 3)] * 2, [(60, 96, 3)] * 3]
+    for key, tiled in done:
+        pred, num_cut = tiled.stitch()
+        assert len(pred) > 0
+        np.testing.assert_array_equal(pred.labels, expected[key].labels)
+        # other batch company: the same detections, scores equal to float rounding on CPU
+        np.testing.assert_allclose(pred.scores, expected[key].scores, rtol=1e-5)
+        np.testing.assert_allclose(pred.boxes, expected[key].boxes, rtol=1e-5)
+
+
+def test_a_failed_tile_batch_fails_only_the_images_in_it(cfg):
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 3
+    predictor = NucleusPredictor(cfg)
+    images = [blobs((150, 230), seed=3), blobs((100, 124), seed=2), blobs((100, 124), seed=5)]
+    record_batches(predictor, fail_on=2)  # the batch holding image 0's last tiles and image 1's first
+    batcher = predictor.tile_batcher(tile=96, overlap=32)
+    done = []
+    for key, image in enumerate(images):
+        done += batcher.add(key, predictor.normalize(image), 1.0)
+    done += batcher.flush()
+    results = dict(done)
+    assert sorted(results) == [0, 1, 2]  # every image comes back, once
+    assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)
+    assert len(results[2].stitch()[0]) > 0
+    small = predictor.normalize(blobs((64, 64), seed=7))  # one tile: stays queued, short of a batch
+    assert batcher.add("small", small, 1.0) == []
+    with pytest.raises(ValueError, match="already queued"):
+        batcher.add("small", small, 1.0)

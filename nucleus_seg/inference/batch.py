@@ -12,16 +12,18 @@ One bad image is reported and skipped; the run goes on.
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import multiprocessing
 import os
 import pickle
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from detectron2.utils import comm
@@ -44,6 +46,7 @@ from .outputs import (
     write_submission_csv,
 )
 from .predictor import NucleusPredictor
+from .tiling import LabelPrediction, TiledDetections, seam_warning
 
 __all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
 
@@ -121,6 +124,18 @@ def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarra
     return image_entries(formats, stem, labels, scores, path.name)
 
 
+def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
+                     pred: LabelPrediction | TiledDetections, cfg) -> tuple[ImageEntries, str | None]:
+    """A writer task: stitch the image's tiles if that is still to do, write its files; returns its per-run
+    entries and the seam warning, if any (logged by the predicting process, which has the user's log)."""
+    warning = None
+    if isinstance(pred, TiledDetections):
+        overlap = pred.overlap
+        pred, num_cut = pred.stitch()
+        warning = seam_warning(num_cut, overlap, str(path)) if num_cut else None
+    return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg), warning
+
+
 @dataclass
 class PredictionRun:
     """What the per-run files need from every image, in input order, and what went wrong."""
@@ -158,8 +173,15 @@ class PredictionRun:
             self.coco[stem], self.images[stem] = coco, image
         self.written.add(stem)
 
-    def write_image(self, path: Path, raw: np.ndarray, pred, cfg) -> None:
-        self.add(path.stem, write_image_outputs(self.out, self.formats, path, raw, pred.labels, pred.scores, cfg))
+    def write_image(self, path: Path, raw: np.ndarray, pred: LabelPrediction | TiledDetections, cfg) -> None:
+        self.add_written(path, stitch_and_write(self.out, self.formats, path, raw, pred, cfg))
+
+    def add_written(self, path: Path, written: tuple[ImageEntries, str | None]) -> None:
+        """What a writer task returned for ``path``: its entries, and the warning to show."""
+        entries, warning = written
+        if warning:
+            logger.warning("%s", warning)
+        self.add(path.stem, entries)
 
     def reload(self, path: Path) -> None:
         """Per-run entries of an image skipped by resume, from its label TIFF (and CSV scores)."""
@@ -244,13 +266,13 @@ class ImageWriter:
             logger.info("image files written by %d writer processes while the next batch is predicted",
                         self.workers)
 
-    def submit(self, path: Path, raw: np.ndarray, pred) -> None:
+    def submit(self, path: Path, raw: np.ndarray, pred: LabelPrediction | TiledDetections) -> None:
+        """Write ``path``'s files (stitching its tiles first, if it comes as ``TiledDetections``)."""
         run = self.run
         self.start()
         if self.pool is not None:
             try:
-                future = self.pool.submit(write_image_outputs, run.out, run.formats, path, raw, pred.labels,
-                                          pred.scores, self.cfg)
+                future = self.pool.submit(stitch_and_write, run.out, run.formats, path, raw, pred, self.cfg)
             except BrokenProcessPool:
                 logger.warning("the writer processes stopped: the remaining images are written here")
                 self.pool, self.workers = None, 0
@@ -263,7 +285,7 @@ class ImageWriter:
 
     def _finish_oldest(self) -> None:
         path, future = self.pending.popleft()
-        self.run.guarded(path, lambda: self.run.add(path.stem, future.result()))
+        self.run.guarded(path, lambda: self.run.add_written(path, future.result()))
 
     def close(self, cancel: bool = False) -> None:
         """Wait for every pending image (``cancel``: drop those not started, e.g. on Ctrl-C)."""
@@ -295,9 +317,40 @@ def _predict_small(predictor: NucleusPredictor, writer: ImageWriter, batch: list
         writer.submit(path, raw, pred)
 
 
+BATCHED_TILES = 4  # an image of more tiles than this many batches is predicted alone, stitched as it goes
+
+
+def _read_ahead(files: list[Path], load: Callable[[Path], Any], depth: int = 2,
+                ) -> Iterator[tuple[Path, Any, Exception | None]]:
+    """``(path, load(path), None)`` for each file, or ``(path, None, error)``, loading the next ``depth`` files
+    on a thread while the caller works on this one (reading and normalising release the GIL)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue: deque[tuple[Path, Future]] = deque()
+        rest = iter(files)
+        for path in itertools.islice(rest, depth):
+            queue.append((path, pool.submit(load, path)))
+        while queue:
+            path, future = queue.popleft()
+            following = next(rest, None)
+            if following is not None:
+                queue.append((following, pool.submit(load, following)))
+            try:
+                loaded = future.result()
+            except Exception as exc:  # noqa: BLE001 - the caller reports it; the run goes on
+                yield path, None, exc
+            else:
+                yield path, loaded, None
+
+
 def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 1) -> None:
-    """Predict ``files`` into ``run``: batches of small images, large ones tile by tile; each image's files
-    are written by writer processes (``NUCLEUS.PREDICT.WRITERS``) while the next batch is predicted."""
+    """Predict ``files`` into ``run``; each image's files are written by writer processes
+    (``NUCLEUS.PREDICT.WRITERS``) while the next images are predicted.
+
+    Small images go through the model whole, a batch of same-size images at a time. Large ones are tiled, and
+    tiles of consecutive images share batches (:class:`TileBatcher`); their stitching is left to the writer
+    processes, so this process only reads (a thread reads and normalises the next files ahead) and feeds the
+    model. An image of more than ``BATCHED_TILES`` batches of tiles is predicted alone, stitched as it goes.
+    """
     on_device = cfg.clone()
     on_device.MODEL.DEVICE = usable_device(cfg.MODEL.DEVICE)  # what the predictor will run on
     workers = writer_count(on_device, world_size) if len(files) > 1 else 0
@@ -305,29 +358,51 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
         writer.start()  # the writers start up while the model is built
         predictor = NucleusPredictor(on_device)  # device resolved once: one fallback warning, not two
         tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
+        batcher = predictor.tile_batcher()
+        fixed_scale = predictor.input_scale()  # None: "auto", estimated per image
+        raws: dict[Path, np.ndarray] = {}
         pending: list[tuple[Path, np.ndarray]] = []
         bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
-        for f in files:
+
+        def load(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+            raw = read_image(path)
+            return raw, predictor.normalize(raw) if _is_large(raw.shape, predictor, tile) else None
+
+        def deliver(done: list[tuple[Path, Any]]) -> None:
+            for path, result in done:
+                raw = raws.pop(path)
+                if isinstance(result, Exception):
+                    run.fail(path, result)
+                else:
+                    writer.submit(path, raw, result)
+                bar.update(1)
+
+        for f, loaded, error in _read_ahead(files, load):
+            if error is not None:
+                run.fail(f, error)
+                bar.update(1)
+                continue
+            raw, norm = loaded
+            if norm is None:
+                pending.append((f, raw))
+                if len(pending) >= predictor.batch_size:
+                    _predict_small(predictor, writer, pending)
+                    bar.update(len(pending))
+                    pending = []
+                continue
             try:
-                raw = read_image(f)
+                scale = fixed_scale if fixed_scale is not None else predictor.large_image_scale(norm, name=str(f)).scale
+                if len(batcher.tiles_for(norm.shape[:2], scale)) > BATCHED_TILES * predictor.batch_size:
+                    writer.submit(f, raw, predictor.predict_normalized_large(norm, scale, progress=True))
+                    bar.update(1)
+                    continue
             except Exception as exc:  # noqa: BLE001 - reported, run goes on
                 run.fail(f, exc)
                 bar.update(1)
                 continue
-            if _is_large(raw.shape, predictor, tile):
-                try:
-                    pred = predictor.predict_large(raw, progress=True, name=str(f))
-                except Exception as exc:  # noqa: BLE001 - reported, run goes on
-                    run.fail(f, exc)
-                else:
-                    writer.submit(f, raw, pred)
-                bar.update(1)
-                continue
-            pending.append((f, raw))
-            if len(pending) >= predictor.batch_size:
-                _predict_small(predictor, writer, pending)
-                bar.update(len(pending))
-                pending = []
+            raws[f] = raw
+            deliver(batcher.add(f, norm, scale))
+        deliver(batcher.flush())
         if pending:
             _predict_small(predictor, writer, pending)
             bar.update(len(pending))

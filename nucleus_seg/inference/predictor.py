@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +46,16 @@ from .tiling import (
     LabelPrediction,
     Stitcher,
     Tile,
+    TiledDetections,
     TileInstances,
     finalize_labels,
     label_prediction_to_instances,
     make_tiles,
+    seam_warning,
 )
 from .tta import forward_flips
 
-__all__ = ["CheckpointMismatch", "NucleusPredictor", "checkpoint_mismatch_message"]
+__all__ = ["CheckpointMismatch", "NucleusPredictor", "TileBatcher", "checkpoint_mismatch_message"]
 
 
 class CheckpointMismatch(ValueError):
@@ -107,6 +111,17 @@ def _prefetched(chunks: Sequence[Sequence[Any]], prepare: Callable[[Any], Any]) 
             if k + 1 < len(chunks):
                 job = pool.submit(lambda c: [prepare(x) for x in c], chunks[k + 1])
             yield ready
+
+
+def _with_progress(steps: Iterator[tuple[int, int, LabelPrediction | None]], progress: bool) -> LabelPrediction:
+    """The result of ``predict_large_steps``-style steps, with a tile progress bar when asked."""
+    bar = tqdm(desc="tiles", unit="tile", disable=not progress, leave=False)
+    for done, total, last in steps:
+        bar.total = total
+        bar.update(done - bar.n)
+        result = last
+    bar.close()
+    return result
 
 
 class NucleusPredictor:
@@ -214,7 +229,7 @@ class NucleusPredictor:
     def estimate_diameter(self, image: np.ndarray, name: str = "image") -> ScaleChoice:
         """What ``diameter="auto"`` decides for ``image``: the model-input scale, the nucleus diameter (input
         px), the image-only estimate and whether the passes agreed (``sure``)."""
-        norm = self._normalize(image)
+        norm = self.normalize(image)
         floor = self.diameter_score_thresh
         run_pass = self._auto_pass(norm, floor)
         return choose_scale(run_pass, run_pass(1.0), floor, self.train_diameter, image_diameter(norm), name)[0]
@@ -228,13 +243,14 @@ class NucleusPredictor:
         exceed the largest nucleus. Memory: the image, its normalised copy and one label image, plus
         one batch of tiles; no per-instance full-image masks. The seam rule is in ``tiling``.
         """
-        bar = tqdm(desc="tiles", unit="tile", disable=not progress, leave=False)
-        for done, total, last in self.predict_large_steps(image, tile, overlap, diameter, score_thresh, name):
-            bar.total = total
-            bar.update(done - bar.n)
-            result = last
-        bar.close()
-        return result
+        return _with_progress(self.predict_large_steps(image, tile, overlap, diameter, score_thresh, name), progress)
+
+    def predict_normalized_large(self, norm: np.ndarray, scale: float, progress: bool = False) -> LabelPrediction:
+        """``predict_large`` of an image already ``normalize``-d, at a known model-input ``scale`` (the
+        config's tile, overlap and threshold)."""
+        pred = self.cfg.NUCLEUS.PREDICT
+        steps = self._stitched(norm, scale, int(pred.TILE_SIZE), int(pred.TILE_OVERLAP), self.score_thresh)
+        return _with_progress(steps, progress)
 
     def predict_large_steps(self, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
                             diameter: Diameter = None, score_thresh: float | None = None, name: str = "image",
@@ -246,16 +262,29 @@ class NucleusPredictor:
         tile = int(pred.TILE_SIZE if tile is None else tile)
         overlap = int(pred.TILE_OVERLAP if overlap is None else overlap)
         thresh = self.score_thresh if score_thresh is None else float(score_thresh)
-        norm = self._normalize(image)
+        norm = self.normalize(image)
         scale = self.input_scale(diameter)
         self.last_scales = [None]
         if scale is None:
-            floor = min(thresh, self.diameter_score_thresh)
-            run_pass = self._auto_pass(norm, floor, tile, overlap)
-            choice = choose_scale(run_pass, run_pass(1.0), self.diameter_score_thresh, self.train_diameter,
-                                  image_diameter(norm), name)[0]
+            choice = self.large_image_scale(norm, thresh, tile, overlap, name)
             self.last_scales, scale = [choice], choice.scale
         yield from self._stitched(norm, scale, tile, overlap, thresh)
+
+    def large_image_scale(self, norm: np.ndarray, score_thresh: float | None = None, tile: int | None = None,
+                          overlap: int | None = None, name: str = "image") -> ScaleChoice:
+        """What "auto" decides for a large image (already ``normalize``-d): passes over up to four tiles."""
+        thresh = self.score_thresh if score_thresh is None else float(score_thresh)
+        run_pass = self._auto_pass(norm, min(thresh, self.diameter_score_thresh), tile, overlap)
+        return choose_scale(run_pass, run_pass(1.0), self.diameter_score_thresh, self.train_diameter,
+                            image_diameter(norm), name)[0]
+
+    def tile_batcher(self, tile: int | None = None, overlap: int | None = None,
+                     score_thresh: float | None = None) -> TileBatcher:
+        """A :class:`TileBatcher` over this model (tile, overlap and threshold default to the config's)."""
+        pred = self.cfg.NUCLEUS.PREDICT
+        return TileBatcher(self, int(pred.TILE_SIZE if tile is None else tile),
+                           int(pred.TILE_OVERLAP if overlap is None else overlap),
+                           self.score_thresh if score_thresh is None else float(score_thresh))
 
     # ---- internals --------------------------------------------------------------------------------
 
@@ -278,10 +307,7 @@ class NucleusPredictor:
             if done < len(tiles):
                 yield done, len(tiles), None
         if stitcher.num_cut:
-            logger.warning(
-                "%d nuclei touched tile seams (larger than the %d px overlap): their pieces were merged "
-                "where they matched; a larger overlap gives cleaner results", stitcher.num_cut, overlap,
-            )
+            logger.warning("%s", seam_warning(stitcher.num_cut, overlap))
         yield len(tiles), len(tiles), stitcher.finish()
 
     def _fits_one_pass(self, shape: tuple[int, int], scale: float) -> bool:
@@ -326,7 +352,7 @@ class NucleusPredictor:
         if found is not None and (found.missing_keys or found.unexpected_keys or found.incorrect_shapes):
             raise CheckpointMismatch(checkpoint_mismatch_message(weights, found))
 
-    def _normalize(self, image: np.ndarray) -> np.ndarray:
+    def normalize(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 in the model's channel order, exactly as the training mapper makes it."""
         norm = normalize_from_cfg(check_image_shape(np.asarray(image)), self.cfg)
         if self.input_format == "RGB" or self.cfg.INPUT.NORMALIZE.GRAY:  # gray: all channels equal
@@ -352,7 +378,7 @@ class NucleusPredictor:
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
 
         def prepare(image: np.ndarray, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
-            norm = self._normalize(image)
+            norm = self.normalize(image)
             size = self._model_size(*norm.shape[:2], 1.0 if scale is None else scale)
             return norm, _resize(norm, size)
 
@@ -443,3 +469,95 @@ class NucleusPredictor:
         inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
         with torch.no_grad(), autocast, self._score_floor(score_thresh):
             return self.model.inference(inputs, do_postprocess=False)
+
+
+@dataclass
+class _TiledImage:
+    norm: np.ndarray
+    scale: float
+    tiles: list[Tile]
+    found: list[TileInstances | None]
+
+
+class TileBatcher:
+    """Tiles of many images through the model in full batches, each image's detections handed back on the
+    host, unstitched (:class:`~.tiling.TiledDetections`), as soon as its last tile is done.
+
+    Each forward has a fixed cost on a GPU (host-side launches and syncs: ~50 ms on an H200, more than the
+    model's work on 4 tiles), so tiles of consecutive images share batches: a 1024 px image at
+    ``TILE_SIZE 576`` is 4 tiles, and at ``BATCH_SIZE 8`` two images go through one forward. Only tiles of one
+    model-input shape share a batch (padding changes GroupNorm's statistics), so each tile's detections are
+    exactly what ``predict_large`` gets for it. Stitching is left to the caller: ``nucleus-predict`` does it in
+    its writer processes, off the process that feeds the GPU.
+    """
+
+    def __init__(self, predictor: NucleusPredictor, tile: int, overlap: int, score_thresh: float):
+        self.predictor, self.tile, self.overlap, self.score_thresh = predictor, tile, overlap, score_thresh
+        self._images: dict[Any, _TiledImage] = {}
+        self._queue: deque[tuple[Any, int]] = deque()  # (image key, tile index), in input order
+
+    def tiles_for(self, shape: tuple[int, int], scale: float) -> list[Tile]:
+        """The tiles an image of ``shape`` (original px) is cut into at model scale ``scale``."""
+        return make_tiles(shape, max(1, round(self.tile / scale)), max(0, round(self.overlap / scale)))
+
+    def add(self, key: Any, norm: np.ndarray, scale: float) -> list[tuple[Any, TiledDetections | Exception]]:
+        """Queue a ``normalize``-d image (``key`` must be new) and run every full batch; returns the images
+        finished by them. A batch that fails fails every image with a tile in it (the exception, as its
+        result); the others go on."""
+        if key in self._images:
+            raise ValueError(f"{key}: already queued")
+        tiles = self.tiles_for(norm.shape[:2], scale)
+        self._images[key] = _TiledImage(norm, scale, tiles, [None] * len(tiles))
+        self._queue.extend((key, i) for i in range(len(tiles)))
+        done = []
+        while len(self._queue) >= self.predictor.batch_size:
+            done += self._run_batch()
+        return done
+
+    def flush(self) -> list[tuple[Any, TiledDetections | Exception]]:
+        """Run what is queued; every image added so far is returned by now."""
+        done = []
+        while self._queue:
+            done += self._run_batch()
+        return done
+
+    def _crop(self, key: Any, index: int) -> np.ndarray:
+        image = self._images[key]
+        t = image.tiles[index]
+        crop = image.norm[t.y0:t.y1, t.x0:t.x1]
+        return _resize(crop, (max(1, round(crop.shape[0] * image.scale)), max(1, round(crop.shape[1] * image.scale))))
+
+    def _run_batch(self) -> list[tuple[Any, TiledDetections | Exception]]:
+        items, crops = [], []
+        while self._queue and len(items) < self.predictor.batch_size:
+            crop = self._crop(*self._queue[0])
+            if crops and crop.shape != crops[0].shape:
+                break  # another model-input shape: next batch
+            items.append(self._queue.popleft())
+            crops.append(crop)
+        keys = list(dict.fromkeys(key for key, _ in items))
+        try:
+            raws = self.predictor._forward(crops, self.score_thresh)
+            for key in keys:
+                image = self._images[key]
+                mine = [k for k, (owner, _) in enumerate(items) if owner == key]
+                frames = [image.tiles[items[k][1]] for k in mine]
+                dets = detections_from_outputs([raws[k] for k in mine], image.norm.shape[:2], self.score_thresh,
+                                               frames=frames)
+                for k, det in zip(mine, dets):
+                    image.found[items[k][1]] = TileInstances(
+                        det.windows.cpu().numpy(), torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
+                        det.scores.cpu().numpy(), det.boxes.cpu().numpy())
+        except Exception as exc:  # noqa: BLE001 - those images fail, the run goes on
+            for key in keys:
+                del self._images[key]
+            self._queue = deque(item for item in self._queue if item[0] not in keys)
+            return [(key, exc) for key in keys]
+        done = []
+        for key in keys:
+            image = self._images[key]
+            if all(found is not None for found in image.found):
+                del self._images[key]
+                done.append((key, TiledDetections(image.norm.shape[:2], image.tiles, image.found,
+                                                  max(1.0, 1.0 / image.scale), self.overlap)))
+        return done

@@ -278,6 +278,33 @@ class Stitcher:
         return finalize_labels(self.labels, np.asarray(self._scores[1:], dtype=np.float32), boxes)
 
 
+def seam_warning(num_cut: int, overlap: int, name: str = "") -> str:
+    """What to tell the user when nuclei larger than the tile overlap were cut at seams."""
+    where = f"{name}: " if name else ""
+    return (f"{where}{num_cut} nuclei touched tile seams (larger than the {overlap} px overlap): their pieces were "
+            "merged where they matched; a larger overlap gives cleaner results")
+
+
+@dataclass
+class TiledDetections:
+    """One image's tile detections on the host, not yet stitched: small and picklable, so the stitching can
+    run in a writer process while the model predicts the next tiles. ``overlap`` (model px) is for the
+    seam warning."""
+
+    image_shape: tuple[int, int]
+    tiles: list[Tile]
+    instances: list[TileInstances]
+    edge_margin: float
+    overlap: int
+
+    def stitch(self) -> tuple[LabelPrediction, int]:
+        """The label prediction, and how many kept instances were cut at a seam (see :func:`seam_warning`)."""
+        stitcher = Stitcher(self.image_shape, edge_margin=self.edge_margin)
+        for tile, inst in zip(self.tiles, self.instances):
+            stitcher.add(tile, inst)
+        return stitcher.finish(), stitcher.num_cut
+
+
 def label_prediction_to_instances(pred: LabelPrediction, device: torch.device | str = "cpu") -> Instances:
     """detectron2 ``Instances`` (full-image masks, boxes, scores, class 0) of a label prediction."""
     height, width = pred.labels.shape
