@@ -126,9 +126,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # torch.compile the backbone for inference (see NUCLEUS.TRAIN.COMPILE): the first batch of each new input
     # size waits for the compilation; worth it over hundreds of same-sized images on a GPU.
     cfg.NUCLEUS.PREDICT.COMPILE = False
-    # nucleus-predict: processes writing each image's files (label TIFF, overlay, measurements: ~0.2 s of one
-    # core per 1024 px image) while the next batch is predicted. -1: on a GPU, one per spare core (at most 8);
-    # on the CPU none (the model has the cores). 0: written in the predicting process.
+    # nucleus-predict: processes stitching tiles and writing each image's files (label TIFF, overlay,
+    # measurements: ~0.35 s of one core per 1024 px image on an H200 host) while the next images are predicted.
+    # -1: on a GPU, one per spare core (at most 12); on the CPU none (the model has the cores). 0: all of it in
+    # the predicting process.
     cfg.NUCLEUS.PREDICT.WRITERS = -1
 
     cfg.NUCLEUS.EVAL = CN()

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,19 +223,49 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
     return max(shape[:2]) * (1.0 if scale is None else scale) > tile
 
 
+MAX_WRITERS = 12  # each holds ~0.5 GB (its imports); stitching and writing a 1024 px image take ~0.35 s of one
+
+
 def writer_count(cfg, world_size: int = 1) -> int:
-    """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: one process per core the predicting processes leave
-    (at most 8) on a GPU, none on the CPU, where the model already uses every core."""
+    """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: on a GPU one process per core the predicting processes
+    leave (two each: the model's and the file reader's; at most 12), none on the CPU, where the model already
+    uses every core."""
     workers = int(cfg.NUCLEUS.PREDICT.WRITERS)
     if workers >= 0:
         return workers
     if cfg.MODEL.DEVICE == "cpu":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) // max(1, world_size) - 1))
+    return max(0, min(MAX_WRITERS, (os.cpu_count() or 1) // max(1, world_size) - 2))
+
+
+WRITER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _writer_ready() -> None:
     """A writer process's first task: unpickling it has imported this module, and with it the writers."""
+
+
+def _one_thread_each() -> None:
+    """Writer process initializer: one thread for OpenCV too. Each writer is one of many processes: a thread
+    pool of a core's worth in each (OpenCV, OpenMP) would oversubscribe the host."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+@contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Processes spawned inside start with one OpenMP/BLAS thread (the variables are read at import)."""
+    saved = {name: os.environ.get(name) for name in WRITER_THREAD_VARS}
+    os.environ.update({name: "1" for name in WRITER_THREAD_VARS})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class ImageWriter:
@@ -256,9 +287,11 @@ class ImageWriter:
         if self.workers <= 0 or self.pool is not None:
             return
         try:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            for _ in range(self.workers):  # one task per process spawns them all
-                self.pool.submit(_writer_ready)
+            with _single_threaded_children():
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_one_thread_each)
+                for _ in range(self.workers):  # one task per process spawns them all
+                    self.pool.submit(_writer_ready)
         except (OSError, ValueError, BrokenProcessPool) as exc:  # no processes to be had here: write in this one
             logger.warning("no writer processes (%s): image files are written here", exc)
             self.pool, self.workers = None, 0

@@ -144,8 +144,8 @@ def detections_from_outputs(raws: Sequence[Instances], image_shape: tuple[int, i
             [r], image_shape, score_thresh, None if frames is None else [frames[k]])]
     (model_h, model_w), (out_h, out_w) = model_sizes.pop(), out_sizes.pop()
     device = raws[0].scores.device
-    counts = torch.tensor([len(r) for r in raws], device=device)
-    owner = torch.repeat_interleave(torch.arange(len(raws), device=device), counts)
+    # built on the device (a tensor made from host values would wait for the GPU's queue: a sync)
+    owner = torch.cat([torch.full((len(r),), k, dtype=torch.long, device=device) for k, r in enumerate(raws)])
     boxes = torch.cat([r.pred_boxes.tensor for r in raws]).float()
     boxes[:, 0::2] *= out_w / model_w  # Boxes.scale, then Boxes.clip, as detector_postprocess
     boxes[:, 1::2] *= out_h / model_h
@@ -158,8 +158,8 @@ def detections_from_outputs(raws: Sequence[Instances], image_shape: tuple[int, i
     idx = keep.nonzero()[:, 0]
     owner, box = owner[idx], boxes[idx]
     if frames is not None:
-        offsets = torch.tensor([[t.x0, t.y0, t.x0, t.y0] for t in frames], dtype=box.dtype, device=device)
-        box = box + offsets[owner]
+        offsets = torch.tensor([[t.x0, t.y0, t.x0, t.y0] for t in frames], dtype=box.dtype)
+        box = box + offsets.to(device, non_blocking=True)[owner]
     probs = torch.cat([r.pred_masks[:, 0] for r in raws])[idx]
     windows, oy, ox = paste_mask_windows(probs, box, image_shape)
     classes = torch.cat([r.pred_classes for r in raws])[idx]

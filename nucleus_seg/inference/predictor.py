@@ -454,9 +454,8 @@ class NucleusPredictor:
         tensors: list[torch.Tensor]
         non_blocking = self.device.type == "cuda"
         if len({a.shape for a in arrays}) == 1:  # one host-to-device copy for the whole batch
+            # not pinned: pinning a fresh batch cost ~17 ms on an H200 host, the pageable copy well under that
             batch = torch.from_numpy(np.stack(arrays))
-            if non_blocking:
-                batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
             tensors = list(batch)
         else:
