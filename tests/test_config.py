@@ -61,11 +61,25 @@ def test_coco_ap_is_measured_over_every_detection_a_config_keeps(name):
     check_predict_settings(cfg)
 
 
+def test_batch_size_zero_means_16_on_a_gpu_and_8_on_the_cpu():
+    from nucleus_seg.config import get_nucleus_cfg, predict_batch_size
+    from nucleus_seg.inference.predictor import NucleusPredictor
+
+    cfg = get_nucleus_cfg("nucleus_R18_FPN_cpu_demo.yaml", ["MODEL.DEVICE", "cpu"])
+    assert cfg.NUCLEUS.PREDICT.BATCH_SIZE == 0  # the default
+    assert predict_batch_size(cfg) == 8 and predict_batch_size(cfg, "cuda") == 16
+    assert predict_batch_size(cfg, "cuda:1") == 16
+    with pytest.warns(UserWarning, match="MODEL.WEIGHTS is empty"):
+        assert NucleusPredictor(cfg).batch_size == 8
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 3  # given: used as it is, anywhere
+    assert predict_batch_size(cfg) == predict_batch_size(cfg, "cuda") == 3
+
+
 def test_out_of_range_prediction_settings_are_named():
     from nucleus_seg.config import check_predict_settings, get_nucleus_cfg
 
     for key, value in (("SCORE_THRESH", 5.0), ("DIAMETER", -3.0), ("TILE_SIZE", 0), ("TILE_OVERLAP", 512),
-                       ("BATCH_SIZE", 0), ("DIAMETER_SCORE_THRESH", -0.1)):
+                       ("BATCH_SIZE", -1), ("DIAMETER_SCORE_THRESH", -0.1)):
         cfg = get_nucleus_cfg("nucleus_R101_FPN_scratch.yaml", [f"NUCLEUS.PREDICT.{key}", str(value)])
         with pytest.raises(ValueError, match=f"NUCLEUS.PREDICT.{key} "):
             check_predict_settings(cfg)

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile", type=int, help="tile size in model px (default: NUCLEUS.PREDICT.TILE_SIZE)")
     parser.add_argument("--overlap", type=int, help="tile overlap in model px; should exceed the largest "
                         "nucleus (default: NUCLEUS.PREDICT.TILE_OVERLAP)")
-    parser.add_argument("--batch", type=int, help="images per forward pass (NUCLEUS.PREDICT.BATCH_SIZE)")
+    parser.add_argument("--batch", type=int, help="images or tiles per forward pass (NUCLEUS.PREDICT.BATCH_SIZE; "
+                        "default: 16 on a GPU, 8 on the CPU)")
     parser.add_argument("--score-thresh", type=float, help="keep nuclei scoring at least this "
                         "(NUCLEUS.PREDICT.SCORE_THRESH)")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")

@@ -21,6 +21,7 @@ from detectron2.evaluation import inference_context, inference_on_dataset, print
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils import comm
 
+from ..config import predict_batch_size
 from ..data.catalog import dataset_dirname, register_datasets_from_cfg
 from ..data.io import read_image, read_label_image
 from ..inference.baseline import watershed_segment
@@ -224,7 +225,7 @@ def evaluate_datasets(
         check_writable(output)
     register_eval_datasets(cfg, datasets)
     run_model = watershed_model if baseline == "watershed" else predictor_model(cfg, model)
-    batch = max(int(cfg.NUCLEUS.PREDICT.BATCH_SIZE), 1) if baseline is None else 1
+    batch = predict_batch_size(cfg) if baseline is None else 1
     evaluations = {}
     for name in datasets:
         out_dir = None if output is None else Path(output) / dataset_dirname(name)

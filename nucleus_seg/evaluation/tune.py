@@ -13,6 +13,7 @@ from pathlib import Path
 
 from detectron2.evaluation import inference_on_dataset
 
+from ..config import predict_batch_size
 from ..structures import gt_label_image
 from ..utils.files import atomic_write, write_json
 from .evaluator import NucleusEvaluator, build_report, prediction_label_image
@@ -56,7 +57,7 @@ def _score_pass(cfg, dataset: str, diameter: float, tta: bool, thresholds: tuple
     trial = _with_settings(cfg, diameter, tta, min(thresholds))
     trial.NUCLEUS.EVAL.COCO = False
     evaluator = NucleusEvaluator.from_config(trial, dataset, None)
-    batches = _input_batches(evaluator, max(int(trial.NUCLEUS.PREDICT.BATCH_SIZE), 1))
+    batches = _input_batches(evaluator, predict_batch_size(trial))
     start = time.perf_counter()
     inference_on_dataset(predictor_model(trial), batches, evaluator)
     seconds = time.perf_counter() - start

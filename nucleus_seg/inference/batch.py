@@ -223,13 +223,13 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
     return max(shape[:2]) * (1.0 if scale is None else scale) > tile
 
 
-MAX_WRITERS = 12  # each holds ~0.5 GB (its imports); stitching and writing a 1024 px image take ~0.35 s of one
+MAX_WRITERS = 8  # each holds ~0.5 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core
 
 
 def writer_count(cfg, world_size: int = 1) -> int:
     """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: on a GPU one process per core the predicting processes
-    leave (two each: the model's and the file reader's; at most 12), none on the CPU, where the model already
-    uses every core."""
+    leave (two each: the model's and the file reader's; at most 8: 12 were slower than 8 on a 16-core H200
+    host, the predicting process losing its core), none on the CPU, where the model already uses every core."""
     workers = int(cfg.NUCLEUS.PREDICT.WRITERS)
     if workers >= 0:
         return workers

@@ -34,7 +34,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from tqdm import tqdm
 
-from ..config import check_predict_settings
+from ..config import check_predict_settings, predict_batch_size
 from ..data.io import check_image_shape, normalize_from_cfg
 from ..modeling.compile import compile_backbone
 from ..modeling.fast_inference import final_box_predictor, speed_up_inference
@@ -164,7 +164,7 @@ class NucleusPredictor:
             # a model being trained keeps the GroupNorm precision it trains with
             speed_up_inference(self.model, half_group_norm=model is None or self.cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM)
         pred = self.cfg.NUCLEUS.PREDICT
-        self.batch_size = max(1, int(pred.BATCH_SIZE))
+        self.batch_size = predict_batch_size(self.cfg, self.device.type)
         self.amp_dtype = inference_amp_dtype(self.device) if pred.AMP else None
         self.amp = self.amp_dtype is not None
         self.score_thresh = float(pred.SCORE_THRESH)
