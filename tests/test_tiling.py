@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from nucleus_seg.inference.tiling import (
     Stitcher,
     Tile,
+    TiledDetections,
     TileInstances,
     finalize_labels,
     make_tiles,
@@ -199,3 +200,27 @@ def test_pixels_contested_across_a_seam_go_to_the_higher_score(order):
     assert len(pred) == 2 and pred.scores[0] == pytest.approx(0.9)
     assert (pred.labels[contested] == 1).all()  # id 1: the 0.9 nucleus
     assert (pred.labels[low & ~high] == 2).all()
+
+
+def test_tiled_detections_stitch_as_the_stitcher_and_the_writer_task_names_the_image_in_its_warning(tmp_path):
+    """nucleus-predict's writer processes stitch TiledDetections (the tile batcher's output): the same label
+    image as stitching on the fly, and the seam warning names the image it came from."""
+    import tifffile
+
+    from nucleus_seg.inference.batch import stitch_and_write
+
+    shape = (60, 180)  # tile 100, overlap 20: a 51 px nucleus is cut by every tile
+    masks, scores = [disk(shape, 30, 90, 25), disk(shape, 30, 20, 6)], [0.7, 0.9]
+    tiles = make_tiles(shape, 100, 20)
+    tiled = TiledDetections(shape, tiles, [tile_view(t, masks, scores) for t in tiles], edge_margin=1.0, overlap=20)
+    stitcher, expected = stitch(shape, 100, 20, masks, scores)
+    pred, num_cut = tiled.stitch()
+    assert num_cut == stitcher.num_cut > 0 and len(pred) == 2
+    np.testing.assert_array_equal(pred.labels, expected.labels)
+    path = tmp_path / "plate_07.tif"
+    entries, warning = stitch_and_write(tmp_path, {"labels"}, path, np.zeros(shape, np.uint16), tiled, None)
+    assert warning.startswith(f"{path}: {num_cut} nuclei touched tile seams (larger than the 20 px overlap)")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "plate_07_labels.tif"), expected.labels)
+    assert entries == (None, None, None)  # no per-run formats asked for
+    _, no_warning = stitch_and_write(tmp_path, {"labels"}, path, np.zeros(shape, np.uint16), pred, None)
+    assert no_warning is None  # a stitched prediction has nothing left to warn about
