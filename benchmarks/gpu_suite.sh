@@ -100,9 +100,9 @@ infer_stages() {
   elif has predict; then
     # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
     variant_args=()
-    # by default also with the image files written in the predicting process: what the writer processes gain
-    # and untiled (TILE_SIZE 2048: a 1024 px image in one pass instead of 9 stitched tiles of 512)
-    for v in ${PREDICT_VARIANTS-writers0:NUCLEUS.PREDICT.WRITERS=0 tile2048:NUCLEUS.PREDICT.TILE_SIZE=2048}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
+    # by default also at batch 8 (the default before session 14; 16 on a GPU now) and with tiles of 576 px (a
+    # 1024 px image is 4 tiles instead of 9; less accurate on synthetic fields, so not the default)
+    for v in ${PREDICT_VARIANTS-batch8:NUCLEUS.PREDICT.BATCH_SIZE=8 tile576:NUCLEUS.PREDICT.TILE_SIZE=576}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
     log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
       ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" "${variant_args[@]}" \
