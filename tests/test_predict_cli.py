@@ -363,6 +363,31 @@ def test_bad_values_and_an_unwritable_output_fail_before_any_compute(cli_cfg, tm
     assert not (tmp_path / "o").exists()  # nothing was written for the refused runs
 
 
+def test_auto_diameter_counts_the_same_nuclei_as_the_python_api(cli_cfg, tmp_path):
+    """With DIAMETER_SCORE_THRESH below SCORE_THRESH (the R18 demo config: 0.5 and 0.6), nucleus-predict's
+    box-head floor used to drop the nuclei the "auto" estimate counts between the two: its diameter, and so its
+    labels, differed from NucleusPredictor's on the same image and config."""
+    import torch
+    from test_predictor import blobs
+
+    from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.inference.predictor import NucleusPredictor
+
+    weights = random_weights(cli_cfg, tmp_path)
+    image = blobs((96, 112), np.uint16, seed=0)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "plate.tif", image)
+    opts = ["MODEL.WEIGHTS", str(weights), "NUCLEUS.PREDICT.SCORE_THRESH", "0.5",
+            "NUCLEUS.PREDICT.DIAMETER_SCORE_THRESH", "0.3", "NUCLEUS.PREDICT.DIAMETER", "-1.0"]
+    assert main(["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--formats", "labels", *opts]) == 0
+    torch.manual_seed(0)
+    predictor = NucleusPredictor(get_nucleus_cfg(str(cli_cfg), opts))
+    expected = predictor.predict_labels([image])[0]
+    assert predictor.last_scales[0].scale != 1.0  # the estimate did rescale: what is compared matters
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "plate_labels.tif"), expected.labels)
+
+
 def test_writer_processes_start_before_the_first_image(tmp_path):
     """``start()`` spawns every writer at once, so their imports (~4 s) overlap the model's build and load
     instead of stalling the first batch; closing stops them."""

@@ -79,9 +79,13 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
             message = message.replace(f"NUCLEUS.PREDICT.{key} ", f"{flag} (NUCLEUS.PREDICT.{key}) ")
         parser.error(message)
     # Only nuclei >= SCORE_THRESH reach any output: letting the box head drop the rest earlier gives
-    # the same nuclei (NMS only ever suppresses a box by a higher-scoring one) for less mask-head work.
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
-                                                float(pred_cfg.SCORE_THRESH) - 1e-6)
+    # the same nuclei (NMS only ever suppresses a box by a higher-scoring one) for less mask-head work. The
+    # "auto" diameter counts nuclei from DIAMETER_SCORE_THRESH up: those must survive too (above it, the
+    # estimate silently differed from the Python API's and napari's).
+    floor = float(pred_cfg.SCORE_THRESH)
+    if pred_cfg.DIAMETER == -1:
+        floor = min(floor, float(pred_cfg.DIAMETER_SCORE_THRESH))
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, floor - 1e-6)
     return cfg
 
 
