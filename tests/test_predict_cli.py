@@ -350,7 +350,7 @@ def test_bad_values_and_an_unwritable_output_fail_before_any_compute(cli_cfg, tm
     base = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "a.png")]
     for flags, named in ((["--tile", "0"], "--tile"), (["--score-thresh", "5"], "--score-thresh"),
                          (["--diameter", "-3"], "--diameter"), (["--overlap", "600"], "--overlap"),
-                         (["--batch", "0"], "--batch")):
+                         (["--batch", "-1"], "--batch")):
         with pytest.raises(SystemExit) as exc:
             main(base + ["--output", str(tmp_path / "o")] + flags)
         err = capsys.readouterr().err
