@@ -99,6 +99,7 @@ def stage_times(predictor, paths: list[Path], out: Path) -> dict[str, float]:
         for i in range(n):
             tiled.extend(batcher.add(i, norms[i], 1.0))
         tiled.extend(batcher.flush())
+        batcher.close()
 
     times = {
         "read": timed(device, each(lambda i: read_image(paths[i])), n),

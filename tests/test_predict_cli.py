@@ -268,8 +268,9 @@ def test_sharded_two_process_run_writes_what_one_process_writes(cli_cfg, tmp_pat
 
 def test_writer_processes_write_what_the_predicting_process_writes(cli_cfg, tmp_path, capsys):
     """NUCLEUS.PREDICT.WRITERS 2 (each image's files written by spawned processes while the next batch is
-    predicted) leaves the same files and the same failures as writing in the predicting process: a read
-    failure (broken.png) and a write failure in a worker (an obstacle where gray16's overlay goes)."""
+    predicted), with STREAMS 2 (big.tif's tile batches two at a time on their own threads), leaves the same
+    files and the same failures as doing it all in the predicting process: a read failure (broken.png) and a
+    write failure in a worker (an obstacle where gray16's overlay goes)."""
     weights = random_weights(cli_cfg, tmp_path)
     make_inputs(tmp_path / "in")
     runs, failures = {}, {}
@@ -278,7 +279,8 @@ def test_writer_processes_write_what_the_predicting_process_writes(cli_cfg, tmp_
         (out / "gray16_overlay.png").mkdir(parents=True)  # the write of that file fails
         argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out),
                 "--tile", "128", "--overlap", "32", "--batch", "1", "--diameter", "0",
-                "MODEL.WEIGHTS", str(weights), "NUCLEUS.PREDICT.WRITERS", str(writers)]
+                "MODEL.WEIGHTS", str(weights), "NUCLEUS.PREDICT.WRITERS", str(writers),
+                "NUCLEUS.PREDICT.STREAMS", "2" if writers else "1"]
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert ("by 2 writer processes" in err) == (writers == 2)

@@ -584,15 +584,16 @@ def test_boxes_are_brought_back_to_full_resolution_after_a_diameter_rescale(tiny
     torch.testing.assert_close(at_full.scores, at_half.scores)
 
 
-def record_batches(predictor: NucleusPredictor, fail_on: int | None = None) -> list[list[tuple[int, ...]]]:
+def record_batches(predictor: NucleusPredictor, fail_on: int | None = None,
+                   fail_shape: tuple[int, ...] | None = None) -> list[list[tuple[int, ...]]]:
     """The input shapes of each forward the predictor runs, one list per forward; forward number ``fail_on``
-    (0-based) raises instead (a GPU out of memory, say)."""
+    (0-based), or any forward of inputs of ``fail_shape``, raises instead (a GPU out of memory, say)."""
     batches = []
     real = predictor._forward
 
     def spy(arrays, *args, **kwargs):
         batches.append([a.shape for a in arrays])
-        if len(batches) - 1 == fail_on:
+        if len(batches) - 1 == fail_on or arrays[0].shape == fail_shape:
             raise RuntimeError("out of memory (injected)")
         return real(arrays, *args, **kwargs)
 
@@ -600,10 +601,13 @@ def record_batches(predictor: NucleusPredictor, fail_on: int | None = None) -> l
     return batches
 
 
-def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg, streams):
     """Tiles of consecutive images share forwards (full batches), tiles of another shape never share one
-    (GroupNorm would see padding), and each image stitched from its TiledDetections equals predict_large."""
+    (GroupNorm would see padding), and each image stitched from its TiledDetections equals predict_large;
+    with two streams (two batches in flight, each on its own thread) too."""
     cfg.NUCLEUS.PREDICT.BATCH_SIZE = 5
+    cfg.NUCLEUS.PREDICT.STREAMS = streams
     predictor = NucleusPredictor(cfg)
     images = [blobs((100, 124), seed=2), blobs((150, 230), seed=3), blobs((60, 200), seed=6)]
     expected = [predictor.predict_large(image, tile=96, overlap=32, diameter=0) for image in images]
@@ -613,9 +617,13 @@ def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg):
     for key, image in enumerate(images):
         done += batcher.add(key, predictor.normalize(image), 1.0)
     done += batcher.flush()
+    batcher.close()
     assert [key for key, _ in done] == [0, 1, 2]
-    # 4 + 8 tiles of 96x96, then 3 of 60x96: batches run across images, never across shapes
-    assert batches == [[(96, 96, 3)] * 5, [(96, 96, 3)] * 5, [(96, 96, 3)] * 2, [(60, 96, 3)] * 3]
+    # 4 + 8 tiles of 96x96, then 3 of 60x96: batches run across images, never across shapes (two stream
+    # threads may start theirs in either order)
+    expected_batches = [[(96, 96, 3)] * 5, [(96, 96, 3)] * 5, [(96, 96, 3)] * 2, [(60, 96, 3)] * 3]
+    assert sorted(batches) == sorted(expected_batches)
+    assert predictor.model.roi_heads.box_predictor.test_score_thresh == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     for key, tiled in done:
         pred, num_cut = tiled.stitch()
         assert len(pred) > 0
@@ -643,3 +651,21 @@ def test_a_failed_tile_batch_fails_only_the_images_in_it(cfg):
     assert batcher.add("small", small, 1.0) == []
     with pytest.raises(ValueError, match="already queued"):
         batcher.add("small", small, 1.0)
+
+
+def test_with_two_streams_a_failed_batch_fails_only_its_image(cfg):
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 3
+    cfg.NUCLEUS.PREDICT.STREAMS = 2
+    predictor = NucleusPredictor(cfg)
+    images = [blobs((150, 230), seed=3), blobs((60, 200), seed=6), blobs((100, 124), seed=2)]
+    record_batches(predictor, fail_shape=(60, 96, 3))  # image 1's tiles: one batch of their own
+    batcher = predictor.tile_batcher(tile=96, overlap=32)
+    done = []
+    for key, image in enumerate(images):
+        done += batcher.add(key, predictor.normalize(image), 1.0)
+    done += batcher.flush()
+    batcher.close()
+    results = dict(done)
+    assert sorted(results) == [0, 1, 2] and len(done) == 3
+    assert isinstance(results[1], RuntimeError)
+    assert len(results[0].stitch()[0]) > 0 and len(results[2].stitch()[0]) > 0

@@ -410,32 +410,40 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
                     writer.submit(path, raw, result)
                 bar.update(1)
 
-        for f, loaded, error in _read_ahead(files, load):
-            if error is not None:
-                run.fail(f, error)
-                bar.update(1)
-                continue
-            raw, norm = loaded
-            if norm is None:
-                pending.append((f, raw))
-                if len(pending) >= predictor.batch_size:
-                    _predict_small(predictor, writer, pending)
-                    bar.update(len(pending))
-                    pending = []
-                continue
-            try:
-                scale = fixed_scale if fixed_scale is not None else predictor.large_image_scale(norm, name=str(f)).scale
-                if len(batcher.tiles_for(norm.shape[:2], scale)) > BATCHED_TILES * predictor.batch_size:
-                    writer.submit(f, raw, predictor.predict_normalized_large(norm, scale, progress=True))
+        try:
+            for f, loaded, error in _read_ahead(files, load):
+                if error is not None:
+                    run.fail(f, error)
                     bar.update(1)
                     continue
-            except Exception as exc:  # noqa: BLE001 - reported, run goes on
-                run.fail(f, exc)
-                bar.update(1)
-                continue
-            raws[f] = raw
-            deliver(batcher.add(f, norm, scale))
-        deliver(batcher.flush())
+                raw, norm = loaded
+                if norm is None:
+                    pending.append((f, raw))
+                    if len(pending) >= predictor.batch_size:
+                        deliver(batcher.drain())  # this thread runs the model next
+                        _predict_small(predictor, writer, pending)
+                        bar.update(len(pending))
+                        pending = []
+                    continue
+                try:
+                    if fixed_scale is None:
+                        deliver(batcher.drain())
+                    scale = (fixed_scale if fixed_scale is not None
+                             else predictor.large_image_scale(norm, name=str(f)).scale)
+                    if len(batcher.tiles_for(norm.shape[:2], scale)) > BATCHED_TILES * predictor.batch_size:
+                        deliver(batcher.drain())
+                        writer.submit(f, raw, predictor.predict_normalized_large(norm, scale, progress=True))
+                        bar.update(1)
+                        continue
+                except Exception as exc:  # noqa: BLE001 - reported, run goes on
+                    run.fail(f, exc)
+                    bar.update(1)
+                    continue
+                raws[f] = raw
+                deliver(batcher.add(f, norm, scale))
+            deliver(batcher.flush())
+        finally:
+            batcher.close()
         if pending:
             _predict_small(predictor, writer, pending)
             bar.update(len(pending))

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,8 @@ class NucleusPredictor:
         self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
+        self.streams = max(1, int(pred.STREAMS))
+        self._floor_lock, self._floor_users, self._floor_saved = threading.Lock(), 0, 0.0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
             if channels_last:
@@ -284,7 +287,7 @@ class NucleusPredictor:
         pred = self.cfg.NUCLEUS.PREDICT
         return TileBatcher(self, int(pred.TILE_SIZE if tile is None else tile),
                            int(pred.TILE_OVERLAP if overlap is None else overlap),
-                           self.score_thresh if score_thresh is None else float(score_thresh))
+                           self.score_thresh if score_thresh is None else float(score_thresh), self.streams)
 
     # ---- internals --------------------------------------------------------------------------------
 
@@ -439,14 +442,22 @@ class NucleusPredictor:
         if score_thresh is None or not hasattr(box_predictor, "test_score_thresh"):
             yield
             return
-        old = box_predictor.test_score_thresh
         # detectron2 keeps scores > test_score_thresh; the label outputs keep scores >= score_thresh
         just_below = float(np.nextafter(np.float32(score_thresh), np.float32(-np.inf)))
-        box_predictor.test_score_thresh = max(old, just_below)
+        with self._floor_lock:  # forwards on several threads (TileBatcher streams) share the setting
+            if self._floor_users == 0:
+                self._floor_saved = box_predictor.test_score_thresh
+                box_predictor.test_score_thresh = max(self._floor_saved, just_below)
+            elif box_predictor.test_score_thresh != max(self._floor_saved, just_below):
+                raise RuntimeError("concurrent forwards asked for different score floors")
+            self._floor_users += 1
         try:
             yield
         finally:
-            box_predictor.test_score_thresh = old
+            with self._floor_lock:
+                self._floor_users -= 1
+                if self._floor_users == 0:
+                    box_predictor.test_score_thresh = self._floor_saved
 
     def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None) -> list[Instances]:
         """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
@@ -490,10 +501,19 @@ class TileBatcher:
     its writer processes, off the process that feeds the GPU.
     """
 
-    def __init__(self, predictor: NucleusPredictor, tile: int, overlap: int, score_thresh: float):
+    def __init__(self, predictor: NucleusPredictor, tile: int, overlap: int, score_thresh: float,
+                 streams: int = 1):
         self.predictor, self.tile, self.overlap, self.score_thresh = predictor, tile, overlap, score_thresh
         self._images: dict[Any, _TiledImage] = {}
         self._queue: deque[tuple[Any, int]] = deque()  # (image key, tile index), in input order
+        # streams > 1: that many batches in flight, each forward on its own thread (and CUDA stream), so one
+        # batch's host work (detectron2's Python, its syncs) overlaps another's kernels
+        self.streams = max(1, int(streams))
+        self._pool = ThreadPoolExecutor(self.streams) if self.streams > 1 else None
+        self._cuda_streams = ([torch.cuda.Stream(device=predictor.device) for _ in range(self.streams)]
+                              if self._pool is not None and predictor.device.type == "cuda" else [None])
+        self._in_flight: deque[tuple[list[tuple[Any, int]], Future]] = deque()
+        self._launched = 0
 
     def tiles_for(self, shape: tuple[int, int], scale: float) -> list[Tile]:
         """The tiles an image of ``shape`` (original px) is cut into at model scale ``scale``."""
@@ -508,17 +528,50 @@ class TileBatcher:
         tiles = self.tiles_for(norm.shape[:2], scale)
         self._images[key] = _TiledImage(norm, scale, tiles, [None] * len(tiles))
         self._queue.extend((key, i) for i in range(len(tiles)))
-        done = []
-        while len(self._queue) >= self.predictor.batch_size:
-            done += self._run_batch()
-        return done
+        return self._run(lambda: len(self._queue) >= self.predictor.batch_size)
 
     def flush(self) -> list[tuple[Any, TiledDetections | Exception]]:
         """Run what is queued; every image added so far is returned by now."""
+        return self._run(lambda: bool(self._queue)) + self.drain()
+
+    def drain(self) -> list[tuple[Any, TiledDetections | Exception]]:
+        """Wait for the batches in flight; call it before this thread runs the model itself (the score floor
+        is the model's, shared by every forward running at the time)."""
         done = []
-        while self._queue:
-            done += self._run_batch()
+        while self._in_flight:
+            done += self._finish_oldest()
         return done
+
+    def close(self) -> None:
+        """Stop the stream threads (after ``flush``; batches still in flight are waited for)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _run(self, more: Callable[[], bool]) -> list[tuple[Any, TiledDetections | Exception]]:
+        done = []
+        while more():
+            items, crops, frames = self._take_batch()
+            if self._pool is None:
+                try:
+                    found = self._predict(items, crops, frames, None)
+                except Exception as exc:  # noqa: BLE001 - those images fail, the run goes on
+                    found = exc
+                done += self._finish(items, found)
+                continue
+            if len(self._in_flight) >= self.streams:
+                done += self._finish_oldest()
+            stream = self._cuda_streams[self._launched % len(self._cuda_streams)]
+            self._launched += 1
+            self._in_flight.append((items, self._pool.submit(self._predict, items, crops, frames, stream)))
+        return done
+
+    def _finish_oldest(self) -> list[tuple[Any, TiledDetections | Exception]]:
+        items, future = self._in_flight.popleft()
+        try:
+            found = future.result()
+        except Exception as exc:  # noqa: BLE001 - those images fail, the run goes on
+            found = exc
+        return self._finish(items, found)
 
     def _crop(self, key: Any, index: int) -> np.ndarray:
         image = self._images[key]
@@ -526,7 +579,9 @@ class TileBatcher:
         crop = image.norm[t.y0:t.y1, t.x0:t.x1]
         return _resize(crop, (max(1, round(crop.shape[0] * image.scale)), max(1, round(crop.shape[1] * image.scale))))
 
-    def _run_batch(self) -> list[tuple[Any, TiledDetections | Exception]]:
+    def _take_batch(self) -> tuple[list[tuple[Any, int]], list[np.ndarray], dict[Any, tuple]]:
+        """The next batch: up to ``batch_size`` queued tiles of one model-input shape, their crops, and each
+        image's (shape, tiles) for the detections (taken here: a stream thread never reads ``_images``)."""
         items, crops = [], []
         while self._queue and len(items) < self.predictor.batch_size:
             crop = self._crop(*self._queue[0])
@@ -534,28 +589,41 @@ class TileBatcher:
                 break  # another model-input shape: next batch
             items.append(self._queue.popleft())
             crops.append(crop)
-        keys = list(dict.fromkeys(key for key, _ in items))
-        try:
+        frames = {key: (self._images[key].norm.shape[:2], self._images[key].tiles) for key, _ in items}
+        return items, crops, frames
+
+    def _predict(self, items: list[tuple[Any, int]], crops: list[np.ndarray], frames: dict[Any, tuple],
+                 stream) -> dict[tuple[Any, int], TileInstances]:
+        """Each tile's detections on the host (runs on a stream thread when ``streams`` > 1)."""
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             raws = self.predictor._forward(crops, self.score_thresh)
-            for key in keys:
-                image = self._images[key]
+            found = {}
+            for key, (shape, tiles) in frames.items():
                 mine = [k for k, (owner, _) in enumerate(items) if owner == key]
-                frames = [image.tiles[items[k][1]] for k in mine]
-                dets = detections_from_outputs([raws[k] for k in mine], image.norm.shape[:2], self.score_thresh,
-                                               frames=frames)
+                dets = detections_from_outputs([raws[k] for k in mine], shape, self.score_thresh,
+                                               frames=[tiles[items[k][1]] for k in mine])
                 for k, det in zip(mine, dets):
-                    image.found[items[k][1]] = TileInstances(
+                    found[items[k]] = TileInstances(
                         det.windows.cpu().numpy(), torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
                         det.scores.cpu().numpy(), det.boxes.cpu().numpy())
-        except Exception as exc:  # noqa: BLE001 - those images fail, the run goes on
+            return found
+
+    def _finish(self, items: list[tuple[Any, int]], found: dict | Exception,
+                ) -> list[tuple[Any, TiledDetections | Exception]]:
+        """Record a batch's detections; the images it completed (or failed) come back."""
+        keys = [key for key in dict.fromkeys(key for key, _ in items) if key in self._images]  # not failed yet
+        if isinstance(found, Exception):
             for key in keys:
                 del self._images[key]
             self._queue = deque(item for item in self._queue if item[0] not in keys)
-            return [(key, exc) for key in keys]
+            return [(key, found) for key in keys]
         done = []
+        for key, index in items:
+            if key in self._images:
+                self._images[key].found[index] = found[key, index]
         for key in keys:
             image = self._images[key]
-            if all(found is not None for found in image.found):
+            if all(f is not None for f in image.found):
                 del self._images[key]
                 done.append((key, TiledDetections(image.norm.shape[:2], image.tiles, image.found,
                                                   max(1.0, 1.0 / image.scale), self.overlap)))
