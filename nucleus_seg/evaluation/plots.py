@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from skimage.segmentation import find_boundaries
 
 from ..data.io import normalize_image
+from ..structures import inner_boundaries
 from ..utils.files import atomic_path
 from .matching import label_overlap, match_pairs
 
@@ -96,8 +96,8 @@ def plot_overlay(
     for ids, label, color in ((fn_ids, gt, green), (fp_ids, pred, magenta)):
         shade = np.isin(label, ids) & (label > 0)
         rgb[shade] = 0.6 * rgb[shade] + 0.4 * color
-    rgb[find_boundaries(gt, mode="inner")] = green
-    rgb[find_boundaries(pred, mode="inner")] = magenta
+    rgb[inner_boundaries(gt)] = green
+    rgb[inner_boundaries(pred)] = magenta
     height, width = gt.shape
     scale = 8.0 / max(height, width)
     fig = _figure(figsize=(max(width * scale, 3), max(height * scale, 3) + 0.4))
@@ -128,7 +128,7 @@ def plot_before_after(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
         gray = image if image.ndim == 2 else image[..., 0]
         for column, (title, label) in enumerate(zip(titles, labels)):
             rgb = np.repeat(gray[..., None].astype(np.float32) / 255.0 * 0.8, 3, axis=2)
-            rgb[find_boundaries(label, mode="inner")] = (1.0, 0.2, 1.0)
+            rgb[inner_boundaries(label)] = (1.0, 0.2, 1.0)
             ax = axes[row, column]
             ax.imshow(rgb, interpolation="nearest")
             ax.set_title(f"{name}: {title}, {len(np.unique(label)) - 1} nuclei", fontsize=9)

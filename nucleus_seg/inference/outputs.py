@@ -19,9 +19,9 @@ import numpy as np
 import tifffile
 from pycocotools import mask as mask_util
 from skimage.measure import regionprops_table
-from skimage.segmentation import find_boundaries
 
 from ..data.io import ImageReadError
+from ..structures import inner_boundaries
 from ..utils.files import atomic_path, atomic_write
 from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
 
@@ -69,7 +69,7 @@ def overlay_image(image: np.ndarray, labels: np.ndarray,
     rgb = image if image.ndim == 3 else image[..., None]
     rgb = np.ascontiguousarray(np.broadcast_to(rgb[..., :3], labels.shape + (3,)) if rgb.shape[2] == 1
                                else rgb[..., :3]).astype(np.uint8, copy=True)
-    rgb[find_boundaries(labels, mode="inner")] = color
+    rgb[inner_boundaries(labels)] = color
     return rgb
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from ...structures import label_image_to_annotations
+from ...structures import inner_boundaries, label_image_to_annotations
 from ...utils.files import atomic_write
 from ..io import normalize_image
 from .generator import generate_image
@@ -158,7 +157,7 @@ def write_preview(
         view = normalize_image(image, invert="never")
         view = cv2.resize(view, (tile, tile), interpolation=cv2.INTER_AREA)
         small = cv2.resize(label.astype(np.int32), (tile, tile), interpolation=cv2.INTER_NEAREST)
-        view[find_boundaries(small, mode="inner")] = (255, 60, 60)
+        view[inner_boundaries(small)] = (255, 60, 60)
         tiles.append(view)
     while len(tiles) % columns:
         tiles.append(np.zeros_like(tiles[0]))
