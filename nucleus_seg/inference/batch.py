@@ -223,7 +223,7 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
     return max(shape[:2]) * (1.0 if scale is None else scale) > tile
 
 
-MAX_WRITERS = 8  # each holds ~0.5 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core
+MAX_WRITERS = 8  # each holds ~0.7 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core
 
 
 def writer_count(cfg, world_size: int = 1) -> int:
