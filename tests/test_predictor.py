@@ -601,6 +601,14 @@ def record_batches(predictor: NucleusPredictor, fail_on: int | None = None,
     return batches
 
 
+def batch_tiles(predictor: NucleusPredictor, batcher, images: list[np.ndarray]) -> list[tuple]:
+    """Each image through the tile batcher at scale 1 (keys 0..N-1), flushed: every ``(key, result)``."""
+    done = []
+    for key, image in enumerate(images):
+        done += batcher.add(key, predictor.normalize(image), 1.0)
+    return done + batcher.flush()
+
+
 @pytest.mark.parametrize("streams", [1, 2])
 def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg, streams):
     """Tiles of consecutive images share forwards (full batches), tiles of another shape never share one
@@ -613,10 +621,7 @@ def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg, 
     expected = [predictor.predict_large(image, tile=96, overlap=32, diameter=0) for image in images]
     batches = record_batches(predictor)
     batcher = predictor.tile_batcher(tile=96, overlap=32)
-    done = []
-    for key, image in enumerate(images):
-        done += batcher.add(key, predictor.normalize(image), 1.0)
-    done += batcher.flush()
+    done = batch_tiles(predictor, batcher, images)
     batcher.close()
     assert [key for key, _ in done] == [0, 1, 2]
     # 4 + 8 tiles of 96x96, then 3 of 60x96: batches run across images, never across shapes (two stream
@@ -639,10 +644,7 @@ def test_a_failed_tile_batch_fails_only_the_images_in_it(cfg):
     images = [blobs((150, 230), seed=3), blobs((100, 124), seed=2), blobs((100, 124), seed=5)]
     record_batches(predictor, fail_on=2)  # the batch holding image 0's last tiles and image 1's first
     batcher = predictor.tile_batcher(tile=96, overlap=32)
-    done = []
-    for key, image in enumerate(images):
-        done += batcher.add(key, predictor.normalize(image), 1.0)
-    done += batcher.flush()
+    done = batch_tiles(predictor, batcher, images)
     results = dict(done)
     assert sorted(results) == [0, 1, 2]  # every image comes back, once
     assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)
@@ -660,10 +662,7 @@ def test_with_two_streams_a_failed_batch_fails_only_its_image(cfg):
     images = [blobs((150, 230), seed=3), blobs((60, 200), seed=6), blobs((100, 124), seed=2)]
     record_batches(predictor, fail_shape=(60, 96, 3))  # image 1's tiles: one batch of their own
     batcher = predictor.tile_batcher(tile=96, overlap=32)
-    done = []
-    for key, image in enumerate(images):
-        done += batcher.add(key, predictor.normalize(image), 1.0)
-    done += batcher.flush()
+    done = batch_tiles(predictor, batcher, images)
     batcher.close()
     results = dict(done)
     assert sorted(results) == [0, 1, 2] and len(done) == 3

@@ -426,10 +426,10 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
                         pending = []
                     continue
                 try:
-                    if fixed_scale is None:
+                    scale = fixed_scale
+                    if scale is None:  # "auto": this thread runs the model for the estimate
                         deliver(batcher.drain())
-                    scale = (fixed_scale if fixed_scale is not None
-                             else predictor.large_image_scale(norm, name=str(f)).scale)
+                        scale = predictor.large_image_scale(norm, name=str(f)).scale
                     if len(batcher.tiles_for(norm.shape[:2], scale)) > BATCHED_TILES * predictor.batch_size:
                         deliver(batcher.drain())
                         writer.submit(f, raw, predictor.predict_normalized_large(norm, scale, progress=True))

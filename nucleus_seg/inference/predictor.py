@@ -114,6 +114,29 @@ def _prefetched(chunks: Sequence[Sequence[Any]], prepare: Callable[[Any], Any]) 
             yield ready
 
 
+def _scaled_tiles(shape: tuple[int, int], tile: int, overlap: int, scale: float) -> list[Tile]:
+    """Tiles of an image of ``shape`` (original px) for model-input ``tile``/``overlap`` at ``scale``: cut from
+    the original image, so their size there is the model tile / scale."""
+    return make_tiles(shape, max(1, round(tile / scale)), max(0, round(overlap / scale)))
+
+
+def _tile_crop(norm: np.ndarray, t: Tile, scale: float) -> np.ndarray:
+    """Tile ``t`` of a normalised image, resized to the model input at ``scale``."""
+    crop = norm[t.y0:t.y1, t.x0:t.x1]
+    return _resize(crop, (max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))))
+
+
+def _edge_margin(scale: float) -> float:
+    """How close to a tile edge (original px) a box counts as cut: one model pixel, at least one pixel."""
+    return max(1.0, 1.0 / scale)
+
+
+def _host_instances(det: Detections) -> TileInstances:
+    """One tile's detections on the host, as the stitcher takes them."""
+    return TileInstances(det.windows.cpu().numpy(), torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
+                         det.scores.cpu().numpy(), det.boxes.cpu().numpy())
+
+
 def _with_progress(steps: Iterator[tuple[int, int, LabelPrediction | None]], progress: bool) -> LabelPrediction:
     """The result of ``predict_large_steps``-style steps, with a tile progress bar when asked."""
     bar = tqdm(desc="tiles", unit="tile", disable=not progress, leave=False)
@@ -294,18 +317,12 @@ class NucleusPredictor:
     def _stitched(self, norm: np.ndarray, scale: float, tile: int, overlap: int, thresh: float,
                   ) -> Iterator[tuple[int, int, LabelPrediction | None]]:
         """The tiles of ``norm`` at ``scale``, predicted and stitched; progress as ``predict_large_steps``."""
-        height, width = norm.shape[:2]
-        # tiles are cut from the original image, so their size there is the model tile / scale
-        tiles = make_tiles((height, width), max(1, round(tile / scale)), max(0, round(overlap / scale)))
-        stitcher = Stitcher((height, width), edge_margin=max(1.0, 1.0 / scale))
+        tiles = _scaled_tiles(norm.shape[:2], tile, overlap, scale)
+        stitcher = Stitcher(norm.shape[:2], edge_margin=_edge_margin(scale))
         done = 0
         for dets, chunk in self._detect_tiles(norm, tiles, scale, thresh):
             for det, t in zip(dets, chunk):
-                stitcher.add(t, TileInstances(
-                    det.windows.cpu().numpy(),
-                    torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
-                    det.scores.cpu().numpy(), det.boxes.cpu().numpy(),
-                ))
+                stitcher.add(t, _host_instances(det))
             done += len(chunk)
             if done < len(tiles):
                 yield done, len(tiles), None
@@ -331,7 +348,7 @@ class NucleusPredictor:
             if self._fits_one_pass(shape, scale):
                 arrays = [_resize(norm, self._model_size(*shape, scale))]
                 return detections_from_outputs(self._forward(arrays, floor), shape, floor)
-            tiles = make_tiles(shape, max(1, round(tile / scale)), max(0, round(overlap / scale)))
+            tiles = _scaled_tiles(shape, tile, overlap, scale)
             picks = [tiles[i] for i in np.unique(np.linspace(0, len(tiles) - 1, min(4, len(tiles))).round()
                                                  .astype(int))]
             return [d for ds, _ in self._detect_tiles(norm, picks, scale, floor) for d in ds]
@@ -421,12 +438,8 @@ class NucleusPredictor:
     def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,
                       score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:
         """Detections of each tile, in full-image coordinates, one batch of tiles at a time."""
-        def prepare(t: Tile) -> np.ndarray:
-            crop = norm[t.y0:t.y1, t.x0:t.x1]
-            return _resize(crop, (max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))))
-
         chunks = _chunks(tiles, self.batch_size)
-        for chunk, crops in zip(chunks, _prefetched(chunks, prepare)):
+        for chunk, crops in zip(chunks, _prefetched(chunks, lambda t: _tile_crop(norm, t, scale))):
             raws = self._forward(crops, score_thresh)
             yield detections_from_outputs(raws, norm.shape[:2], score_thresh, frames=chunk), chunk
 
@@ -517,7 +530,7 @@ class TileBatcher:
 
     def tiles_for(self, shape: tuple[int, int], scale: float) -> list[Tile]:
         """The tiles an image of ``shape`` (original px) is cut into at model scale ``scale``."""
-        return make_tiles(shape, max(1, round(self.tile / scale)), max(0, round(self.overlap / scale)))
+        return _scaled_tiles(shape, self.tile, self.overlap, scale)
 
     def add(self, key: Any, norm: np.ndarray, scale: float) -> list[tuple[Any, TiledDetections | Exception]]:
         """Queue a ``normalize``-d image (``key`` must be new) and run every full batch; returns the images
@@ -573,18 +586,14 @@ class TileBatcher:
             found = exc
         return self._finish(items, found)
 
-    def _crop(self, key: Any, index: int) -> np.ndarray:
-        image = self._images[key]
-        t = image.tiles[index]
-        crop = image.norm[t.y0:t.y1, t.x0:t.x1]
-        return _resize(crop, (max(1, round(crop.shape[0] * image.scale)), max(1, round(crop.shape[1] * image.scale))))
-
     def _take_batch(self) -> tuple[list[tuple[Any, int]], list[np.ndarray], dict[Any, tuple]]:
         """The next batch: up to ``batch_size`` queued tiles of one model-input shape, their crops, and each
         image's (shape, tiles) for the detections (taken here: a stream thread never reads ``_images``)."""
         items, crops = [], []
         while self._queue and len(items) < self.predictor.batch_size:
-            crop = self._crop(*self._queue[0])
+            key, index = self._queue[0]
+            image = self._images[key]
+            crop = _tile_crop(image.norm, image.tiles[index], image.scale)
             if crops and crop.shape != crops[0].shape:
                 break  # another model-input shape: next batch
             items.append(self._queue.popleft())
@@ -603,9 +612,7 @@ class TileBatcher:
                 dets = detections_from_outputs([raws[k] for k in mine], shape, self.score_thresh,
                                                frames=[tiles[items[k][1]] for k in mine])
                 for k, det in zip(mine, dets):
-                    found[items[k]] = TileInstances(
-                        det.windows.cpu().numpy(), torch.stack([det.oy, det.ox], dim=1).cpu().numpy(),
-                        det.scores.cpu().numpy(), det.boxes.cpu().numpy())
+                    found[items[k]] = _host_instances(det)
             return found
 
     def _finish(self, items: list[tuple[Any, int]], found: dict | Exception,
@@ -626,5 +633,5 @@ class TileBatcher:
             if all(f is not None for f in image.found):
                 del self._images[key]
                 done.append((key, TiledDetections(image.norm.shape[:2], image.tiles, image.found,
-                                                  max(1.0, 1.0 / image.scale), self.overlap)))
+                                                  _edge_margin(image.scale), self.overlap)))
         return done
