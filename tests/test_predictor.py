@@ -280,13 +280,21 @@ def nms_path(request, monkeypatch):
     return request.param
 
 
-def test_both_nms_paths_keep_what_torchvision_keeps(nms_path):
+@pytest.mark.parametrize("groups_per_chunk", [None, 10])
+def test_both_nms_paths_keep_what_torchvision_keeps(nms_path, groups_per_chunk, monkeypatch):
+    """Every group as torchvision's nms keeps it, also when the fixed point takes the groups a few at a time
+    (an H200 batch of 32 images is several chunks: a loop variable reused across chunks once left every
+    chunk after the first mostly unprocessed, and whole images without detections)."""
     import torchvision
 
+    from nucleus_seg.modeling import fast_inference
     from nucleus_seg.modeling.fast_inference import batched_nms_keep
 
+    if groups_per_chunk:
+        monkeypatch.setattr(fast_inference, "NMS_CHUNK", groups_per_chunk * 400 * 400)
+
     g = torch.Generator().manual_seed(3)
-    groups, n = 5, 400
+    groups, n = 25, 400
     xy = torch.rand(groups, n, 2, generator=g) * 200
     boxes = torch.cat([xy, xy + torch.rand(groups, n, 2, generator=g) * 60], dim=2)
     scores = torch.rand(groups, n, generator=g)
@@ -299,7 +307,7 @@ def test_both_nms_paths_keep_what_torchvision_keeps(nms_path):
         want = torch.zeros(n, dtype=torch.bool)
         want[idx[torchvision.ops.nms(boxes[i, idx], scores[i, idx], 0.5)]] = True
         assert torch.equal(keep[i], want)
-    assert keep[:4].sum() > 0 and not keep[~valid].any()
+    assert keep[:4].sum() > 0 and keep[5:].sum(dim=1).min() > 0 and not keep[~valid].any()
 
 
 @pytest.mark.parametrize("levels", [(150, 60, 20), (900, 700, 300)])  # torchvision's offset trick / per level

@@ -59,10 +59,10 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
                     box, score = box.float(), score.float()
                 keep_out[i, idx[torchvision.ops.nms(box, score, iou_threshold)]] = True
         return keep_out
-    step = max(1, NMS_CHUNK // (n * n))
+    per_chunk = max(1, NMS_CHUNK // (n * n))  # groups whose n x n IoU matrices are built at once
     later = torch.ones((n, n), dtype=torch.bool, device=scores.device).triu(1)
-    for lo in range(0, g, step):
-        sl = slice(lo, min(g, lo + step))
+    for lo in range(0, g, per_chunk):
+        sl = slice(lo, min(g, lo + per_chunk))
         score = torch.where(valid[sl], scores[sl], float("-inf"))
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
         box = torch.gather(boxes[sl], 1, order[..., None].expand(-1, -1, 4))
@@ -77,11 +77,11 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
         suppress = (iou.double() > iou_threshold) & later & ok[:, :, None] & ok[:, None, :]
         del iou, inter
         keep = ok
-        for step in range(n):
+        for steps in range(1, n + 1):
             new = ok & ~(suppress & keep[:, :, None]).any(dim=1)
             # past the fixed point a step changes nothing, so convergence is checked (a host sync, which
             # stalls the GPU) only every CONVERGENCE_CHECK steps
-            if (step + 1) % CONVERGENCE_CHECK == 0 and torch.equal(new, keep):
+            if steps % CONVERGENCE_CHECK == 0 and torch.equal(new, keep):
                 break
             keep = new
         keep_out[sl] = torch.zeros_like(keep).scatter_(1, order, keep)
