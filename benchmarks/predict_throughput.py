@@ -126,11 +126,6 @@ def profiled(fn, argv: list[str], path: Path) -> int:
     return status
 
 
-def as_argv(key: str, value: str) -> list[str]:
-    """A variant's KEY=VALUE as nucleus-predict arguments: a config override, or a flag (lower-case key)."""
-    return [f"--{key}", value] if key.islower() else [key, value]
-
-
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -147,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                         help="one more nucleus-predict side with these overrides, e.g. "
-                        "--variant compile NUCLEUS.PREDICT.COMPILE=True (repeatable); a lower-case key is one of "
-                        "nucleus-predict's flags without its dashes: --variant procs2 procs-per-gpu=2")
+                        "--variant compile NUCLEUS.PREDICT.COMPILE=True (repeatable)")
     parser.add_argument("--profile", metavar="FILE",
                         help="cProfile the first nucleus-predict side (the predicting process, not its writers) "
                         "and write its top functions to FILE: where a host-bound run spends its time")
@@ -158,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, *pairs in args.variant:
         if not all("=" in p for p in pairs):
             parser.error(f"--variant {name}: overrides are KEY=VALUE, got {pairs}")
-        variants[f"nucleus_predict+{name}"] = [t for p in pairs for t in as_argv(*p.split("=", 1))]
+        variants[f"nucleus_predict+{name}"] = [t for p in pairs for t in p.split("=", 1)]
 
     # no rescale on either side (the plain loop has no diameter estimate): the models see the same pixels
     opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", *args.opts]

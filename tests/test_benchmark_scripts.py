@@ -57,9 +57,6 @@ def test_predict_stages_times_every_stage_of_the_tiled_path(tmp_path):
 
 
 def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():
-    # nucleus-predict sides: a config key passes as an override, a lower-case key as the flag it names
-    assert predict_throughput.as_argv("NUCLEUS.PREDICT.STREAMS", "2") == ["NUCLEUS.PREDICT.STREAMS", "2"]
-    assert predict_throughput.as_argv("procs-per-gpu", "2") == ["--procs-per-gpu", "2"]
     assert train_throughput.parse_variants("1x8,3x8+compile") == [
         (1, 8, []), (3, 8, ["NUCLEUS.TRAIN.COMPILE", "True"])]
     # the like-for-like loss variant: vanilla's precision and data, as overrides that the config accepts

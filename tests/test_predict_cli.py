@@ -240,42 +240,30 @@ def random_weights(cfg_file, folder):
 
 @pytest.mark.slow
 def test_sharded_two_process_run_writes_what_one_process_writes(cli_cfg, tmp_path, capsys):
-    """--num-gpus 2 through detectron2's launch, and --procs-per-gpu 2 (two processes sharing one device),
-    gloo ranks on CPU: each image is predicted by one rank, per-run files are assembled in input order,
-    failures are gathered: the outputs equal a 1-process run."""
+    """--num-gpus 2 through detectron2's launch (gloo ranks on CPU): each image is predicted by one rank,
+    per-run files are assembled in input order, failures are gathered: the outputs equal a 1-process run."""
     weights = random_weights(cli_cfg, tmp_path)
     make_inputs(tmp_path / "in")
     runs = {}
-    for name, procs in (("one", ["--num-gpus", "1"]), ("gpus2", ["--num-gpus", "2"]),
-                        ("procs2", ["--num-gpus", "1", "--procs-per-gpu", "2"])):
-        out = tmp_path / name
+    for gpus in (1, 2):
+        out = tmp_path / f"out{gpus}"
         argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out),
-                "--tile", "128", "--overlap", "32", "--batch", "2", "--diameter", "0", *procs,
+                "--tile", "128", "--overlap", "32", "--batch", "2", "--diameter", "0", "--num-gpus", str(gpus),
                 "MODEL.WEIGHTS", str(weights)]
-        assert main(argv) == 1  # broken.png fails in every case, named in the summary
+        assert main(argv) == 1  # broken.png fails in either case, named in the summary
         assert "broken.png" in capsys.readouterr().err.split("failed:")[1]
-        runs[name] = out
-    names = sorted(p.name for p in runs["one"].iterdir())
-    for sharded in ("gpus2", "procs2"):
-        assert names == sorted(p.name for p in runs[sharded].iterdir())  # no hand-off file left behind
-        for name in names:
-            a, b = runs["one"] / name, runs[sharded] / name
-            if name.endswith(".tif"):
-                assert np.array_equal(tifffile.imread(a), tifffile.imread(b)), (sharded, name)
-            elif name.endswith(".png"):
-                assert np.array_equal(cv2.imread(str(a)), cv2.imread(str(b))), (sharded, name)
-            else:
-                assert a.read_text() == b.read_text(), (sharded, name)
-    assert read_csv(runs["procs2"] / "submission.csv")  # and there is something to compare
-
-
-def test_procs_per_gpu_below_one_is_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--config-file", "nucleus_R18_FPN_cpu_demo.yaml", "--input", str(tmp_path), "--output",
-              str(tmp_path / "out"), "--procs-per-gpu", "0"])
-    assert exc.value.code == 2
-    assert "--procs-per-gpu must be >= 1, got 0" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+        runs[gpus] = out
+    names = sorted(p.name for p in runs[1].iterdir())
+    assert names == sorted(p.name for p in runs[2].iterdir())  # no hand-off file left behind
+    for name in names:
+        a, b = runs[1] / name, runs[2] / name
+        if name.endswith(".tif"):
+            assert np.array_equal(tifffile.imread(a), tifffile.imread(b)), name
+        elif name.endswith(".png"):
+            assert np.array_equal(cv2.imread(str(a)), cv2.imread(str(b))), name
+        else:
+            assert a.read_text() == b.read_text(), name
+    assert read_csv(runs[2] / "submission.csv")  # and there is something to compare
 
 
 def test_writer_processes_write_what_the_predicting_process_writes(cli_cfg, tmp_path, capsys):

@@ -2,8 +2,7 @@
 
     nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto]
                     [--tile N] [--overlap N] [--batch N] [--score-thresh S]
-                    [--formats labels,overlay,csv,submission,coco] [--resume]
-                    [--num-gpus N] [--procs-per-gpu K] [KEY VALUE ...]
+                    [--formats labels,overlay,csv,submission,coco] [--resume] [KEY VALUE ...]
 
 Per image: ``OUT/<stem>_labels.tif`` (uint16 ImageJ TIFF; uint32 past 65535 nuclei),
 ``OUT/<stem>_overlay.png`` (outlines on the normalised image), ``OUT/<stem>_measurements.csv``.
@@ -50,10 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip images whose outputs exist (per-run files are still rebuilt from all)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine; images are "
                         "sharded across all of them, each written once (CPU: gloo processes)")
-    parser.add_argument("--procs-per-gpu", type=int, default=1, metavar="K",
-                        help="predicting processes per GPU (world size = num-gpus x K x num-machines): one "
-                        "process feeds a GPU with host work (detectron2's Python, stitching) between its "
-                        "forwards, so K=2 keeps it busier")
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 when several machines")
@@ -104,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input is required (files, folders or glob patterns)")
     if not args.output:
         parser.error("--output is required")
-    if args.procs_per_gpu < 1:
-        parser.error(f"--procs-per-gpu must be >= 1, got {args.procs_per_gpu}")
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
     if not formats or formats - set(FORMATS):
         parser.error(f"--formats: unknown {sorted(formats - set(FORMATS))}; choose from {', '.join(FORMATS)}")
@@ -113,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _configure(parser, args, opts)
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
-                                       args.num_machines, args.machine_rank, args.dist_url, args.procs_per_gpu)
+                                       args.num_machines, args.machine_rank, args.dist_url)
     except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)

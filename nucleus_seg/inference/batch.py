@@ -226,17 +226,16 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
 MAX_WRITERS = 8  # each holds ~0.7 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core
 
 
-def writer_count(cfg, ranks_here: int = 1) -> int:
-    """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: on a GPU one process per core that the ``ranks_here``
-    predicting processes of this machine leave (two each: the model's and the file reader's; at most 8: 12 were
-    slower than 8 on a 16-core H200 host, the predicting process losing its core), none on the CPU, where the
-    model already uses every core."""
+def writer_count(cfg, world_size: int = 1) -> int:
+    """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: on a GPU one process per core the predicting processes
+    leave (two each: the model's and the file reader's; at most 8: 12 were slower than 8 on a 16-core H200
+    host, the predicting process losing its core), none on the CPU, where the model already uses every core."""
     workers = int(cfg.NUCLEUS.PREDICT.WRITERS)
     if workers >= 0:
         return workers
     if cfg.MODEL.DEVICE == "cpu":
         return 0
-    return max(0, min(MAX_WRITERS, (os.cpu_count() or 1) // max(1, ranks_here) - 2))
+    return max(0, min(MAX_WRITERS, (os.cpu_count() or 1) // max(1, world_size) - 2))
 
 
 WRITER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -376,7 +375,7 @@ def _read_ahead(files: list[Path], load: Callable[[Path], Any], depth: int = 2,
                 yield path, loaded, None
 
 
-def predict_files(cfg, files: list[Path], run: PredictionRun, ranks_here: int = 1) -> None:
+def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 1) -> None:
     """Predict ``files`` into ``run``; each image's files are written by writer processes
     (``NUCLEUS.PREDICT.WRITERS``) while the next images are predicted.
 
@@ -387,7 +386,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, ranks_here: int = 
     """
     on_device = cfg.clone()
     on_device.MODEL.DEVICE = usable_device(cfg.MODEL.DEVICE)  # what the predictor will run on
-    workers = writer_count(on_device, ranks_here) if len(files) > 1 else 0
+    workers = writer_count(on_device, world_size) if len(files) > 1 else 0
     with ImageWriter(run, on_device, workers) as writer:
         writer.start()  # the writers start up while the model is built
         predictor = NucleusPredictor(on_device)  # device resolved once: one fallback warning, not two
@@ -455,8 +454,7 @@ def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> 
     """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
     outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
     mine = PredictionRun(run.out, run.formats)
-    # the writers share this machine's cores with the other ranks on it
-    predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine, comm.get_local_size())
+    predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine, comm.get_world_size())
     parts = comm.gather(mine, dst=0)
     if comm.is_main_process():
         atomic_write(handoff, pickle.dumps(parts))
@@ -464,13 +462,12 @@ def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> 
 
 
 def _predict_sharded(cfg, files: list[Path], run: PredictionRun, num_gpus: int, num_machines: int,
-                     machine_rank: int, dist_url: str, procs_per_gpu: int = 1) -> None:
-    """Images sharded across ``num_gpus x procs_per_gpu x num_machines`` ranks (NCCL on GPUs, gloo on CPU or
-    when processes share a GPU); the per-run files are then written here from every rank's part, in input
-    order, as in a 1-GPU run."""
+                     machine_rank: int, dist_url: str) -> None:
+    """Images sharded across ``num_gpus x num_machines`` ranks (NCCL on GPUs, gloo on CPU); the per-run
+    files are then written here from every rank's part, in input order, as in a 1-GPU run."""
     handoff = run.out / f".nucleus-predict-{os.getpid()}.parts"
-    launch(_shard_worker, num_gpus, procs_per_gpu=procs_per_gpu, num_machines=num_machines,
-           machine_rank=machine_rank, dist_url=dist_url, args=(cfg, files, run, handoff))
+    launch(_shard_worker, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+           args=(cfg, files, run, handoff))
     if machine_rank != 0:
         return  # machine 0 writes the per-run files
     try:
@@ -542,13 +539,12 @@ def _write_folder_files(out: Path, run: PredictionRun, old: FolderFiles, stems: 
 
 def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = FORMATS,
                       resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
-                      dist_url: str = "auto", procs_per_gpu: int = 1) -> tuple[list[Path], PredictionRun]:
+                      dist_url: str = "auto") -> tuple[list[Path], PredictionRun]:
     """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``.
 
     Returns the image files and the run (``written`` stems, ``failures``). Everything a usage error can be
     is checked before any compute: two inputs that would write the same outputs, an output folder that is
     not writable, per-folder files that cannot be merged (``ValueError`` / ``PermissionError``).
-    ``procs_per_gpu`` predicting processes share each GPU (images sharded as across GPUs).
     """
     out = check_writable(output)
     files, problems = expand_inputs(inputs, skip_dir=out)
@@ -570,8 +566,8 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
             todo.append(f)
     if len(todo) < len(files):
         logger.info("--resume: %d of %d images already done", len(files) - len(todo), len(files))
-    if todo and num_gpus * num_machines * procs_per_gpu > 1:
-        _predict_sharded(cfg, todo, run, num_gpus, num_machines, machine_rank, dist_url, procs_per_gpu)
+    if todo and num_gpus * num_machines > 1:
+        _predict_sharded(cfg, todo, run, num_gpus, num_machines, machine_rank, dist_url)
     elif todo:
         predict_files(cfg, todo, run)
     _write_folder_files(out, run, old, [f.stem for f in files])
