@@ -100,10 +100,10 @@ infer_stages() {
   elif has predict; then
     # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
     variant_args=()
-    # by default also at batch 8 (the default before session 14; 16 on a GPU now) and with tiles of 576 px (a
-    # 1024 px image is 4 tiles instead of 9; less accurate on synthetic fields, so not the default), and with
-    # two tile batches in flight on their own threads and CUDA streams (STREAMS 2, unmeasured so far)
-    for v in ${PREDICT_VARIANTS-batch8:NUCLEUS.PREDICT.BATCH_SIZE=8 tile576:NUCLEUS.PREDICT.TILE_SIZE=576 streams2:NUCLEUS.PREDICT.STREAMS=2}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
+    # by default also at batch 8 (the default before session 14; 16 on a GPU now), with tiles of 576 px (a 1024 px
+    # image is 4 tiles instead of 9; less accurate on synthetic fields, so not the default) and with one tile
+    # batch in flight (STREAMS 1; the GPU default is 2)
+    for v in ${PREDICT_VARIANTS-batch8:NUCLEUS.PREDICT.BATCH_SIZE=8 tile576:NUCLEUS.PREDICT.TILE_SIZE=576 streams1:NUCLEUS.PREDICT.STREAMS=1}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
     log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
       ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" "${variant_args[@]}" \

@@ -75,6 +75,22 @@ def test_batch_size_zero_means_16_on_a_gpu_and_8_on_the_cpu():
     assert predict_batch_size(cfg) == predict_batch_size(cfg, "cuda") == 3
 
 
+def test_streams_zero_means_two_on_a_gpu_and_one_on_the_cpu():
+    from nucleus_seg.config import check_predict_settings, get_nucleus_cfg, predict_streams
+    from nucleus_seg.inference.predictor import NucleusPredictor
+
+    cfg = get_nucleus_cfg("nucleus_R18_FPN_cpu_demo.yaml", ["MODEL.DEVICE", "cpu"])
+    assert cfg.NUCLEUS.PREDICT.STREAMS == 0  # the default
+    assert predict_streams(cfg) == 1 and predict_streams(cfg, "cuda:0") == 2
+    with pytest.warns(UserWarning, match="MODEL.WEIGHTS is empty"):
+        assert NucleusPredictor(cfg).streams == 1
+    cfg.NUCLEUS.PREDICT.STREAMS = 3  # given: used as it is, anywhere
+    assert predict_streams(cfg) == predict_streams(cfg, "cuda") == 3
+    cfg.NUCLEUS.PREDICT.STREAMS = -1
+    with pytest.raises(ValueError, match="NUCLEUS.PREDICT.STREAMS must be at least 1"):
+        check_predict_settings(cfg)
+
+
 def test_out_of_range_prediction_settings_are_named():
     from nucleus_seg.config import check_predict_settings, get_nucleus_cfg
 

@@ -35,7 +35,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from tqdm import tqdm
 
-from ..config import check_predict_settings, predict_batch_size
+from ..config import check_predict_settings, predict_batch_size, predict_streams
 from ..data.io import check_image_shape, normalize_from_cfg
 from ..modeling.compile import compile_backbone
 from ..modeling.fast_inference import final_box_predictor, speed_up_inference
@@ -195,7 +195,7 @@ class NucleusPredictor:
         self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
-        self.streams = max(1, int(pred.STREAMS))
+        self.streams = predict_streams(self.cfg, self.device.type)
         self._floor_lock, self._floor_users, self._floor_saved = threading.Lock(), 0, 0.0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
