@@ -7,7 +7,8 @@ For each labelled dataset (default: the real DSB-2018 sample):
   dim 16-bit (signal up to ~500 counts on a 100-count offset), an illumination ramp (+-50% across the
   field), 8-bit with the brightest 5% of nuclei saturated;
 
-it reports the model's DSB score, the watershed baseline's, the diameter "auto" estimated (and the image-only
+it reports the model's DSB score, the watershed baseline's, both their recall and precision at IoU 0.5 (missed
+nuclei or spurious ones), the diameter "auto" estimated (and the image-only
 estimate) against the labels' median diameter. On background-only fields (noise; a ramp; debris specks
 smaller than a nucleus/3; out-of-focus haze with no in-focus structure) it counts detections. The variants
 are made from the images (their labels only say which nuclei to saturate); nothing here is fitted to them.
@@ -102,16 +103,20 @@ class Suite:
 
     def score(self, name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         from nucleus_seg.data.io import normalize_image
-        from nucleus_seg.evaluation.matching import dsb_score
+        from nucleus_seg.evaluation.matching import dsb_score, matching_stats
         from nucleus_seg.inference.baseline import watershed_segment
         from nucleus_seg.inference.scale import image_diameter
 
         model, shed, est, blob, truth, sure = [], [], [], [], [], []
+        found, shed_found = [], []  # matching stats at IoU 0.5: missed nuclei or spurious ones?
         for k, (image, labels) in enumerate(pairs):
             pred = self.predictor.predict_labels([image], names=[f"{name}[{k}]"])[0]
             choice = self.predictor.last_scales[0]
             model.append(dsb_score(labels, pred.labels))
-            shed.append(dsb_score(labels, watershed_segment(image)))
+            found.append(matching_stats(labels, pred.labels))
+            shed_labels = watershed_segment(image)
+            shed.append(dsb_score(labels, shed_labels))
+            shed_found.append(matching_stats(labels, shed_labels))
             truth.append(_true_diameter(labels))
             if choice is not None:
                 est.append(choice.diameter)
@@ -123,6 +128,9 @@ class Suite:
                 self.panels.append((f"{name}: DSB {model[-1]:.2f} (watershed {shed[-1]:.2f})", image, labels,
                                     pred.labels))
         row = {"dsb": round(float(np.mean(model)), 4), "watershed_dsb": round(float(np.mean(shed)), 4),
+               "recall50": _mean(found, "recall"), "precision50": _mean(found, "precision"),
+               "watershed_recall50": _mean(shed_found, "recall"),
+               "watershed_precision50": _mean(shed_found, "precision"),
                "true_diameter": _median(truth), "image_diameter": _median(blob)}
         if est:
             row.update(estimated_diameter=_median(est), sure=all(sure))
@@ -175,6 +183,10 @@ def draw_panel(ax, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: s
     ax.imshow(np.clip(small, 0, 1))
     ax.set_title(title, fontsize=fontsize)
     ax.set_axis_off()
+
+
+def _mean(stats: list[dict], key: str) -> float:
+    return round(float(np.mean([s[key] for s in stats])), 4)
 
 
 def _median(values) -> float | None:

@@ -47,6 +47,9 @@ def test_the_suite_scores_variants_and_background_fields(tiny_cfg, tmp_path, mon
     assert set(rows) == {"x0.5", "gamma2"}
     assert rows["x0.5"]["true_diameter"] == pytest.approx(rows["gamma2"]["true_diameter"] / 2, rel=0.1)
     assert rows["x0.5"]["watershed_dsb"] > 0.1 and "estimated_diameter" in rows["x0.5"]
+    # at IoU 0.5 the watershed finds most of the sample's nuclei at x0.5; the random model's figures are rates too
+    assert rows["x0.5"]["watershed_recall50"] > 0.3 and 0 < rows["x0.5"]["watershed_precision50"] <= 1
+    assert all(0 <= rows[v][k] <= 1 for v in rows for k in ("recall50", "precision50"))
     assert rows["gamma2"]["image_diameter"] > 0 and rows["x0.5"]["image_diameter"] < rows["gamma2"]["true_diameter"]
     assert set(line["background"]["haze"]) == {"detections", "watershed_detections"}
     assert set(line["summary"]["nucleus_dsb_sample"]) == {"mean_dsb", "min_dsb", "below_bar"}
