@@ -18,10 +18,16 @@ import predict_throughput  # noqa: E402
 import train_throughput  # noqa: E402
 
 
-def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
-    """Both sides end to end on two small 16-bit TIFFs; with AMP off the label images must agree exactly."""
+def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path, monkeypatch):
+    """Both sides end to end on two small 16-bit TIFFs; with AMP off the label images must agree exactly. NMS as
+    on a GPU (the parallel fixed point, 20 groups to a chunk: a batch of 8 is 40 RPN groups), so the fast-path
+    check covers that path."""
+    from nucleus_seg.modeling import fast_inference
+
+    monkeypatch.setattr(fast_inference, "SERIAL_NMS_DEVICES", ())
+    monkeypatch.setattr(fast_inference, "NMS_CHUNK", 20 * 1000 * 1000)
     result = predict_throughput.main([
-        "--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--num-images", "2", "--size", "192",
+        "--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--num-images", "8", "--size", "192",
         "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
         "NUCLEUS.PREDICT.AMP", "False", "NUCLEUS.PREDICT.SCORE_THRESH", "0.3", "TEST.DETECTIONS_PER_IMAGE", "30",
         "DATALOADER.NUM_WORKERS", "0", "--variant", "batch1", "NUCLEUS.PREDICT.BATCH_SIZE=1",
@@ -29,13 +35,16 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path):
     ])
     for side in ("plain_loop", "nucleus_predict", "nucleus_predict+batch1"):
         assert result[side]["img_per_s"] > 0
-        assert len(list((tmp_path / "out" / side).glob("*_labels.tif"))) == 2
+        assert len(list((tmp_path / "out" / side).glob("*_labels.tif"))) == 8
     assert result["variant_overrides"]["nucleus_predict+batch1"] == ["NUCLEUS.PREDICT.BATCH_SIZE", "1"]
     assert result["predict_speedup_variants"].keys() == {"nucleus_predict", "nucleus_predict+batch1"}
     assert (tmp_path / "out" / "nucleus_predict" / "submission.csv").is_file()  # every output format
     agreement = result["agreement"]
     assert agreement["matched_instances"] > 0 and agreement["max_count_diff_frac"] == 0
     assert agreement["median_iou"] == pytest.approx(1.0)
+    fast = result["fast_path_agreement"]  # batched NMS and half GroupNorm vs detectron2's own, same crops
+    assert fast["crops"] == 8 and fast["instances"] > 0 and fast["max_count_diff_frac"] == 0
+    assert fast["median_iou"] == pytest.approx(1.0)
     profile = (tmp_path / "profile.txt").read_text()  # the nucleus-predict side's own functions, profiled
     assert "predict_files" in profile and "predict_labels" in profile
 
