@@ -117,7 +117,7 @@ def fast_path_agreement(cfg, paths: list[Path], count: int = 32) -> dict:
     size. Session 14's parallel-NMS bug dropped detections only past one chunk of NMS groups (batch >= 16 on a
     GPU) and no timing run noticed; this check is in every line."""
     import tifffile
-    from infer_throughput import mask_agreement
+    from infer_throughput import instances_agreement
 
     from nucleus_seg.inference.predictor import NucleusPredictor
 
@@ -132,14 +132,8 @@ def fast_path_agreement(cfg, paths: list[Path], count: int = 32) -> dict:
     crops = crops[:count]
     predictors = [NucleusPredictor(cfg, fast=fast) for fast in (True, False)]
     found = [[r["instances"] for r in p.predict_batch(crops)] for p in predictors]
-    ious, diffs = [], []
-    for a, b in zip(*found):
-        matched, na, nb = mask_agreement(b.pred_masks, a.pred_masks.to(b.pred_masks.device))
-        ious += matched
-        diffs.append(abs(na - nb) / max(nb, 1))
-    return {"crops": len(crops), "batch": predictors[0].batch_size,
-            "instances": int(sum(len(b) for b in found[1])), "max_count_diff_frac": max(diffs),
-            "median_iou": float(np.median(ious)) if ious else None}
+    return {"crops": len(crops), "batch": predictors[0].batch_size, "instances": int(sum(len(b) for b in found[1])),
+            **instances_agreement(found[1], found[0])}
 
 
 def profiled(fn, argv: list[str], path: Path) -> int:

@@ -103,20 +103,19 @@ class Suite:
 
     def score(self, name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         from nucleus_seg.data.io import normalize_image
-        from nucleus_seg.evaluation.matching import dsb_score, matching_stats
+        from nucleus_seg.evaluation.matching import image_counts, image_metrics
         from nucleus_seg.inference.baseline import watershed_segment
         from nucleus_seg.inference.scale import image_diameter
 
         model, shed, est, blob, truth, sure = [], [], [], [], [], []
-        found, shed_found = [], []  # matching stats at IoU 0.5: missed nuclei or spurious ones?
+        found, shed_found = [], []  # each pair's metric row: recall and precision at IoU 0.5 say missed or spurious
         for k, (image, labels) in enumerate(pairs):
             pred = self.predictor.predict_labels([image], names=[f"{name}[{k}]"])[0]
             choice = self.predictor.last_scales[0]
-            model.append(dsb_score(labels, pred.labels))
-            found.append(matching_stats(labels, pred.labels))
-            shed_labels = watershed_segment(image)
-            shed.append(dsb_score(labels, shed_labels))
-            shed_found.append(matching_stats(labels, shed_labels))
+            found.append(image_metrics(image_counts(labels, pred.labels)))
+            shed_found.append(image_metrics(image_counts(labels, watershed_segment(image))))
+            model.append(found[-1]["dsb_score"])
+            shed.append(shed_found[-1]["dsb_score"])
             truth.append(_true_diameter(labels))
             if choice is not None:
                 est.append(choice.diameter)
@@ -128,9 +127,9 @@ class Suite:
                 self.panels.append((f"{name}: DSB {model[-1]:.2f} (watershed {shed[-1]:.2f})", image, labels,
                                     pred.labels))
         row = {"dsb": round(float(np.mean(model)), 4), "watershed_dsb": round(float(np.mean(shed)), 4),
-               "recall50": _mean(found, "recall"), "precision50": _mean(found, "precision"),
-               "watershed_recall50": _mean(shed_found, "recall"),
-               "watershed_precision50": _mean(shed_found, "precision"),
+               "recall50": _mean(found, "recall50"), "precision50": _mean(found, "precision50"),
+               "watershed_recall50": _mean(shed_found, "recall50"),
+               "watershed_precision50": _mean(shed_found, "precision50"),
                "true_diameter": _median(truth), "image_diameter": _median(blob)}
         if est:
             row.update(estimated_diameter=_median(est), sure=all(sure))

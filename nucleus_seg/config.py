@@ -173,7 +173,7 @@ def predict_batch_size(cfg, device: str | None = None) -> int:
     size = int(cfg.NUCLEUS.PREDICT.BATCH_SIZE)
     if size > 0:
         return size
-    return GPU_PREDICT_BATCH if str(device or cfg.MODEL.DEVICE).startswith("cuda") else CPU_PREDICT_BATCH
+    return GPU_PREDICT_BATCH if _on_gpu(cfg, device) else CPU_PREDICT_BATCH
 
 
 def predict_streams(cfg, device: str | None = None) -> int:
@@ -181,7 +181,11 @@ def predict_streams(cfg, device: str | None = None) -> int:
     streams = int(cfg.NUCLEUS.PREDICT.STREAMS)
     if streams > 0:
         return streams
-    return GPU_PREDICT_STREAMS if str(device or cfg.MODEL.DEVICE).startswith("cuda") else 1
+    return GPU_PREDICT_STREAMS if _on_gpu(cfg, device) else 1
+
+
+def _on_gpu(cfg, device: str | None) -> bool:
+    return str(device or cfg.MODEL.DEVICE).startswith("cuda")
 
 
 def check_predict_settings(cfg: CN) -> None:
