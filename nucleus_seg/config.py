@@ -56,6 +56,13 @@ def add_nucleus_config(cfg: CN) -> None:
     # at shot-noise SNR 5, 0.63 without: benchmarks/README.md).
     cfg.INPUT.NUCLEUS.SHOT_NOISE_PROB = 0.0
     cfg.INPUT.NUCLEUS.SHOT_NOISE_SNR = (3.0, 20.0)
+    # Stretch the noisy crop again by INPUT.NORMALIZE's percentiles, as inference normalises a noisy image
+    # (background lifted to mid-grey noise, nuclei with less contrast), instead of clipping noise at black.
+    cfg.INPUT.NUCLEUS.SHOT_NOISE_STRETCH = False
+    # Where both noises are added: False, on the training crop after the rescale; True, in the image's own
+    # pixel grid before it, as a camera makes noise and as inference then resizes it with the image (the
+    # recipe upscales real nuclei ~2x, turning pixel noise into grains the model never saw in training).
+    cfg.INPUT.NUCLEUS.NOISE_BEFORE_RESCALE = False
 
     cfg.NUCLEUS = CN()
     cfg.NUCLEUS.SYNTH = CN()

@@ -85,6 +85,7 @@ def main() -> None:
         "untuned_synthetic_val": _metrics(run / "eval_untuned" / "nucleus_synth_val" / "metrics.json"),
         "tuned_inference": json.loads((run / "tune" / "tune.json").read_text())["best"],
         "robustness": _robustness(run / "robustness" / "robustness.json"),
+        "robustness_synthetic_val": _robustness(run / "robustness_synth" / "robustness.json"),
         "generator": {"version": GENERATOR_VERSION, "features": _features(args.config, args.opts)},
     }
     report["dsb_sample_by_zoom"] = _by_zoom(report["robustness"])

@@ -419,3 +419,55 @@ def test_shot_noise_is_in_the_training_augmentation_only_when_asked():
     assert not has_shot_noise(cfg)
     cfg.INPUT.NUCLEUS.SHOT_NOISE_PROB = 0.2
     assert has_shot_noise(cfg)
+
+
+@pytest.mark.parametrize("before_rescale", [False, True])
+def test_noise_before_the_rescale_is_upscaled_with_the_image(before_rescale):
+    """NOISE_BEFORE_RESCALE puts the camera's noise in the image's own pixel grid: a crop upscaled x4 then
+    carries grains ~4 px across (neighbouring pixels nearly equal), as an upscaled noisy image at inference
+    does; otherwise the crop gets fresh per-pixel noise (neighbours differ by ~sqrt(2) x the noise)."""
+    from detectron2.data import transforms as T
+
+    from nucleus_seg.data.transforms import build_nucleus_augmentation
+
+    cfg = get_nucleus_cfg(opts=NO_COLOUR + ["INPUT.NUCLEUS.FLIP", False, "INPUT.NUCLEUS.ROT90", False,
+                                            "INPUT.NUCLEUS.SCALE_RANGE", (4.0, 4.0), "INPUT.NUCLEUS.CROP_SIZE", 128,
+                                            "INPUT.NUCLEUS.SHOT_NOISE_PROB", 1.0,
+                                            "INPUT.NUCLEUS.SHOT_NOISE_SNR", (5.0, 5.0),
+                                            "INPUT.NUCLEUS.NOISE_BEFORE_RESCALE", before_rescale])
+    np.random.seed(0)
+    aug_input = T.AugInput(np.full((256, 256, 3), 120, np.uint8))
+    T.AugmentationList(build_nucleus_augmentation(cfg, True))(aug_input)
+    out = aug_input.image[..., 0].astype(float)
+    assert out.shape == (128, 128)
+    noise = out.std()
+    neighbour = np.diff(out, axis=1).std()
+    assert noise > 10  # SNR 5 at grey level 120: std ~24 per source pixel (less once upscaled and smoothed)
+    if before_rescale:
+        assert neighbour < 0.6 * noise
+    else:
+        assert neighbour == pytest.approx(np.sqrt(2) * noise, rel=0.1)
+
+
+def test_stretched_shot_noise_looks_like_a_noisy_exposure_normalised():
+    """SHOT_NOISE_STRETCH: noise on the already-stretched crop, stretched again by INPUT.NORMALIZE's
+    percentiles, gives what normalising a noisy camera image gives (background lifted into mid-grey noise,
+    less contrast); unstretched, the noise is clipped at black and the background stays dark."""
+    from nucleus_seg.data.io import normalize_image
+    from nucleus_seg.data.transforms import _shot_noise
+
+    rng = np.random.default_rng(0)
+    label = label_scene(256, 256, 40, seed=1, radius=(6, 12))
+    raw = np.where(label > 0, 200.0, 10.0).astype(np.float32)  # a clean exposure: nuclei at 200 on 10
+    clean = normalize_image(raw.astype(np.uint16))
+    unit = raw / np.percentile(raw, 99.9)
+    camera = rng.poisson(unit * 25.0) + rng.normal(0, 2.0, raw.shape) + 10  # SNR 5 at the bright level
+    real = normalize_image(np.clip(camera, 0, None).astype(np.uint16)).astype(float)
+    stretched = _shot_noise(clean, 5.0, 2.0, seed=3, stretch=(1.0, 99.8)).astype(float)
+    clipped = _shot_noise(clean, 5.0, 2.0, seed=3).astype(float)
+    bg, fg = label == 0, label > 0
+    for name, image in (("stretched", stretched), ("real", real)):
+        assert 20 < image[bg].mean() < 90, name
+    assert abs(stretched[bg].mean() - real[bg].mean()) < 12
+    assert abs((stretched[fg].mean() - stretched[bg].mean()) - (real[fg].mean() - real[bg].mean())) < 20
+    assert clipped[bg].mean() < 12

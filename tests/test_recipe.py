@@ -49,6 +49,9 @@ def test_recipe_script_writes_the_result_the_issue_asks_for(tmp_path):
     assert set(robust["datasets"]["nucleus_dsb_sample"]) == {"x0.5", "blur2"} and set(robust["background"]) == {"haze"}
     assert robust["datasets"]["nucleus_dsb_sample"]["blur2"]["true_diameter"] > 20
     assert (out / "robustness" / "robustness_grid.png").is_file()
+    # the photometric variants on held-out synthetic images too, where recipe changes are judged
+    synth = report["robustness_synthetic_val"]["datasets"]["nucleus_synth_val"]
+    assert set(synth) == {"noise_snr5"} and 0 <= synth["noise_snr5"]["dsb"] <= 1
     # tuning saw the recipe model's own size band, every threshold, and wrote a config the eval used
     rows = json.loads((out / "tune" / "tune.json").read_text())["rows"]
     cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_synth_h100.yaml", TINY)

@@ -8,6 +8,7 @@ first and decides the scale, so every later step works on the crop only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
     "RandomIntensity",
     "RandomGaussianBlur",
     "RandomGaussianNoise",
+    "RandomShotNoise",
     "build_nucleus_augmentation",
     "median_diameter",
 ]
@@ -123,10 +125,15 @@ class RandomScaledNucleusCrop(T.Augmentation):
     training): the image is first brought to a median nucleus diameter of ``target_diameter``
     (AugInput ``diameter``, px) and ``scale_range`` jitters around that. The model then spends its
     capacity on one size band, and the predictor's ``diameter`` setting brings every input to it.
+
+    ``before_resize``: photometric augmentations (taking the image only) applied to the window in the
+    source's own pixel grid, before the rescale: camera noise is per camera pixel, and inference resizes it
+    together with the image (upscaled, its grains span several of the model's pixels).
     """
 
     def __init__(self, crop_size: int, scale_range: tuple[float, float] = (1.0, 1.0),
-                 nucleus_prob: float = 0.9, target_diameter: float = 0.0):
+                 nucleus_prob: float = 0.9, target_diameter: float = 0.0,
+                 before_resize: Sequence[T.Augmentation] = ()):
         super().__init__()
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
@@ -137,7 +144,7 @@ class RandomScaledNucleusCrop(T.Augmentation):
             raise ValueError(f"target_diameter (NUCLEUS.PREDICT.TRAIN_DIAMETER with "
                              f"INPUT.NUCLEUS.SCALE_TO_DIAMETER) must be >= 0, got {target_diameter}")
         self._init({"crop_size": int(crop_size), "scale_range": (lo, hi), "nucleus_prob": nucleus_prob,
-                    "target_diameter": float(target_diameter)})
+                    "target_diameter": float(target_diameter), "before_resize": tuple(before_resize)})
         self.input_args = ("image", "boxes", "diameter") if target_diameter > 0 else ("image", "boxes")
 
     def get_transform(self, image: np.ndarray, boxes: np.ndarray | None,
@@ -159,6 +166,9 @@ class RandomScaledNucleusCrop(T.Augmentation):
             x0 = int(np.random.randint(w - cw + 1))
             y0 = int(np.random.randint(h - ch + 1))
         tfms: list[T.Transform] = [T.CropTransform(x0, y0, cw, ch, orig_w=w, orig_h=h)]
+        window = image[y0:y0 + ch, x0:x0 + cw]
+        tfms += [t for t in (aug.get_transform(window) for aug in self.before_resize)
+                 if not isinstance(t, T.NoOpTransform)]
         factor = crop / win
         oh = crop if ch == win else min(crop, max(1, int(round(ch * factor))))
         ow = crop if cw == win else min(crop, max(1, int(round(cw * factor))))
@@ -249,20 +259,28 @@ class RandomShotNoise(T.Augmentation):
     """Photon (Poisson) noise plus camera read noise, as a short exposure gives it: the image's bright level
     (99.9th percentile) gets a shot-noise SNR drawn log-uniformly from ``snr_range`` (SNR 5 = 25 photons),
     darker pixels proportionally fewer photons, so the noise grows with the signal (RandomGaussianNoise's
-    does not). The same noise goes into every channel (a grey image stored as RGB stays grey)."""
+    does not). The same noise goes into every channel (a grey image stored as RGB stays grey).
 
-    def __init__(self, snr_range: tuple[float, float] = (3.0, 20.0), read_noise: float = 2.0):
+    ``stretch`` (low, high percentiles): the noisy image is stretched again the way inference normalises a
+    noisy exposure (``INPUT.NORMALIZE``), instead of clipping the noise at black: a noisy camera image's
+    background comes out as mid-grey noise and its nuclei with less contrast, which clipped noise on the
+    already-stretched training image never shows."""
+
+    def __init__(self, snr_range: tuple[float, float] = (3.0, 20.0), read_noise: float = 2.0,
+                 stretch: tuple[float, float] | None = None):
         super().__init__()
-        self._init({"snr_range": (float(snr_range[0]), float(snr_range[1])), "read_noise": float(read_noise)})
+        self._init({"snr_range": (float(snr_range[0]), float(snr_range[1])), "read_noise": float(read_noise),
+                    "stretch": None if stretch is None else (float(stretch[0]), float(stretch[1]))})
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
         lo, hi = self.snr_range
         snr = math.exp(np.random.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
         seed = int(np.random.randint(2**31))
-        return T.ColorTransform(op=lambda img: _shot_noise(img, snr, self.read_noise, seed))
+        return T.ColorTransform(op=lambda img: _shot_noise(img, snr, self.read_noise, seed, self.stretch))
 
 
-def _shot_noise(img: np.ndarray, snr: float, read_noise: float, seed: int) -> np.ndarray:
+def _shot_noise(img: np.ndarray, snr: float, read_noise: float, seed: int,
+                stretch: tuple[float, float] | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
     grey = (img if img.ndim == 2 else img.max(axis=2)).astype(np.float32)
     top = float(np.percentile(grey[::2, ::2], 99.9)) or 1.0
@@ -272,7 +290,11 @@ def _shot_noise(img: np.ndarray, snr: float, read_noise: float, seed: int) -> np
     delta = photons / photons_per_level - grey  # zero mean: the exposure's brightness is kept
     if img.ndim == 3:
         delta = delta[..., None]
-    return np.clip(img.astype(np.float32) + delta + 0.5, 0, 255).astype(np.uint8)
+    noisy = img.astype(np.float32) + delta
+    if stretch is not None:
+        low, high = np.percentile((grey + delta.reshape(grey.shape))[::2, ::2], stretch)
+        noisy = (noisy - low) * np.float32(255.0 / max(float(high - low), 1e-3))
+    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
 
 
 def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
@@ -284,9 +306,18 @@ def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
     if not is_train:
         return utils.build_augmentation(cfg, is_train=False)  # ResizeShortestEdge; MIN_SIZE_TEST 0 = none
     n = cfg.INPUT.NUCLEUS
+    noise: list[T.Augmentation] = []
+    if n.NOISE_PROB > 0:
+        noise.append(T.RandomApply(RandomGaussianNoise(tuple(n.NOISE_STD)), prob=n.NOISE_PROB))
+    if n.SHOT_NOISE_PROB > 0:
+        stretch = (cfg.INPUT.NORMALIZE.LOW, cfg.INPUT.NORMALIZE.HIGH) if n.SHOT_NOISE_STRETCH else None
+        noise.append(T.RandomApply(RandomShotNoise(tuple(n.SHOT_NOISE_SNR), stretch=stretch),
+                                   prob=n.SHOT_NOISE_PROB))
+    source_noise = bool(n.NOISE_BEFORE_RESCALE)
     augs: list[T.Augmentation] = [
         RandomScaledNucleusCrop(n.CROP_SIZE, tuple(n.SCALE_RANGE), n.CROP_NUCLEUS_PROB,
-                                target_diameter=cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER if n.SCALE_TO_DIAMETER else 0.0)
+                                target_diameter=cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER if n.SCALE_TO_DIAMETER else 0.0,
+                                before_resize=noise if source_noise else ())
     ]
     if n.FLIP:
         augs += [T.RandomFlip(0.5, horizontal=True, vertical=False),
@@ -297,8 +328,6 @@ def build_nucleus_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
         augs.append(RandomIntensity(n.BRIGHTNESS, n.CONTRAST, tuple(n.GAMMA)))
     if n.BLUR_PROB > 0:
         augs.append(T.RandomApply(RandomGaussianBlur(tuple(n.BLUR_SIGMA)), prob=n.BLUR_PROB))
-    if n.NOISE_PROB > 0:
-        augs.append(T.RandomApply(RandomGaussianNoise(tuple(n.NOISE_STD)), prob=n.NOISE_PROB))
-    if n.SHOT_NOISE_PROB > 0:
-        augs.append(T.RandomApply(RandomShotNoise(tuple(n.SHOT_NOISE_SNR)), prob=n.SHOT_NOISE_PROB))
+    if not source_noise:
+        augs += noise
     return augs
