@@ -55,3 +55,12 @@ def test_the_suite_scores_variants_and_background_fields(tiny_cfg, tmp_path, mon
     assert set(line["summary"]["nucleus_dsb_sample"]) == {"mean_dsb", "min_dsb", "below_bar"}
     assert json.loads((tmp_path / "out" / "robustness.json").read_text())["datasets"] == line["datasets"]
     assert (tmp_path / "out" / "robustness_grid.png").stat().st_size > 10_000
+
+
+def test_the_summary_reads_background_fields_alone():
+    """--zooms "" --variants "" (background fields only) leaves a dataset with no rows: summarised as nothing,
+    not a crash after the suite's work is done."""
+    report = {"datasets": {"nucleus_dsb_sample": {}},
+              "background": {"noise": {"detections": 3, "watershed_detections": 900}}}
+    summary = robustness.summarize(report)
+    assert summary == {"background_max_detections": 3}
