@@ -38,9 +38,10 @@ python benchmarks/robustness.py --config-file "$TUNED" --output "$OUT/robustness
   --variants "${NUCLEUS_ROBUSTNESS_VARIANTS-all}" --background "${NUCLEUS_ROBUSTNESS_BACKGROUND-all}" > /dev/null
 # the same photometric failures on held-out synthetic images: where a recipe change is judged (the real
 # sample only reports); NUCLEUS_ROBUSTNESS_SYNTH_VARIANTS="" skips it
-if [ -n "${NUCLEUS_ROBUSTNESS_SYNTH_VARIANTS-noise_snr5}" ]; then
+SYNTH_VARIANTS=${NUCLEUS_ROBUSTNESS_SYNTH_VARIANTS-noise_snr5}
+if [ -n "$SYNTH_VARIANTS" ]; then
   python benchmarks/robustness.py --config-file "$TUNED" --output "$OUT/robustness_synth" --dataset nucleus_synth_val \
-    --zooms "" --variants "${NUCLEUS_ROBUSTNESS_SYNTH_VARIANTS-noise_snr5}" --background "" > /dev/null
+    --zooms "" --variants "$SYNTH_VARIANTS" --background "" > /dev/null
 fi
 python scripts/accuracy_report.py --run "$OUT" --config "$CFG" \
   ${NUCLEUS_ACCURACY_JSON:+--out "$NUCLEUS_ACCURACY_JSON"} \

@@ -287,12 +287,11 @@ def _shot_noise(img: np.ndarray, snr: float, read_noise: float, seed: int,
     photons_per_level = snr * snr / top
     photons = rng.poisson(grey * photons_per_level).astype(np.float32)
     photons += rng.normal(0.0, read_noise, grey.shape).astype(np.float32)  # read noise, in photons
-    delta = photons / photons_per_level - grey  # zero mean: the exposure's brightness is kept
-    if img.ndim == 3:
-        delta = delta[..., None]
-    noisy = img.astype(np.float32) + delta
+    noisy_grey = photons / photons_per_level
+    delta = noisy_grey - grey  # zero mean: the exposure's brightness is kept
+    noisy = img.astype(np.float32) + (delta[..., None] if img.ndim == 3 else delta)
     if stretch is not None:
-        low, high = np.percentile((grey + delta.reshape(grey.shape))[::2, ::2], stretch)
+        low, high = np.percentile(noisy_grey[::2, ::2], stretch)
         noisy = (noisy - low) * np.float32(255.0 / max(float(high - low), 1e-3))
     return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
 
