@@ -127,6 +127,11 @@ def add_nucleus_config(cfg: CN) -> None:
     # Instances scoring below this are left out of label images, CSVs and the DSB metric
     # (COCO AP still ranks every detection).
     cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.5
+    # Instances must stand out from the image's own pixel noise: (mean - the background around them) / pixel
+    # noise x sqrt(area) at least this (inference.significance). 8 (the recipe and demo configs) drops camera noise
+    # that an "auto" upscale made the model read as tiny nuclei; 0 keeps every detection, as DefaultPredictor does.
+    # The exported runner applies it too; the bioimage.io package does not.
+    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 0.0
     # Score an instance needs to count in the estimated diameter (DIAMETER -1). Separate from SCORE_THRESH
     # so an output threshold does not move the scale: nucleus-eval --tune scores every threshold on one
     # pass per scale and gets exactly what the tuned config then does.
@@ -205,6 +210,7 @@ def check_predict_settings(cfg: CN) -> None:
         ("TRAIN_DIAMETER", p.TRAIN_DIAMETER >= 0, "must be >= 0 (0: never rescale)"),
         ("DIAMETER", p.DIAMETER == -1 or p.DIAMETER >= 0, "must be a diameter in px, 0 (no rescale) or -1 (auto)"),
         ("SCORE_THRESH", 0 <= p.SCORE_THRESH <= 1, "must be in [0, 1]"),
+        ("MIN_SIGNIFICANCE", p.MIN_SIGNIFICANCE >= 0, "must be >= 0 (0: keep every detection)"),
         ("WRITERS", p.WRITERS >= -1, "must be a process count, 0 (none) or -1 (auto)"),
         ("STREAMS", p.STREAMS >= 0, "must be at least 1 (0: 2 on a GPU, 1 on the CPU)"),
         ("DIAMETER_SCORE_THRESH", 0 <= p.DIAMETER_SCORE_THRESH <= 1, "must be in [0, 1]"),

@@ -676,3 +676,48 @@ def test_with_two_streams_a_failed_batch_fails_only_its_image(cfg):
     assert sorted(results) == [0, 1, 2] and len(done) == 3
     assert isinstance(results[1], RuntimeError)
     assert len(results[0].stitch()[0]) > 0 and len(results[2].stitch()[0]) > 0
+
+
+def test_min_significance_drops_the_same_detections_on_every_path(cfg):
+    """Random weights also outline patches of plain background: the significance rule removes those on every path
+    (predict_labels, predict_batch at the output threshold, predict_large) exactly as keep_significant judges the
+    plain prediction, and keeps the rest."""
+    from nucleus_seg.inference.significance import keep_significant
+
+    image = blobs((100, 124), np.uint16, seed=2)
+    torch.manual_seed(0)
+    plain = NucleusPredictor(cfg)
+    expected = keep_significant(plain.predict_labels([image])[0], plain.normalize(image), 5.0)
+    assert 0 < len(expected) < len(plain.predict_labels([image])[0])
+    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
+    torch.manual_seed(0)
+    predictor = NucleusPredictor(cfg)
+    for pred in (predictor.predict_labels([image])[0], predictor.predict_large(image, tile=128, overlap=32)):
+        np.testing.assert_array_equal(pred.labels, expected.labels)
+        np.testing.assert_array_equal(pred.scores, expected.scores)
+    inst = predictor(image)["instances"]
+    np.testing.assert_array_equal(kept_as_labels(inst, inst.scores >= predictor.score_thresh).labels, expected.labels)
+    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = -1.0
+    with pytest.raises(ValueError, match="MIN_SIGNIFICANCE"):
+        NucleusPredictor(cfg)
+
+
+def test_nucleus_predicts_writer_judges_batched_tiles_as_predict_large(cfg, tmp_path):
+    """nucleus-predict stitches batched tiles in a writer: with MIN_SIGNIFICANCE its label TIFF is what
+    predict_large gives (the same detections dropped)."""
+    import tifffile
+
+    from nucleus_seg.inference.batch import stitch_and_write
+
+    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
+    predictor = NucleusPredictor(cfg)
+    image = blobs((150, 230), seed=3)
+    expected = predictor.predict_large(image, tile=96, overlap=32, diameter=0)
+    predictor.min_significance = 0.0
+    assert 0 < len(expected) < len(predictor.predict_large(image, tile=96, overlap=32, diameter=0))
+    batcher = predictor.tile_batcher(tile=96, overlap=32)
+    [(_, tiled)] = batch_tiles(predictor, batcher, [image])
+    batcher.close()
+    stitch_and_write(tmp_path, {"labels"}, tmp_path / "field.tif", image, tiled, cfg)
+    [written] = list(tmp_path.glob("field*.tif"))
+    np.testing.assert_array_equal(tifffile.imread(written), expected.labels)

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import robustness  # noqa: E402
+import significance_sweep  # noqa: E402
 
 
 def test_photometric_variants_do_what_they_say(dsb_sample):
@@ -64,3 +65,23 @@ def test_the_summary_reads_background_fields_alone():
               "background": {"noise": {"detections": 3, "watershed_detections": 900}}}
     summary = robustness.summarize(report)
     assert summary == {"background_max_detections": 3}
+
+
+@pytest.mark.slow
+def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cfg, tmp_path):
+    """benchmarks/significance_sweep.py: each threshold keeps a subset of the one below it, on images and fields."""
+    from detectron2.modeling import build_model
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(tiny_cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": build_model(tiny_cfg).state_dict()}, tmp_path / "w.pth")
+    line = significance_sweep.main(["--config-file", str(config), "--weights", str(tmp_path / "w.pth"),
+                                    "--dataset", "nucleus_dsb_sample", "--images", "1", "--variants", "gamma2",
+                                    "--background", "noise", "--thresholds", "0,5,50"])
+    assert line["benchmark"] == "significance_sweep" and set(line["background"]) == {"noise"}
+    for variant in ("clean", "gamma2"):
+        (dsb0, n0), (_, n5), (dsb50, n50) = line[variant].values()
+        assert n0 >= n5 >= n50 and n0 > 0 and 0 <= dsb50 <= 1 and 0 <= dsb0 <= 1
+    counts = list(line["background"]["noise"].values())
+    assert counts == sorted(counts, reverse=True)

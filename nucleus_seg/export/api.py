@@ -54,6 +54,7 @@ def runner_metadata(cfg, score_floor: float) -> dict:
         "train_diameter": float(pred.TRAIN_DIAMETER),
         "diameter": "auto" if float(pred.DIAMETER) < 0 else float(pred.DIAMETER),
         "diameter_score_thresh": float(pred.DIAMETER_SCORE_THRESH),
+        "min_significance": float(pred.MIN_SIGNIFICANCE),
     }
 
 

@@ -5,7 +5,9 @@ nucleus_seg or detectron2. The exported graph holds the network (pixel mean/std,
 box and mask heads, NMS); this file does what ``NucleusPredictor.predict_labels`` does around it: the
 percentile normalisation, an optional rescale to the training diameter, and pasting each 28x28 soft mask
 into its box (detectron2's sampling grid) to paint one label image, highest score on top, ids 1..N by
-descending score. Not here: tiling of large images and test-time flips (use nucleus-predict for those).
+descending score, and dropping what does not stand out from the image's pixel noise
+(``NUCLEUS.PREDICT.MIN_SIGNIFICANCE``). Not here: tiling of large images and test-time flips (use
+nucleus-predict for those).
 
     python nucleus_runner.py MODEL_DIR IMAGE OUT [--score-thresh S] [--diameter D|auto] [--backend onnx|torchscript]
 
@@ -155,11 +157,43 @@ class Segmenter:
             if scores[k] >= thresh:
                 window, y, x = windows[k]
                 labels[y:y + window.shape[0], x:x + window.shape[1]][window] = k + 1
+        if meta.get("min_significance", 0) > 0:
+            drop = significance(labels, norm.astype(np.float32).mean(axis=2)) < meta["min_significance"]
+            labels[np.concatenate([[False], drop])[labels]] = 0
         alive = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(scores) + 1)[1:])
         order = alive[np.argsort(-scores[alive], kind="stable")]
         lut = np.zeros(len(scores) + 1, dtype=np.int32)
         lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
         return lut[labels], scores[order].astype(np.float32)
+
+
+def significance(labels: np.ndarray, gray: np.ndarray) -> np.ndarray:
+    """Per id 1..labels.max(): (mean - median of the background within half a typical radius) / pixel noise x
+    sqrt(area); inf where it cannot be judged. nucleus_seg.inference.significance's rule, in numpy."""
+    n = int(labels.max(initial=0))
+    out = np.full(n, np.inf)
+    diffs = np.abs(np.diff(gray[::2], axis=1)).ravel()
+    middle = (diffs.size - 1) // 2  # the lower median, as torch.median
+    sigma = float(np.partition(diffs, middle)[middle]) / (0.6745 * math.sqrt(2)) if diffs.size else 0.0
+    if n == 0 or sigma <= 0:
+        return out
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    inside = np.bincount(flat, weights=gray.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(area, 1)
+    radius = max(2, round(0.25 * math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)))
+    grown = np.pad(labels, radius)  # a square max filter, row shifts then column shifts
+    grown = np.max([grown[:, i:i + labels.shape[1]] for i in range(2 * radius + 1)], axis=0)
+    grown = np.max([grown[i:i + labels.shape[0]] for i in range(2 * radius + 1)], axis=0)
+    ring = np.where(labels == 0, grown, 0).ravel()
+    ids, values = ring[ring > 0], gray.ravel()[ring > 0].astype(np.float64)
+    order = np.lexsort((values, ids))
+    ids, values = ids[order], values[order]
+    counts = np.bincount(ids, minlength=n + 1)[1:]
+    starts = np.cumsum(counts) - counts
+    judged = np.flatnonzero((area > 0) & (counts >= 4))
+    level = (values[starts[judged] + (counts[judged] - 1) // 2] + values[starts[judged] + counts[judged] // 2]) / 2
+    out[judged] = (inside[judged] - level) / sigma * np.sqrt(area[judged])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from .outputs import (
     write_submission_csv,
 )
 from .predictor import NucleusPredictor
+from .significance import keep_significant
 from .tiling import LabelPrediction, TiledDetections, seam_warning
 
 __all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
@@ -134,6 +135,8 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
         overlap = pred.overlap
         pred, num_cut = pred.stitch()
         warning = seam_warning(num_cut, overlap, str(path)) if num_cut else None
+        if cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE > 0:  # as the predictor judges what it stitches itself
+            pred = keep_significant(pred, normalize_from_cfg(raw, cfg), cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE)
     return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg), warning
 
 

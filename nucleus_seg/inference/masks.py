@@ -16,8 +16,8 @@ from torch.nn import functional as F
 
 from .tiling import Tile
 
-__all__ = ["Detections", "detections_from_outputs", "keep_scores", "paste_mask_windows", "windows_to_label",
-           "windows_to_masks"]
+__all__ = ["Detections", "detections_from_outputs", "keep_scores", "paste_mask_windows", "select_detections",
+           "windows_to_label", "windows_to_masks"]
 
 PASTE_BUDGET = 1 << 25  # window pixels sampled per grid_sample call (bounds memory)
 
@@ -38,10 +38,14 @@ class Detections:
     ox: torch.Tensor  # (N,) long
 
 
-def keep_scores(det: Detections, score_thresh: float) -> Detections:
-    keep = det.scores >= score_thresh
+def select_detections(det: Detections, keep: torch.Tensor) -> Detections:
+    """The detections where ``keep`` (bool, on their device) is true."""
     return Detections(det.image_shape, det.boxes[keep], det.scores[keep], det.classes[keep], det.windows[keep],
                       det.oy[keep], det.ox[keep])
+
+
+def keep_scores(det: Detections, score_thresh: float) -> Detections:
+    return select_detections(det, det.scores >= score_thresh)
 
 
 def paste_mask_windows(

@@ -43,6 +43,7 @@ from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
 from .scale import Diameter, ScaleChoice, choose_scale, diameter_to_scale, image_diameter, parse_diameter
+from .significance import keep_significant, significant_detections
 from .tiling import (
     LabelPrediction,
     Stitcher,
@@ -192,6 +193,7 @@ class NucleusPredictor:
         self.amp_dtype = inference_amp_dtype(self.device) if pred.AMP else None
         self.amp = self.amp_dtype is not None
         self.score_thresh = float(pred.SCORE_THRESH)
+        self.min_significance = float(pred.MIN_SIGNIFICANCE)
         self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
@@ -328,7 +330,7 @@ class NucleusPredictor:
                 yield done, len(tiles), None
         if stitcher.num_cut:
             logger.warning("%s", seam_warning(stitcher.num_cut, overlap))
-        yield len(tiles), len(tiles), stitcher.finish()
+        yield len(tiles), len(tiles), keep_significant(stitcher.finish(), norm, self.min_significance)
 
     def _fits_one_pass(self, shape: tuple[int, int], scale: float) -> bool:
         """Whether the image at ``scale`` goes through the model whole (else tile by tile: an image that
@@ -419,9 +421,9 @@ class NucleusPredictor:
             dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
-                if scale is None:
+                if scale is None or self.min_significance > 0:
                     norms[i] = norm
-        for i, norm in norms.items():
+        for i, norm in (norms.items() if scale is None else ()):
             choice, passes = choose_scale(self._auto_pass(norm, floor), [results[i]], self.diameter_score_thresh,
                                           self.train_diameter, image_diameter(norm), names[i])
             self.last_scales[i] = choice
@@ -432,7 +434,11 @@ class NucleusPredictor:
                 pred = self.cfg.NUCLEUS.PREDICT
                 steps = self._stitched(norm, choice.scale, int(pred.TILE_SIZE), int(pred.TILE_OVERLAP),
                                        self.score_thresh if score_thresh is None else score_thresh)
-                results[i] = [last for *_, last in steps][-1]
+                results[i] = [last for *_, last in steps][-1]  # judged by significance as it was stitched
+        if self.min_significance > 0:
+            shown = self.score_thresh if score_thresh is None else score_thresh
+            results = [significant_detections(r, norms[i], self.min_significance, shown)
+                       if isinstance(r, Detections) else r for i, r in enumerate(results)]
         return results
 
     def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,

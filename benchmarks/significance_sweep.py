@@ -1,0 +1,85 @@
+"""Choosing ``NUCLEUS.PREDICT.MIN_SIGNIFICANCE`` on labelled validation images, clean and with the robustness
+suite's photometric variants, plus the suite's background-only fields.
+
+Each image is predicted once with the rule off; every threshold is then applied to that prediction exactly as the
+predictor applies it (``keep_significant`` on the label image), and scored (mean DSB per image) and counted.
+Choose on synthetic validation (e.g. ``nucleus_synth_val`` or a folder of held-out generated fields), never on
+the real sample.
+
+    python benchmarks/significance_sweep.py --config-file CFG [--weights W] --dataset DATASET [--images 12]
+        [--variants noise_snr5] [--background all] [--thresholds 0,5,6,8,10,12,16] [KEY VALUE ...]
+
+Prints one JSON line: per variant (``clean`` and each photometric one) ``{threshold: [mean DSB, instances]}``,
+per background field ``{threshold: detections}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_facts, emit  # noqa: E402
+from robustness import BACKGROUND, _pairs, _true_diameter, background, photometric  # noqa: E402
+
+
+def run(args: argparse.Namespace) -> dict:
+    from nucleus_seg import NucleusPredictor, get_nucleus_cfg
+    from nucleus_seg.evaluation.matching import dsb_score
+    from nucleus_seg.inference.significance import keep_significant
+
+    cfg = get_nucleus_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights] if args.weights else [])
+    cfg.merge_from_list(args.opts + ["NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0"])
+    predictor = NucleusPredictor(cfg)
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    pairs = _pairs(args.dataset)[:args.images]
+    report: dict = {}
+
+    def judged(image: np.ndarray):
+        pred = predictor.predict_labels([image])[0]
+        norm = predictor.normalize(image)
+        return [keep_significant(pred, norm, t) for t in thresholds]
+
+    for variant in ["clean"] + [v for v in args.variants.split(",") if v]:
+        scores: list[list[float]] = [[] for _ in thresholds]
+        counts = [0] * len(thresholds)
+        for image, labels in pairs:
+            shown = image if variant == "clean" else photometric(image, labels, variant)
+            for k, pred in enumerate(judged(shown)):
+                scores[k].append(dsb_score(labels, pred.labels))
+                counts[k] += len(pred)
+        report[variant] = {f"{t:g}": [round(float(np.mean(s)), 4), c] for t, s, c in zip(thresholds, scores, counts)}
+        print(f"[significance] {variant:12s} " + "  ".join(f"{t}: {v[0]:.4f}" for t, v in report[variant].items()),
+              file=sys.stderr, flush=True)
+    diameters = [d for d in (_true_diameter(labels) for _, labels in pairs) if d]
+    diameter = float(np.median(diameters)) if diameters else 24.0
+    fields = BACKGROUND if args.background == "all" else [b for b in args.background.split(",") if b]
+    report["background"] = {kind: {f"{t:g}": len(p) for t, p in zip(thresholds, judged(background(kind, diameter)))}
+                            for kind in fields}
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: the config's)")
+    parser.add_argument("--dataset", required=True, help="labelled validation set (name or DSB-layout folder)")
+    parser.add_argument("--images", type=int, default=12, help="its first N images")
+    parser.add_argument("--variants", default="noise_snr5", help="photometric variants besides clean (comma list)")
+    parser.add_argument("--background", default="all", help=f"comma list of {', '.join(BACKGROUND)}, or all")
+    parser.add_argument("--thresholds", default="0,5,6,8,10,12,16")
+    parser.add_argument("--save", default="")
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
+    args = parser.parse_args(argv)
+    line = {"benchmark": "significance_sweep", **device_facts(), "config": args.config_file,
+            "weights": args.weights or "(config)", "dataset": args.dataset, "images": args.images,
+            "variant": f"variants {args.variants}; background {args.background}", **run(args)}
+    emit(line, args.save)
+    return line
+
+
+if __name__ == "__main__":
+    main()
