@@ -135,7 +135,7 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
         overlap = pred.overlap
         pred, num_cut = pred.stitch()
         warning = seam_warning(num_cut, overlap, str(path)) if num_cut else None
-        if cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE > 0:  # as the predictor judges what it stitches itself
+        if cfg is not None and cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE > 0:  # as the predictor judges its own stitching
             pred = keep_significant(pred, normalize_from_cfg(raw, cfg), cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE)
     return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg), warning
 
