@@ -113,14 +113,16 @@ def image_entries(formats: set[str], stem: str, labels: np.ndarray, scores: Sequ
 
 
 def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarray, labels: np.ndarray,
-                        scores: Sequence[float] | dict[int, float], cfg) -> ImageEntries:
+                        scores: Sequence[float] | dict[int, float], cfg, norm: np.ndarray | None = None,
+                        ) -> ImageEntries:
     """One image's files (label TIFF, overlay, measurements) and its per-run entries; a plain function, so a
-    writer process can run it."""
+    writer process can run it. ``norm``: ``raw`` normalised already (else the overlay normalises it)."""
     stem = path.stem
     if "labels" in formats:
         write_label_tiff(output_path(out, stem, "labels"), labels)
     if "overlay" in formats:
-        write_overlay_png(output_path(out, stem, "overlay"), normalize_from_cfg(raw, cfg), labels)
+        write_overlay_png(output_path(out, stem, "overlay"), normalize_from_cfg(raw, cfg) if norm is None else norm,
+                          labels)
     if "csv" in formats:
         write_measurements_csv(output_path(out, stem, "csv"), labels, raw, scores)
     return image_entries(formats, stem, labels, scores, path.name)
@@ -130,14 +132,15 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
                      pred: LabelPrediction | TiledDetections, cfg) -> tuple[ImageEntries, str | None]:
     """A writer task: stitch the image's tiles if that is still to do, write its files; returns its per-run
     entries and the seam warning, if any (logged by the predicting process, which has the user's log)."""
-    warning = None
+    warning = norm = None
     if isinstance(pred, TiledDetections):
         overlap = pred.overlap
         pred, num_cut = pred.stitch()
         warning = seam_warning(num_cut, overlap, str(path)) if num_cut else None
         if cfg is not None and cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE > 0:  # as the predictor judges its own stitching
-            pred = keep_significant(pred, normalize_from_cfg(raw, cfg), cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE)
-    return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg), warning
+            norm = normalize_from_cfg(raw, cfg)  # the overlay reuses it
+            pred = keep_significant(pred, norm, cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE)
+    return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg, norm), warning
 
 
 @dataclass

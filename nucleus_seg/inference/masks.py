@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .tiling import Tile
 
 __all__ = ["Detections", "detections_from_outputs", "keep_scores", "paste_mask_windows", "select_detections",
-           "windows_to_label", "windows_to_masks"]
+           "window_pixels", "windows_to_label", "windows_to_masks"]
 
 PASTE_BUDGET = 1 << 25  # window pixels sampled per grid_sample call (bounds memory)
 
@@ -91,6 +91,14 @@ def paste_mask_windows(
     return windows, oy.long(), ox.long()
 
 
+def window_pixels(oy: torch.Tensor, ox: torch.Tensor, win_h: int, win_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image row and column of every window pixel, (N, h, 1) and (N, 1, w): ``image[rows, cols]`` is the (N, h, w)
+    crop under the windows."""
+    rows = oy[:, None, None] + torch.arange(win_h, device=oy.device)[None, :, None]
+    cols = ox[:, None, None] + torch.arange(win_w, device=ox.device)[None, None, :]
+    return rows, cols
+
+
 def windows_to_masks(windows: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor,
                      image_shape: tuple[int, int]) -> torch.Tensor:
     """Full-image NxHxW bool masks from windows (the ``pred_masks`` DefaultPredictor returns)."""
@@ -98,8 +106,7 @@ def windows_to_masks(windows: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor,
     masks = torch.zeros((n, int(image_shape[0]), int(image_shape[1])), dtype=torch.bool,
                         device=windows.device)
     if n:
-        rows = oy[:, None, None] + torch.arange(win_h, device=windows.device)[None, :, None]
-        cols = ox[:, None, None] + torch.arange(win_w, device=windows.device)[None, None, :]
+        rows, cols = window_pixels(oy, ox, win_h, win_w)
         masks[torch.arange(n, device=windows.device)[:, None, None], rows, cols] = windows
     return masks
 
@@ -120,8 +127,7 @@ def windows_to_label(windows: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, 
     order = torch.sort(scores, stable=True).indices  # paint order: later wins
     rank = torch.empty(n, dtype=torch.long, device=device)
     rank[order] = torch.arange(1, n + 1, device=device)
-    rows = oy[:, None, None] + torch.arange(win_h, device=device)[None, :, None]
-    cols = ox[:, None, None] + torch.arange(win_w, device=device)[None, None, :]
+    rows, cols = window_pixels(oy, ox, win_h, win_w)
     flat = (rows * width + cols).reshape(-1)
     values = torch.where(windows, rank[:, None, None], 0).reshape(-1)
     labels.scatter_reduce_(0, flat, values, reduce="amax")

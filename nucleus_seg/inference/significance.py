@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .masks import Detections, select_detections, windows_to_label
+from .masks import Detections, select_detections, window_pixels, windows_to_label
 from .tiling import LabelPrediction, finalize_labels
 
 __all__ = ["RING_MIN_PIXELS", "keep_significant", "label_significance", "pixel_noise", "significant_detections"]
@@ -128,9 +128,7 @@ def significant_detections(det: Detections, norm: np.ndarray, min_significance: 
     keep = ~shown
     keep[shown] = ~dropped
     dropped_id = torch.cat([torch.zeros(1, dtype=torch.bool, device=dropped.device), dropped])
-    _, win_h, win_w = det.windows.shape
-    rows = det.oy[:, None, None] + torch.arange(win_h, device=det.oy.device)[None, :, None]
-    cols = det.ox[:, None, None] + torch.arange(win_w, device=det.ox.device)[None, None, :]
+    rows, cols = window_pixels(det.oy, det.ox, *det.windows.shape[1:])
     uncovered = det.windows & ~dropped_id[labels.long()][rows, cols]
     return select_detections(Detections(det.image_shape, det.boxes, det.scores, det.classes, uncovered, det.oy,
                                         det.ox), keep)
