@@ -64,7 +64,8 @@ def emit(result: dict, save: str | None) -> None:
 def inference_cfg(config_file: str, opts: list[str], detections: int, batch: int):
     """The inference benchmarks' config: always ``detections`` instances per image (whatever the weights),
     uint8 pixels fed as they are (so DefaultPredictor sees the same input), no diameter rescale, and every
-    detection kept (no significance rule: DefaultPredictor has none)."""
+    detection kept and every mask as the model made it (no significance rule, no boundary step: DefaultPredictor
+    has neither)."""
     from nucleus_seg.config import get_nucleus_cfg
 
     cfg = get_nucleus_cfg(config_file, opts)
@@ -74,6 +75,7 @@ def inference_cfg(config_file: str, opts: list[str], detections: int, batch: int
     cfg.NUCLEUS.PREDICT.BATCH_SIZE = batch
     cfg.NUCLEUS.PREDICT.DIAMETER = 0.0
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 0.0
+    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.0
     return cfg
 
 

@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
         variants[f"nucleus_predict+{name}"] = [t for p in pairs for t in p.split("=", 1)]
 
     # no rescale on either side (the plain loop has no diameter estimate): the models see the same pixels; nor the
-    # significance rule (the plain loop keeps every detection): the same instances (a --variant may turn it on)
+    # significance rule nor boundary step (the plain loop keeps every detection and mask as made): the same instances
+    # (a --variant may turn them on)
     opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", "NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0",
-            *args.opts]
+            "NUCLEUS.PREDICT.BOUNDARY_LEVEL", "0.0", *args.opts]
     cfg = get_nucleus_cfg(args.config_file, opts)
     weights = cfg.MODEL.WEIGHTS = weights_or_random_init(cfg, args.weights)
     paths = make_images(Path(args.data_root) / f"tiff16_{args.size}", args.num_images, args.size)

@@ -315,28 +315,33 @@ def test_model_mode_runs_the_predictor_on_a_dataset(tmp_path, capsys):
 @pytest.mark.parametrize("scale_to_diameter", [False, True])
 def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, scale_to_diameter):
     """``--tune DIR``: one pass per diameter (for one-size-band models: their own up to the top of their scale
-    jitter) plus a flip-TTA pass, every threshold scored on each; DIR/tuned.yaml carries the best row's
-    settings."""
+    jitter) plus a flip-TTA pass, every threshold and boundary level scored on each; DIR/tuned.yaml carries the
+    best row's settings, and evaluating with it scores exactly the row (MIN_SIGNIFICANCE applied at each
+    threshold as the predictor applies it)."""
     from nucleus_seg.config import get_nucleus_cfg
-    from nucleus_seg.evaluation.tune import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN
+    from nucleus_seg.evaluation.tune import TUNE_DIAMETERS, TUNE_THRESHOLDS, TUNE_TTA_MARGIN, tune_boundary_levels
 
     opts = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
             "TEST.DETECTIONS_PER_IMAGE", "50", "NUCLEUS.PREDICT.AMP", "False",
             "INPUT.NUCLEUS.SCALE_TO_DIAMETER", str(scale_to_diameter), "NUCLEUS.PREDICT.TRAIN_DIAMETER", "20.0",
-            "INPUT.NUCLEUS.SCALE_RANGE", "(0.7, 1.4)"]
+            "INPUT.NUCLEUS.SCALE_RANGE", "(0.7, 1.4)", "NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "2.0"]
     config = "configs/nucleus_R101_FPN_cpu_demo.yaml"
+    levels = tune_boundary_levels(get_nucleus_cfg(config, opts))
+    assert levels[0] == 0.0 and levels[1] > 0
     with random_model_and_dataset(tmp_path, config, opts) as (name, weights):
         out = tmp_path / "tune"
         rc = main(["--config-file", config, "--dataset", name, "--tune", str(out),
                    "MODEL.WEIGHTS", str(weights), *opts])
+        assert rc == 0
+        rc = main(["--config-file", str(out / "tuned.yaml"), "--dataset", name, "--output", str(tmp_path / "ev")])
     assert rc == 0
     result = json.loads((out / "tune.json").read_text())
     rows = result["rows"]
     diameters = (20.0, 24.0, 28.0) if scale_to_diameter else TUNE_DIAMETERS
-    single = [(r["train_diameter"], r["score_thresh"]) for r in rows if not r["tta"]]
-    assert sorted(single) == sorted((d, t) for d in diameters for t in TUNE_THRESHOLDS)
+    single = [(r["train_diameter"], r["score_thresh"], r["boundary_level"]) for r in rows if not r["tta"]]
+    assert sorted(single) == sorted((d, t, b) for d in diameters for t in TUNE_THRESHOLDS for b in levels)
     tta = [r for r in rows if r["tta"]]
-    assert len(tta) == len(TUNE_THRESHOLDS) and len({r["train_diameter"] for r in tta}) == 1
+    assert len(tta) == len(TUNE_THRESHOLDS) * len(levels) and len({r["train_diameter"] for r in tta}) == 1
     best = result["best"]
     top_single = max(r["dsb_score"] for r in rows if not r["tta"])
     assert best["dsb_score"] >= top_single  # never worse than the best single pass
@@ -345,7 +350,10 @@ def test_tune_scores_every_setting_and_writes_the_best_as_a_config(tmp_path, sca
     tuned = get_nucleus_cfg(str(out / "tuned.yaml"))
     assert best["score_thresh"] == tuned.NUCLEUS.PREDICT.SCORE_THRESH
     assert best["tta"] == tuned.NUCLEUS.PREDICT.TTA
+    assert best["boundary_level"] == tuned.NUCLEUS.PREDICT.BOUNDARY_LEVEL
     assert (-1.0 if best["train_diameter"] > 0 else 0.0) == tuned.NUCLEUS.PREDICT.DIAMETER
     if best["train_diameter"] > 0:
         assert best["train_diameter"] == tuned.NUCLEUS.PREDICT.TRAIN_DIAMETER
     assert str(weights) == tuned.MODEL.WEIGHTS
+    scored = json.loads((tmp_path / "ev" / name / "metrics.json").read_text())
+    assert scored["dsb_score"] == pytest.approx(best["dsb_score"], abs=1e-9)

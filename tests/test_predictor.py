@@ -702,18 +702,47 @@ def test_min_significance_drops_the_same_detections_on_every_path(cfg):
         NucleusPredictor(cfg)
 
 
+def test_boundary_level_moves_the_same_boundaries_on_every_path(cfg):
+    """With MIN_SIGNIFICANCE and BOUNDARY_LEVEL on, predict_labels, predict_large and predict_batch at the output
+    threshold give what finish_labels makes of the plain prediction: noise dropped, then boundaries moved."""
+    from nucleus_seg.inference.postprocess import finish_labels
+    from nucleus_seg.inference.significance import keep_significant
+
+    image = blobs((100, 124), np.uint16, seed=2)
+    torch.manual_seed(0)
+    plain = NucleusPredictor(cfg)
+    raw = plain.predict_labels([image])[0]
+    norm = plain.normalize(image)
+    expected = finish_labels(raw, norm, 5.0, 0.4)
+    judged = keep_significant(raw, norm, 5.0)
+    assert len(expected) == len(judged) and (expected.labels != judged.labels).any()
+    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
+    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.4
+    torch.manual_seed(0)
+    predictor = NucleusPredictor(cfg)
+    for pred in (predictor.predict_labels([image])[0], predictor.predict_large(image, tile=128, overlap=32)):
+        np.testing.assert_array_equal(pred.labels, expected.labels)
+        np.testing.assert_array_equal(pred.scores, expected.scores)
+    inst = predictor(image)["instances"]
+    np.testing.assert_array_equal(kept_as_labels(inst, inst.scores >= predictor.score_thresh).labels, expected.labels)
+    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 1.0
+    with pytest.raises(ValueError, match="BOUNDARY_LEVEL"):
+        NucleusPredictor(cfg)
+
+
 def test_nucleus_predicts_writer_judges_batched_tiles_as_predict_large(cfg, tmp_path):
-    """nucleus-predict stitches batched tiles in a writer: with MIN_SIGNIFICANCE its label TIFF is what
-    predict_large gives (the same detections dropped)."""
+    """nucleus-predict stitches batched tiles in a writer: with MIN_SIGNIFICANCE and BOUNDARY_LEVEL its label TIFF
+    is what predict_large gives (the same detections dropped, the same boundaries moved)."""
     import tifffile
 
     from nucleus_seg.inference.batch import stitch_and_write
 
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
+    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.4
     predictor = NucleusPredictor(cfg)
     image = blobs((150, 230), seed=3)
     expected = predictor.predict_large(image, tile=96, overlap=32, diameter=0)
-    predictor.min_significance = 0.0
+    predictor.min_significance = predictor.boundary_level = 0.0
     assert 0 < len(expected) < len(predictor.predict_large(image, tile=96, overlap=32, diameter=0))
     batcher = predictor.tile_batcher(tile=96, overlap=32)
     [(_, tiled)] = batch_tiles(predictor, batcher, [image])

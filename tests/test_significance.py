@@ -92,12 +92,12 @@ def test_detections_are_judged_as_their_label_image_is():
 
 
 def test_the_gpu_dilation_equals_opencvs():
-    from nucleus_seg.inference.significance import _dilate
+    from nucleus_seg.inference.significance import max_filter
 
     labels = torch.from_numpy(np.random.default_rng(0).integers(0, 50, (40, 56)).astype(np.int32))
     labels[labels < 45] = 0
     for radius in (2, 4):
-        torch.testing.assert_close(_dilate(labels, radius, opencv=False), _dilate(labels, radius, opencv=True))
+        torch.testing.assert_close(max_filter(labels, radius, opencv=False), max_filter(labels, radius, opencv=True))
 
 
 def test_the_exported_runner_judges_as_the_package_does():

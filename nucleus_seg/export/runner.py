@@ -5,9 +5,9 @@ nucleus_seg or detectron2. The exported graph holds the network (pixel mean/std,
 box and mask heads, NMS); this file does what ``NucleusPredictor.predict_labels`` does around it: the
 percentile normalisation, an optional rescale to the training diameter, and pasting each 28x28 soft mask
 into its box (detectron2's sampling grid) to paint one label image, highest score on top, ids 1..N by
-descending score, and dropping what does not stand out from the image's pixel noise
-(``NUCLEUS.PREDICT.MIN_SIGNIFICANCE``). Not here: tiling of large images and test-time flips (use
-nucleus-predict for those).
+descending score, dropping what does not stand out from the image's pixel noise
+(``NUCLEUS.PREDICT.MIN_SIGNIFICANCE``) and moving each boundary to its own edge (``BOUNDARY_LEVEL``).
+Not here: tiling of large images and test-time flips (use nucleus-predict for those).
 
     python nucleus_runner.py MODEL_DIR IMAGE OUT [--score-thresh S] [--diameter D|auto] [--backend onnx|torchscript]
 
@@ -160,11 +160,79 @@ class Segmenter:
         if meta.get("min_significance", 0) > 0:
             drop = significance(labels, norm.astype(np.float32).mean(axis=2)) < meta["min_significance"]
             labels[np.concatenate([[False], drop])[labels]] = 0
+        if meta.get("boundary_level", 0) > 0:
+            labels = snap_labels(labels, norm.astype(np.float32).mean(axis=2), meta["boundary_level"])
         alive = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(scores) + 1)[1:])
         order = alive[np.argsort(-scores[alive], kind="stable")]
         lut = np.zeros(len(scores) + 1, dtype=np.int32)
         lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
         return lut[labels], scores[order].astype(np.float32)
+
+
+def _square_filter(image: np.ndarray, radius: int, reduce) -> np.ndarray:
+    """Max (``np.max``) or min (``np.min``) over a square of ``radius``; pixels outside the image count for nothing."""
+    fill = -np.inf if reduce is np.max else np.inf
+    grown = np.pad(image.astype(np.float64), radius, constant_values=fill)
+    grown = reduce([grown[:, i:i + image.shape[1]] for i in range(2 * radius + 1)], axis=0)
+    return reduce([grown[i:i + image.shape[0]] for i in range(2 * radius + 1)], axis=0)
+
+
+def _medians_by_id(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    """Median of ``values`` over each id 1..n of ``ids`` (0 = none; NaN for an id with none)."""
+    where = ids > 0
+    ids, values = ids[where], values[where].astype(np.float64)
+    order = np.lexsort((values, ids))
+    ids, values = ids[order], values[order]
+    counts = np.bincount(ids, minlength=n + 1)[1:]
+    starts = np.cumsum(counts) - counts
+    out = np.full(n, np.nan)
+    has = counts > 0
+    out[has] = (values[starts[has] + (counts[has] - 1) // 2] + values[starts[has] + counts[has] // 2]) / 2
+    return out
+
+
+def snap_labels(labels: np.ndarray, gray: np.ndarray, level: float) -> np.ndarray:
+    """Each boundary moved to ``level`` of its own contrast (``NUCLEUS.PREDICT.BOUNDARY_LEVEL``):
+    nucleus_seg.inference.boundaries' rule, in numpy."""
+    n = int(labels.max(initial=0))
+    if n == 0 or level <= 0:
+        return labels
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    diameter = math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)
+    band = max(1, round(diameter / 16))
+    core_radius = max(1, round(diameter / 8))
+    sigma = diameter / 16
+    smooth = gray.astype(np.float64)
+    if sigma >= 0.3:  # a separable Gaussian, reflecting at the border as OpenCV does
+        r = max(1, math.ceil(4 * sigma))
+        kernel = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+        kernel /= kernel.sum()
+        for axis in (0, 1):
+            padded = np.pad(smooth, [(r, r) if a == axis else (0, 0) for a in (0, 1)], mode="reflect")
+            smooth = sum(w * np.take(padded, range(i, i + smooth.shape[axis]), axis=axis)
+                         for i, w in enumerate(kernel))
+    fg = labels > 0
+    alone = _square_filter(labels, core_radius, np.max) == _square_filter(labels, core_radius, np.min)
+    core = np.where(fg & alone, labels, 0).ravel()
+    near = _square_filter(labels, band, np.max).astype(np.int64)
+    reach = _square_filter(labels, band + 3, np.max).astype(np.int64)
+    ring = np.where(~fg & (near == 0), reach, 0).ravel()
+    values = smooth.ravel()
+    inner, outer = _medians_by_id(values, core, n), _medians_by_id(values, ring, n)
+    judged = ((np.bincount(core, minlength=n + 1)[1:] >= 4) & (np.bincount(ring, minlength=n + 1)[1:] >= 4)
+              & (inner - outer > 0))
+    judged, inner, outer = (np.concatenate([[v0], v]) for v0, v in ((False, judged), (0.0, inner), (0.0, outer)))
+    background_near = _square_filter((~fg).astype(np.float64), band, np.max) > 0
+    owner = np.where(fg, labels, near).ravel()
+    in_band = ((fg & background_near) | (~fg & (near > 0))).ravel() & judged[owner]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = (values - outer[owner]) / np.maximum(inner[owner] - outer[owner], 1e-12)
+    snapped = np.where(in_band, np.where(share >= level, owner, 0), flat)
+    undo = np.bincount(snapped, minlength=n + 1) < 0.5 * np.bincount(flat, minlength=n + 1)
+    undo[0] = False
+    snapped = np.where(undo[flat] | undo[snapped], flat, snapped)
+    return snapped.reshape(labels.shape).astype(labels.dtype)
 
 
 def significance(labels: np.ndarray, gray: np.ndarray) -> np.ndarray:

@@ -46,8 +46,8 @@ from .outputs import (
     write_overlay_png,
     write_submission_csv,
 )
+from .postprocess import finish_labels, needs_image
 from .predictor import NucleusPredictor
-from .significance import keep_significant
 from .tiling import LabelPrediction, TiledDetections, seam_warning
 
 __all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
@@ -137,9 +137,10 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
         overlap = pred.overlap
         pred, num_cut = pred.stitch()
         warning = seam_warning(num_cut, overlap, str(path)) if num_cut else None
-        if cfg is not None and cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE > 0:  # as the predictor judges its own stitching
+        p = cfg.NUCLEUS.PREDICT if cfg is not None else None
+        if p is not None and needs_image(p.MIN_SIGNIFICANCE, p.BOUNDARY_LEVEL):  # as the predictor's own stitching
             norm = normalize_from_cfg(raw, cfg)  # the overlay reuses it
-            pred = keep_significant(pred, norm, cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE)
+            pred = finish_labels(pred, norm, p.MIN_SIGNIFICANCE, p.BOUNDARY_LEVEL)
     return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg, norm), warning
 
 

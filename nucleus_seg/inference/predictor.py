@@ -42,8 +42,8 @@ from ..modeling.fast_inference import final_box_predictor, speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
+from .postprocess import finish_detections, finish_labels, needs_image
 from .scale import Diameter, ScaleChoice, choose_scale, diameter_to_scale, image_diameter, parse_diameter
-from .significance import keep_significant, significant_detections
 from .tiling import (
     LabelPrediction,
     Stitcher,
@@ -194,6 +194,7 @@ class NucleusPredictor:
         self.amp = self.amp_dtype is not None
         self.score_thresh = float(pred.SCORE_THRESH)
         self.min_significance = float(pred.MIN_SIGNIFICANCE)
+        self.boundary_level = float(pred.BOUNDARY_LEVEL)
         self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
@@ -330,7 +331,8 @@ class NucleusPredictor:
                 yield done, len(tiles), None
         if stitcher.num_cut:
             logger.warning("%s", seam_warning(stitcher.num_cut, overlap))
-        yield len(tiles), len(tiles), keep_significant(stitcher.finish(), norm, self.min_significance)
+        yield len(tiles), len(tiles), finish_labels(stitcher.finish(), norm, self.min_significance,
+                                                    self.boundary_level)
 
     def _fits_one_pass(self, shape: tuple[int, int], scale: float) -> bool:
         """Whether the image at ``scale`` goes through the model whole (else tile by tile: an image that
@@ -421,7 +423,7 @@ class NucleusPredictor:
             dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
-                if scale is None or self.min_significance > 0:
+                if scale is None or needs_image(self.min_significance, self.boundary_level):
                     norms[i] = norm
         for i, norm in (norms.items() if scale is None else ()):
             choice, passes = choose_scale(self._auto_pass(norm, floor), [results[i]], self.diameter_score_thresh,
@@ -434,10 +436,10 @@ class NucleusPredictor:
                 pred = self.cfg.NUCLEUS.PREDICT
                 steps = self._stitched(norm, choice.scale, int(pred.TILE_SIZE), int(pred.TILE_OVERLAP),
                                        self.score_thresh if score_thresh is None else score_thresh)
-                results[i] = [last for *_, last in steps][-1]  # judged by significance as it was stitched
-        if self.min_significance > 0:
+                results[i] = [last for *_, last in steps][-1]  # post-processed as it was stitched
+        if needs_image(self.min_significance, self.boundary_level):
             shown = self.score_thresh if score_thresh is None else score_thresh
-            results = [significant_detections(r, norms[i], self.min_significance, shown)
+            results = [finish_detections(r, norms[i], self.min_significance, self.boundary_level, shown)
                        if isinstance(r, Detections) else r for i, r in enumerate(results)]
         return results
 

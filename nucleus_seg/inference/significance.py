@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .masks import Detections, select_detections, window_pixels, windows_to_label
 from .tiling import LabelPrediction, finalize_labels
 
-__all__ = ["RING_MIN_PIXELS", "keep_significant", "label_significance", "pixel_noise", "significant_detections"]
+__all__ = ["RING_MIN_PIXELS", "gray_image", "keep_significant", "label_significance", "max_filter", "medians_by_id",
+           "min_filter", "pixel_noise", "significant_detections"]
 
 RING_MIN_PIXELS = 4  # fewer background pixels around a detection than this: nothing to compare with, kept
 MAD_TO_SIGMA = 1 / (0.6745 * math.sqrt(2))  # median |difference of two neighbours| -> one pixel's noise sigma
@@ -56,28 +57,38 @@ def label_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | tor
     # the ring: background within half a typical radius of each detection (at least 2 px)
     typical = float(area[area > 0].float().median())
     radius = max(2, round(0.25 * math.sqrt(4 * typical / math.pi)))
-    ring = torch.where(labels == 0, _dilate(labels, radius), 0).long().flatten()
+    ring = torch.where(labels == 0, max_filter(labels, radius), 0).long().flatten()
     ring_pixels = torch.bincount(ring, minlength=n + 1)[1:]
-    level = _ring_medians(gray.flatten(), ring, n)
+    level = medians_by_id(gray.flatten(), ring, n)
     significance = (inside - level) / sigma * area.double().sqrt()
     judged = (area > 0) & (ring_pixels >= RING_MIN_PIXELS)
     return torch.where(judged, significance, math.inf).cpu().numpy()
 
 
-def _dilate(labels: torch.Tensor, radius: int, opencv: bool | None = None) -> torch.Tensor:
-    """Each pixel's largest id within a square of ``radius`` (as float32, exact for ids below 2**24): OpenCV on
-    the CPU (7 ms -> 0.2 ms on a 512 px field), two separable max filters on a GPU (``opencv`` forces either)."""
+def max_filter(labels: torch.Tensor, radius: int, opencv: bool | None = None) -> torch.Tensor:
+    """Each pixel's largest value within a square of ``radius`` (as float32, exact for ids below 2**24; pixels
+    outside the image count for nothing): OpenCV on the CPU (7 ms -> 0.2 ms on a 512 px field), two separable max
+    filters on a GPU (``opencv`` forces either)."""
     size = 2 * radius + 1
     if labels.device.type == "cpu" if opencv is None else opencv:
-        return torch.from_numpy(cv2.dilate(labels.numpy().astype(np.float32), np.ones((size, size), np.uint8)))
+        return torch.from_numpy(cv2.dilate(labels.cpu().numpy().astype(np.float32), np.ones((size, size), np.uint8)))
     grown = F.max_pool2d(labels[None, None].float(), (1, size), stride=1, padding=(0, radius))
     return F.max_pool2d(grown, (size, 1), stride=1, padding=(radius, 0))[0, 0]
 
 
-def _ring_medians(values: torch.Tensor, ring: torch.Tensor, n: int) -> torch.Tensor:
-    """Median of each id's ring pixels (index k-1 for id k; NaN for an empty ring): one sort of the ring pixels
-    by id + value scaled into [0, 0.5), then the middle of each id's run (scipy.ndimage.median sorts the whole
-    image and is 5x slower on a 512 px field of 400 nuclei)."""
+def min_filter(labels: torch.Tensor, radius: int, opencv: bool | None = None) -> torch.Tensor:
+    """Each pixel's smallest value within a square of ``radius`` (float32; pixels outside the image count for
+    nothing), as :func:`max_filter`."""
+    if labels.device.type == "cpu" if opencv is None else opencv:
+        size = 2 * radius + 1
+        return torch.from_numpy(cv2.erode(labels.cpu().numpy().astype(np.float32), np.ones((size, size), np.uint8)))
+    return -max_filter(-labels.float(), radius, opencv=False)
+
+
+def medians_by_id(values: torch.Tensor, ring: torch.Tensor, n: int) -> torch.Tensor:
+    """Median of ``values`` over each id's pixels of ``ring`` (index k-1 for id k, 0 = none; NaN for an id with
+    none): one sort of the pixels by id + value scaled into [0, 0.5), then the middle of each id's run
+    (scipy.ndimage.median sorts the whole image and is 5x slower on a 512 px field of 400 nuclei)."""
     where = ring > 0
     ids, values = ring[where], values[where].double()
     if values.numel():
@@ -91,7 +102,7 @@ def _ring_medians(values: torch.Tensor, ring: torch.Tensor, n: int) -> torch.Ten
     return medians
 
 
-def _gray(norm: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+def gray_image(norm: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     image = torch.as_tensor(np.asarray(norm), device=device).float()
     return image.mean(dim=2) if image.ndim == 3 else image
 
@@ -101,7 +112,7 @@ def keep_significant(pred: LabelPrediction, norm: np.ndarray, min_significance: 
     ``min_significance``, renumbered as every label prediction is (``finalize_labels``)."""
     if min_significance <= 0 or len(pred) == 0:
         return pred
-    keep = label_significance(pred.labels, _gray(norm)) >= min_significance
+    keep = label_significance(pred.labels, gray_image(norm)) >= min_significance
     if keep.all():
         return pred
     lut = np.concatenate([[0], np.where(keep, np.arange(1, len(keep) + 1), 0)]).astype(np.int32)
@@ -119,7 +130,7 @@ def significant_detections(det: Detections, norm: np.ndarray, min_significance: 
         return det
     shown = det.scores >= score_thresh
     labels = windows_to_label(det.windows[shown], det.oy[shown], det.ox[shown], det.scores[shown], det.image_shape)
-    found = label_significance(labels, _gray(norm, labels.device))
+    found = label_significance(labels, gray_image(norm, labels.device))
     significance = np.full(int(shown.sum()), np.inf)
     significance[:len(found)] = found  # ids past labels.max() painted nothing: kept, as other hidden ones
     dropped = torch.from_numpy(significance < min_significance).to(det.scores.device)
