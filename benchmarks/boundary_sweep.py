@@ -7,7 +7,7 @@ predictor applies it (``snap_boundaries`` on the label image) and scored (mean D
 validation (e.g. ``nucleus_synth_val`` or a folder of held-out generated fields), never on the real sample.
 
     python benchmarks/boundary_sweep.py --config-file CFG [--weights W] --dataset DATASET [--images 12]
-        [--variants noise_snr5] [--levels 0,0.4,0.5] [--bands 0.0833] [--smooths 0.0417] [KEY VALUE ...]
+        [--variants noise_snr5] [--levels 0,0.4,0.5] [--bands 0.0625] [--smooths 0.0625] [KEY VALUE ...]
 
 Prints one JSON line: per variant (``clean`` and each photometric one) ``{"level/band/smooth": mean DSB}``.
 """
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=12, help="its first N images")
     parser.add_argument("--variants", default="noise_snr5", help="photometric variants besides clean (comma list)")
     parser.add_argument("--levels", default="0,0.4,0.5", help="BOUNDARY_LEVEL values (0: off)")
-    parser.add_argument("--bands", default="0.0833", help="band widths, per typical diameter")
-    parser.add_argument("--smooths", default="0.0417", help="smoothing sigmas, per typical diameter")
+    parser.add_argument("--bands", default="0.0625", help="band widths, per typical diameter")
+    parser.add_argument("--smooths", default="0.0625", help="smoothing sigmas, per typical diameter")
     parser.add_argument("--save", default="")
     parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
