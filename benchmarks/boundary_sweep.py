@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_facts, emit  # noqa: E402
+from common import device_facts, emit, validation_sweep_parser  # noqa: E402
 from robustness import _pairs, photometric  # noqa: E402
 
 
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = list(itertools.product(_floats(args.levels), _floats(args.bands), _floats(args.smooths)))
     pairs = _pairs(args.dataset)[:args.images]
     report: dict = {}
+    widths = boundaries.BAND_PER_DIAMETER, boundaries.SMOOTH_PER_DIAMETER
     for variant in ["clean"] + [v for v in args.variants.split(",") if v]:
         scores: list[list[float]] = [[] for _ in settings]
         for image, labels in pairs:
@@ -49,7 +50,10 @@ def run(args: argparse.Namespace) -> dict:
             norm = predictor.normalize(shown)
             for k, (level, band, smooth) in enumerate(settings):
                 boundaries.BAND_PER_DIAMETER, boundaries.SMOOTH_PER_DIAMETER = band, smooth
-                scores[k].append(dsb_score(labels, boundaries.snap_boundaries(pred, norm, level).labels))
+                try:
+                    scores[k].append(dsb_score(labels, boundaries.snap_boundaries(pred, norm, level).labels))
+                finally:
+                    boundaries.BAND_PER_DIAMETER, boundaries.SMOOTH_PER_DIAMETER = widths
         report[variant] = {f"{lv:g}/{b:.4g}/{s:.4g}": round(float(np.mean(v)), 4)
                            for (lv, b, s), v in zip(settings, scores)}
         print(f"[boundary] {variant:12s} " + "  ".join(f"{k}: {v:.4f}" for k, v in report[variant].items()),
@@ -58,17 +62,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: the config's)")
-    parser.add_argument("--dataset", required=True, help="labelled validation set (name or DSB-layout folder)")
-    parser.add_argument("--images", type=int, default=12, help="its first N images")
-    parser.add_argument("--variants", default="noise_snr5", help="photometric variants besides clean (comma list)")
+    parser = validation_sweep_parser(__doc__)
     parser.add_argument("--levels", default="0,0.4,0.5", help="BOUNDARY_LEVEL values (0: off)")
     parser.add_argument("--bands", default="0.0625", help="band widths, per typical diameter")
     parser.add_argument("--smooths", default="0.0625", help="smoothing sigmas, per typical diameter")
-    parser.add_argument("--save", default="")
-    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
     line = {"benchmark": "boundary_sweep", **device_facts(), "config": args.config_file,
             "weights": args.weights or "(config)", "dataset": args.dataset, "images": args.images,

@@ -109,3 +109,19 @@ def weights_or_random_init(cfg, weights: str) -> str:
     path = os.path.join(folder, "random_init.pth")
     torch.save({"model": build_model(cfg).state_dict()}, path)
     return path
+
+
+def validation_sweep_parser(doc: str):
+    """The arguments of a sweep of inference settings over labelled validation images (``significance_sweep``,
+    ``boundary_sweep``): the model, the images, their photometric variants, where the line goes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: the config's)")
+    parser.add_argument("--dataset", required=True, help="labelled validation set (name or DSB-layout folder)")
+    parser.add_argument("--images", type=int, default=12, help="its first N images")
+    parser.add_argument("--variants", default="noise_snr5", help="photometric variants besides clean (comma list)")
+    parser.add_argument("--save", default="")
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
+    return parser

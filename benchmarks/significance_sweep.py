@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_facts, emit  # noqa: E402
+from common import device_facts, emit, validation_sweep_parser  # noqa: E402
 from robustness import BACKGROUND, _pairs, _true_diameter, background, photometric  # noqa: E402
 
 
@@ -63,16 +63,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: the config's)")
-    parser.add_argument("--dataset", required=True, help="labelled validation set (name or DSB-layout folder)")
-    parser.add_argument("--images", type=int, default=12, help="its first N images")
-    parser.add_argument("--variants", default="noise_snr5", help="photometric variants besides clean (comma list)")
+    parser = validation_sweep_parser(__doc__)
     parser.add_argument("--background", default="all", help=f"comma list of {', '.join(BACKGROUND)}, or all")
     parser.add_argument("--thresholds", default="0,5,6,8,10,12,16")
-    parser.add_argument("--save", default="")
-    parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
     line = {"benchmark": "significance_sweep", **device_facts(), "config": args.config_file,
             "weights": args.weights or "(config)", "dataset": args.dataset, "images": args.images,

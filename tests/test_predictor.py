@@ -678,46 +678,24 @@ def test_with_two_streams_a_failed_batch_fails_only_its_image(cfg):
     assert len(results[0].stitch()[0]) > 0 and len(results[2].stitch()[0]) > 0
 
 
-def test_min_significance_drops_the_same_detections_on_every_path(cfg):
-    """Random weights also outline patches of plain background: the significance rule removes those on every path
-    (predict_labels, predict_batch at the output threshold, predict_large) exactly as keep_significant judges the
-    plain prediction, and keeps the rest."""
-    from nucleus_seg.inference.significance import keep_significant
-
-    image = blobs((100, 124), np.uint16, seed=2)
-    torch.manual_seed(0)
-    plain = NucleusPredictor(cfg)
-    expected = keep_significant(plain.predict_labels([image])[0], plain.normalize(image), 5.0)
-    assert 0 < len(expected) < len(plain.predict_labels([image])[0])
-    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
-    torch.manual_seed(0)
-    predictor = NucleusPredictor(cfg)
-    for pred in (predictor.predict_labels([image])[0], predictor.predict_large(image, tile=128, overlap=32)):
-        np.testing.assert_array_equal(pred.labels, expected.labels)
-        np.testing.assert_array_equal(pred.scores, expected.scores)
-    inst = predictor(image)["instances"]
-    np.testing.assert_array_equal(kept_as_labels(inst, inst.scores >= predictor.score_thresh).labels, expected.labels)
-    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = -1.0
-    with pytest.raises(ValueError, match="MIN_SIGNIFICANCE"):
-        NucleusPredictor(cfg)
-
-
-def test_boundary_level_moves_the_same_boundaries_on_every_path(cfg):
-    """With MIN_SIGNIFICANCE and BOUNDARY_LEVEL on, predict_labels, predict_large and predict_batch at the output
-    threshold give what finish_labels makes of the plain prediction: noise dropped, then boundaries moved."""
+@pytest.mark.parametrize("boundary_level", [0.0, 0.4])
+def test_image_based_steps_give_the_same_labels_on_every_path(cfg, boundary_level):
+    """Random weights also outline patches of plain background: MIN_SIGNIFICANCE removes those and BOUNDARY_LEVEL
+    moves the others' boundaries on every path (predict_labels, predict_batch at the output threshold,
+    predict_large) exactly as finish_labels treats the plain prediction."""
     from nucleus_seg.inference.postprocess import finish_labels
-    from nucleus_seg.inference.significance import keep_significant
 
     image = blobs((100, 124), np.uint16, seed=2)
     torch.manual_seed(0)
     plain = NucleusPredictor(cfg)
     raw = plain.predict_labels([image])[0]
     norm = plain.normalize(image)
-    expected = finish_labels(raw, norm, 5.0, 0.4)
-    judged = keep_significant(raw, norm, 5.0)
-    assert len(expected) == len(judged) and (expected.labels != judged.labels).any()
+    expected = finish_labels(raw, norm, 5.0, boundary_level)
+    judged = finish_labels(raw, norm, 5.0, 0.0)
+    assert 0 < len(judged) < len(raw) and len(expected) == len(judged)
+    assert (expected.labels != judged.labels).any() == (boundary_level > 0)
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
-    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.4
+    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = boundary_level
     torch.manual_seed(0)
     predictor = NucleusPredictor(cfg)
     for pred in (predictor.predict_labels([image])[0], predictor.predict_large(image, tile=128, overlap=32)):
@@ -725,9 +703,11 @@ def test_boundary_level_moves_the_same_boundaries_on_every_path(cfg):
         np.testing.assert_array_equal(pred.scores, expected.scores)
     inst = predictor(image)["instances"]
     np.testing.assert_array_equal(kept_as_labels(inst, inst.scores >= predictor.score_thresh).labels, expected.labels)
-    cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 1.0
-    with pytest.raises(ValueError, match="BOUNDARY_LEVEL"):
-        NucleusPredictor(cfg)
+    for key, bad in (("MIN_SIGNIFICANCE", -1.0), ("BOUNDARY_LEVEL", 1.0)):
+        wrong = cfg.clone()
+        wrong.NUCLEUS.PREDICT[key] = bad
+        with pytest.raises(ValueError, match=key):
+            NucleusPredictor(wrong)
 
 
 def test_nucleus_predicts_writer_judges_batched_tiles_as_predict_large(cfg, tmp_path):

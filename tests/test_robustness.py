@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import boundary_sweep  # noqa: E402
 import robustness  # noqa: E402
 import significance_sweep  # noqa: E402
 
@@ -85,3 +86,25 @@ def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cf
         assert n0 >= n5 >= n50 and n0 > 0 and 0 <= dsb50 <= 1 and 0 <= dsb0 <= 1
     counts = list(line["background"]["noise"].values())
     assert counts == sorted(counts, reverse=True)
+
+
+@pytest.mark.slow
+def test_the_boundary_sweep_scores_each_setting_on_one_prediction(tiny_cfg, tmp_path):
+    """benchmarks/boundary_sweep.py: every level x band x smoothing scored; level 0 is the prediction as made,
+    whatever the widths; the module's widths are back to their values after the sweep."""
+    from detectron2.modeling import build_model
+
+    from nucleus_seg.inference import boundaries
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(tiny_cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": build_model(tiny_cfg).state_dict()}, tmp_path / "w.pth")
+    line = boundary_sweep.main(["--config-file", str(config), "--weights", str(tmp_path / "w.pth"),
+                                "--dataset", "nucleus_dsb_sample", "--images", "1", "--variants", "",
+                                "--levels", "0,0.4", "--bands", "0.0625,0.125", "--smooths", "0.0625"])
+    scores = line["clean"]
+    assert set(scores) == {"0/0.0625/0.0625", "0/0.125/0.0625", "0.4/0.0625/0.0625", "0.4/0.125/0.0625"}
+    assert scores["0/0.0625/0.0625"] == scores["0/0.125/0.0625"]
+    assert all(0 <= v <= 1 for v in scores.values())
+    assert (boundaries.BAND_PER_DIAMETER, boundaries.SMOOTH_PER_DIAMETER) == (1 / 16, 1 / 16)
