@@ -133,9 +133,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # The exported runner applies it too; the bioimage.io package does not.
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 0.0
     # Move each instance's boundary to this fraction of the way from the background around it to its interior
-    # (nucleus_seg.inference.boundaries: 0.5 is the half-maximum the synthetic labels are drawn at); only pixels
-    # within ~1/12 of a nucleus diameter of the predicted boundary change. 0 leaves the masks as the model made
-    # them (DefaultPredictor's). Applied after MIN_SIGNIFICANCE, by every path that MIN_SIGNIFICANCE is.
+    # (nucleus_seg.inference.boundaries: 0.5 is the half-maximum the synthetic labels are drawn at; the demo config
+    # uses 0.4); only pixels within ~1/16 of a nucleus diameter of the predicted boundary change. 0 leaves the
+    # masks as the model made them (DefaultPredictor's). Applied after MIN_SIGNIFICANCE, by every path that
+    # MIN_SIGNIFICANCE is.
     cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.0
     # Score an instance needs to count in the estimated diameter (DIAMETER -1). Separate from SCORE_THRESH
     # so an output threshold does not move the scale: nucleus-eval --tune scores every threshold on one

@@ -16,6 +16,17 @@ import robustness  # noqa: E402
 import significance_sweep  # noqa: E402
 
 
+def random_model_args(cfg, tmp_path) -> list[str]:
+    """``--config-file`` and ``--weights`` of ``cfg`` with seeded random weights, as the benchmarks take them."""
+    from detectron2.modeling import build_model
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "w.pth")
+    return ["--config-file", str(config), "--weights", str(tmp_path / "w.pth")]
+
+
 def test_photometric_variants_do_what_they_say(dsb_sample):
     image, labels = dsb_sample
     dim = robustness.photometric(image, labels, "dim16")
@@ -35,15 +46,9 @@ def test_photometric_variants_do_what_they_say(dsb_sample):
 
 @pytest.mark.slow
 def test_the_suite_scores_variants_and_background_fields(tiny_cfg, tmp_path, monkeypatch):
-    from detectron2.modeling import build_model
-
     monkeypatch.setenv("NUCLEUS_DATASETS", str(tmp_path / "datasets"))
-    config = tmp_path / "cfg.yaml"
     tiny_cfg.NUCLEUS.PREDICT.DIAMETER = -1.0
-    config.write_text(tiny_cfg.dump())
-    torch.manual_seed(0)
-    torch.save({"model": build_model(tiny_cfg).state_dict()}, tmp_path / "w.pth")
-    line = robustness.main(["--config-file", str(config), "--weights", str(tmp_path / "w.pth"), "--zooms", "0.5",
+    line = robustness.main([*random_model_args(tiny_cfg, tmp_path), "--zooms", "0.5",
                             "--variants", "gamma2", "--background", "haze", "--output", str(tmp_path / "out")])
     rows = line["datasets"]["nucleus_dsb_sample"]
     assert set(rows) == {"x0.5", "gamma2"}
@@ -71,13 +76,7 @@ def test_the_summary_reads_background_fields_alone():
 @pytest.mark.slow
 def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cfg, tmp_path):
     """benchmarks/significance_sweep.py: each threshold keeps a subset of the one below it, on images and fields."""
-    from detectron2.modeling import build_model
-
-    config = tmp_path / "cfg.yaml"
-    config.write_text(tiny_cfg.dump())
-    torch.manual_seed(0)
-    torch.save({"model": build_model(tiny_cfg).state_dict()}, tmp_path / "w.pth")
-    line = significance_sweep.main(["--config-file", str(config), "--weights", str(tmp_path / "w.pth"),
+    line = significance_sweep.main([*random_model_args(tiny_cfg, tmp_path),
                                     "--dataset", "nucleus_dsb_sample", "--images", "1", "--variants", "gamma2",
                                     "--background", "noise", "--thresholds", "0,5,50"])
     assert line["benchmark"] == "significance_sweep" and set(line["background"]) == {"noise"}
@@ -92,15 +91,9 @@ def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cf
 def test_the_boundary_sweep_scores_each_setting_on_one_prediction(tiny_cfg, tmp_path):
     """benchmarks/boundary_sweep.py: every level x band x smoothing scored; level 0 is the prediction as made,
     whatever the widths; the module's widths are back to their values after the sweep."""
-    from detectron2.modeling import build_model
-
     from nucleus_seg.inference import boundaries
 
-    config = tmp_path / "cfg.yaml"
-    config.write_text(tiny_cfg.dump())
-    torch.manual_seed(0)
-    torch.save({"model": build_model(tiny_cfg).state_dict()}, tmp_path / "w.pth")
-    line = boundary_sweep.main(["--config-file", str(config), "--weights", str(tmp_path / "w.pth"),
+    line = boundary_sweep.main([*random_model_args(tiny_cfg, tmp_path),
                                 "--dataset", "nucleus_dsb_sample", "--images", "1", "--variants", "",
                                 "--levels", "0,0.4", "--bands", "0.0625,0.125", "--smooths", "0.0625"])
     scores = line["clean"]

@@ -157,11 +157,12 @@ class Segmenter:
             if scores[k] >= thresh:
                 window, y, x = windows[k]
                 labels[y:y + window.shape[0], x:x + window.shape[1]][window] = k + 1
+        gray = norm.astype(np.float32).mean(axis=2)
         if meta.get("min_significance", 0) > 0:
-            drop = significance(labels, norm.astype(np.float32).mean(axis=2)) < meta["min_significance"]
+            drop = significance(labels, gray) < meta["min_significance"]
             labels[np.concatenate([[False], drop])[labels]] = 0
         if meta.get("boundary_level", 0) > 0:
-            labels = snap_labels(labels, norm.astype(np.float32).mean(axis=2), meta["boundary_level"])
+            labels = snap_labels(labels, gray, meta["boundary_level"])
         alive = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(scores) + 1)[1:])
         order = alive[np.argsort(-scores[alive], kind="stable")]
         lut = np.zeros(len(scores) + 1, dtype=np.int32)
@@ -249,17 +250,10 @@ def significance(labels: np.ndarray, gray: np.ndarray) -> np.ndarray:
     area = np.bincount(flat, minlength=n + 1)[1:]
     inside = np.bincount(flat, weights=gray.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(area, 1)
     radius = max(2, round(0.25 * math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)))
-    grown = np.pad(labels, radius)  # a square max filter, row shifts then column shifts
-    grown = np.max([grown[:, i:i + labels.shape[1]] for i in range(2 * radius + 1)], axis=0)
-    grown = np.max([grown[i:i + labels.shape[0]] for i in range(2 * radius + 1)], axis=0)
-    ring = np.where(labels == 0, grown, 0).ravel()
-    ids, values = ring[ring > 0], gray.ravel()[ring > 0].astype(np.float64)
-    order = np.lexsort((values, ids))
-    ids, values = ids[order], values[order]
-    counts = np.bincount(ids, minlength=n + 1)[1:]
-    starts = np.cumsum(counts) - counts
+    ring = np.where(labels == 0, _square_filter(labels, radius, np.max).astype(np.int64), 0).ravel()
+    counts = np.bincount(ring, minlength=n + 1)[1:]
     judged = np.flatnonzero((area > 0) & (counts >= 4))
-    level = (values[starts[judged] + (counts[judged] - 1) // 2] + values[starts[judged] + counts[judged] // 2]) / 2
+    level = _medians_by_id(gray.ravel(), ring, n)[judged]
     out[judged] = (inside[judged] - level) / sigma * np.sqrt(area[judged])
     return out
 

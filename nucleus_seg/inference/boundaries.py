@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import Detections, window_pixels, windows_to_label
-from .significance import RING_MIN_PIXELS, gray_image, max_filter, medians_by_id, min_filter
+from .significance import RING_MIN_PIXELS, gray_image, max_filter, medians_by_id, min_filter, typical_diameter
 from .tiling import LabelPrediction, finalize_labels
 
 __all__ = ["BAND_PER_DIAMETER", "band_width", "snap_boundaries", "snap_labels", "snapped_detections"]
@@ -34,8 +34,7 @@ MIN_KEPT = 0.5  # an instance left with less than this part of its area is left 
 
 
 def _typical_diameter(labels: torch.Tensor, n: int) -> float:
-    area = torch.bincount(labels.flatten().long(), minlength=n + 1)[1:]
-    return math.sqrt(4 * float(area[area > 0].float().median()) / math.pi)
+    return typical_diameter(torch.bincount(labels.flatten().long(), minlength=n + 1)[1:])
 
 
 def band_width(diameter: float) -> int:
@@ -134,10 +133,8 @@ def snapped_detections(det: Detections, norm: np.ndarray, level: float, score_th
     ox = (det.ox - band).clamp(min=0, max=width - new_w)
     windows = torch.zeros((n, new_h, new_w), dtype=torch.bool, device=det.windows.device)
     # every mask placed in its grown window, then the shown ones replaced by their snapped pixels
-    k = torch.arange(n, device=det.windows.device)[:, None, None]
-    rows = (det.oy - oy)[:, None, None] + torch.arange(win_h, device=det.windows.device)[None, :, None]
-    cols = (det.ox - ox)[:, None, None] + torch.arange(win_w, device=det.windows.device)[None, None, :]
-    windows[k, rows, cols] = det.windows
+    rows, cols = window_pixels(det.oy - oy, det.ox - ox, win_h, win_w)  # old windows in the grown frames
+    windows[torch.arange(n, device=det.windows.device)[:, None, None], rows, cols] = det.windows
     ids = torch.zeros(n, dtype=torch.long, device=det.windows.device)
     ids[shown] = torch.arange(1, int(shown.sum()) + 1, device=det.windows.device)
     image_rows, image_cols = window_pixels(oy, ox, new_h, new_w)

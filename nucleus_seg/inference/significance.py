@@ -27,7 +27,7 @@ from .masks import Detections, select_detections, window_pixels, windows_to_labe
 from .tiling import LabelPrediction, finalize_labels
 
 __all__ = ["RING_MIN_PIXELS", "gray_image", "keep_significant", "label_significance", "max_filter", "medians_by_id",
-           "min_filter", "pixel_noise", "significant_detections"]
+           "min_filter", "pixel_noise", "significant_detections", "typical_diameter"]
 
 RING_MIN_PIXELS = 4  # fewer background pixels around a detection than this: nothing to compare with, kept
 MAD_TO_SIGMA = 1 / (0.6745 * math.sqrt(2))  # median |difference of two neighbours| -> one pixel's noise sigma
@@ -40,6 +40,11 @@ def pixel_noise(gray: np.ndarray | torch.Tensor) -> float:
     if g.shape[-1] < 2 or g.numel() == 0:
         return 0.0
     return float((g[::2, 1:] - g[::2, :-1]).abs().flatten().median()) * MAD_TO_SIGMA
+
+
+def typical_diameter(area: torch.Tensor) -> float:
+    """The equivalent diameter of the median instance, from the areas of ids 1..N (those with pixels)."""
+    return math.sqrt(4 * float(area[area > 0].float().median()) / math.pi)
 
 
 def label_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -55,8 +60,7 @@ def label_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | tor
     area = torch.bincount(flat, minlength=n + 1)[1:]
     inside = torch.bincount(flat, weights=gray.flatten().double(), minlength=n + 1)[1:] / area.clamp(min=1)
     # the ring: background within half a typical radius of each detection (at least 2 px)
-    typical = float(area[area > 0].float().median())
-    radius = max(2, round(0.25 * math.sqrt(4 * typical / math.pi)))
+    radius = max(2, round(0.25 * typical_diameter(area)))
     ring = torch.where(labels == 0, max_filter(labels, radius), 0).long().flatten()
     ring_pixels = torch.bincount(ring, minlength=n + 1)[1:]
     level = medians_by_id(gray.flatten(), ring, n)
