@@ -37,6 +37,11 @@ def _cfg(args, output_dir: str, dataset: str):
     world = args.num_gpus * args.procs_per_gpu
     cfg.SOLVER.IMS_PER_BATCH = args.batch * world  # per-process batch fixed; LR scaled linearly
     cfg.SOLVER.BASE_LR *= world
+    # warm-up and steps counted in images, as detectron2's auto_scale_workers (nucleus-train with
+    # SOLVER.REFERENCE_WORLD_SIZE) counts them: with the warm-up left in iterations, 3 processes warmed up over
+    # 3x the images and their loss after the same images came out 7-8% above vanilla's (2026-12-02)
+    cfg.SOLVER.WARMUP_ITERS = max(1, round(cfg.SOLVER.WARMUP_ITERS / world))
+    cfg.SOLVER.STEPS = tuple(max(1, round(s / world)) for s in cfg.SOLVER.STEPS)
     cfg.SOLVER.MAX_ITER = args.iters
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.TEST.EVAL_PERIOD = 0

@@ -81,6 +81,22 @@ def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing()
         infer_throughput.parse_variant("32cl")
 
 
+def test_several_training_processes_follow_the_linear_scaling_rule_in_images():
+    """3 processes x 8 images: batch and LR x3, and warm-up and LR steps a third as many iterations (the same
+    images), as nucleus-train's auto scaling does; one process keeps the config's schedule."""
+    import argparse
+
+    base = get_nucleus_cfg("configs/nucleus_R101_FPN_scratch.yaml")
+    for procs in (1, 3):
+        args = argparse.Namespace(config_file="configs/nucleus_R101_FPN_scratch.yaml", opts=[], num_gpus=1,
+                                  procs_per_gpu=procs, batch=8, iters=40)
+        solver = train_throughput._cfg(args, "/tmp/unused", "some_dataset").SOLVER
+        batch, lr, warmup, steps = solver.IMS_PER_BATCH, solver.BASE_LR, solver.WARMUP_ITERS, solver.STEPS
+        assert batch == 8 * procs and lr == pytest.approx(base.SOLVER.BASE_LR * procs)
+        assert warmup == round(base.SOLVER.WARMUP_ITERS / procs)
+        assert steps == tuple(round(s / procs) for s in base.SOLVER.STEPS)
+
+
 def test_adapt_suite_summary_applies_the_bars_and_subtracts_the_control_arms():
     rows = [
         {"target": "x1", "control": False, "dsb_before": 0.60, "gain": -0.02},

@@ -150,6 +150,29 @@ def test_matches_default_predictor_on_the_same_weights(cfg, tmp_path):
     assert torch.equal(a.pred_masks, b.pred_masks)
 
 
+def test_two_streams_and_a_channels_last_backbone_give_the_same_detections(cfg):
+    """Whole-image batches two at a time on their own threads (STREAMS 2), and the backbone laid out NHWC with
+    its GroupNorm kept NHWC: the same instances as one batch at a time in NCHW, in input order."""
+    images = [blobs((96, 120), seed=k) for k in range(5)] + [blobs((80, 64), seed=9)]
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 2
+    cfg.NUCLEUS.PREDICT.STREAMS = 1
+    torch.manual_seed(0)
+    expected = [o["instances"] for o in NucleusPredictor(cfg).predict_batch(images)]
+    cfg.NUCLEUS.PREDICT.STREAMS = 2
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        predictor = NucleusPredictor(cfg, channels_last=channels_last)
+        batches = record_input_sizes(predictor)
+        found = [o["instances"] for o in predictor.predict_batch(images)]
+        assert sorted(batches) == sorted([(96, 120)] * 5 + [(80, 64)])  # every image once, in 4 forwards
+        for a, b in zip(expected, found):
+            assert a.image_size == b.image_size and len(a) == len(b) > 0
+            torch.testing.assert_close(b.scores, a.scores, atol=1e-4, rtol=0)
+            torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=1e-2, rtol=0)
+            changed = (a.pred_masks != b.pred_masks).float().mean()
+            assert changed == 0 if not channels_last else changed < 1e-3  # NHWC sums in another order
+
+
 def test_missing_weights_file_is_named(cfg, tmp_path):
     cfg.MODEL.WEIGHTS = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
