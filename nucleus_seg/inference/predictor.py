@@ -533,7 +533,12 @@ class NucleusPredictor:
         else:
             tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(2, 0, 1).float()
                        for a in arrays]
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else nullcontext()
+        # no weight-cast cache: PyTorch keeps one cache for all threads and empties it when any thread leaves
+        # autocast, so with two forwards in flight (STREAMS 2) one read the other's half-precision weights before
+        # its stream had written them, or after they were freed and reused (wrong detections, NaN boxes on an
+        # H200, 2026-12-03). Each weight is used once per forward: the cache saved nothing.
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp
+                    else nullcontext())
         if self.tta:
             with torch.no_grad(), autocast:
                 return forward_flips(self.model, tensors)
