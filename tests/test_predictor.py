@@ -150,29 +150,6 @@ def test_matches_default_predictor_on_the_same_weights(cfg, tmp_path):
     assert torch.equal(a.pred_masks, b.pred_masks)
 
 
-def test_two_streams_and_a_channels_last_backbone_give_the_same_detections(cfg):
-    """Whole-image batches two at a time on their own threads (STREAMS 2), and the backbone laid out NHWC with
-    its GroupNorm kept NHWC: the same instances as one batch at a time in NCHW, in input order."""
-    images = [blobs((96, 120), seed=k) for k in range(5)] + [blobs((80, 64), seed=9)]
-    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 2
-    cfg.NUCLEUS.PREDICT.STREAMS = 1
-    torch.manual_seed(0)
-    expected = [o["instances"] for o in NucleusPredictor(cfg).predict_batch(images)]
-    cfg.NUCLEUS.PREDICT.STREAMS = 2
-    for channels_last in (False, True):
-        torch.manual_seed(0)
-        predictor = NucleusPredictor(cfg, channels_last=channels_last)
-        batches = record_input_sizes(predictor)
-        found = [o["instances"] for o in predictor.predict_batch(images)]
-        assert sorted(batches) == sorted([(96, 120)] * 5 + [(80, 64)])  # every image once, in 4 forwards
-        for a, b in zip(expected, found):
-            assert a.image_size == b.image_size and len(a) == len(b) > 0
-            torch.testing.assert_close(b.scores, a.scores, atol=1e-4, rtol=0)
-            torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=1e-2, rtol=0)
-            changed = (a.pred_masks != b.pred_masks).float().mean()
-            assert changed == 0 if not channels_last else changed < 1e-3  # NHWC sums in another order
-
-
 def test_missing_weights_file_is_named(cfg, tmp_path):
     cfg.MODEL.WEIGHTS = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
@@ -425,6 +402,30 @@ def test_cpu_inference_runs_in_bfloat16_where_the_cpu_has_it(cfg):
     assert out.scores.dtype == torch.float32  # outputs in full precision whatever ran inside
     cfg.NUCLEUS.PREDICT.AMP = False
     assert NucleusPredictor(cfg).amp_dtype is None
+
+
+def test_inference_autocast_shares_no_weight_casts_between_threads(cfg, monkeypatch):
+    """PyTorch's autocast weight-cast cache is one for all threads and emptied when any thread leaves autocast:
+    with tile batches in flight on two threads (STREAMS 2, a CUDA stream each) a forward could use weights cast
+    on the other stream. Every inference autocast region runs without it, on the tile batcher's threads too."""
+    cfg.NUCLEUS.PREDICT.STREAMS = 2
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 2
+    predictor = NucleusPredictor(cfg)
+    predictor.amp, predictor.amp_dtype = True, torch.bfloat16  # what a GPU runs (float16 there)
+    regions = []
+    real = torch.autocast
+
+    def recording(*args, **kwargs):
+        regions.append(kwargs.get("cache_enabled", True) if kwargs.get("enabled", True) else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    batcher = predictor.tile_batcher(tile=64, overlap=16)
+    done = batch_tiles(predictor, batcher, [blobs((100, 124), seed=2)])
+    batcher.close()
+    assert len(done) == 1 and len(done[0][1].stitch()[0]) > 0
+    entered = [r for r in regions if r is not None]  # regions that switch autocast off hold no cache either
+    assert len(entered) >= 3 and not any(entered)  # 6 tiles in batches of 2, each forward in its own region
 
 
 def test_label_outputs_run_the_mask_head_only_on_kept_detections(cfg):

@@ -202,8 +202,8 @@ class NucleusPredictor:
         self._floor_lock, self._floor_users, self._floor_saved = threading.Lock(), 0, 0.0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
-        if channels_last:  # its GroupNorm layers keep the layout (modeling.precision.group_norm_channels_last)
-            self.model.backbone.to(memory_format=torch.channels_last)
+            if channels_last:
+                self.model.backbone.to(memory_format=torch.channels_last)
         if pred.COMPILE and model is None:  # a model passed in keeps what its trainer chose
             compile_backbone(self.model)
         if self.cfg.INPUT.MIN_SIZE_TEST:
@@ -418,8 +418,9 @@ class NucleusPredictor:
         # 'auto' passes keep what the diameter estimate needs as well as what the output keeps
         floor = score_thresh if scale is not None or score_thresh is None else min(
             score_thresh, self.diameter_score_thresh)
-        prepared_chunks = _prefetched(chunks, lambda i: prepare(images[i], scale))
-        for chunk, prepared, dets in self._chunk_detections(chunks, prepared_chunks, floor):
+        for chunk, prepared in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale))):
+            raws = self._forward([p[1] for p in prepared], floor)
+            dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
                 if scale is None or needs_image(self.min_significance, self.boundary_level):
@@ -441,47 +442,6 @@ class NucleusPredictor:
             results = [finish_detections(r, norms[i], self.min_significance, self.boundary_level, shown)
                        if isinstance(r, Detections) else r for i, r in enumerate(results)]
         return results
-
-    def _chunk_detections(self, chunks: Sequence[Sequence[int]], prepared_chunks: Iterator[list],
-                          floor: float | None) -> Iterator[tuple[Sequence[int], list, list[Detections]]]:
-        """Each chunk of images with its detections, in order. With ``NUCLEUS.PREDICT.STREAMS`` > 1 that many
-        chunks are in flight, each forward on its own thread (and CUDA stream), so one chunk's host work
-        (detectron2's Python and its syncs) overlaps another's kernels; the detections are the same."""
-        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-
-        def detect(prepared: list, stream) -> list[Detections]:
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                if stream is not None:
-                    stream.wait_stream(main)  # whatever the caller queued before (weights, inputs) comes first
-                raws = self._forward([p[1] for p in prepared], floor)
-                dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
-            if stream is not None:
-                stream.synchronize()
-            return dets
-
-        if self.streams < 2 or len(chunks) < 2:
-            for chunk, prepared in zip(chunks, prepared_chunks):
-                yield chunk, prepared, detect(prepared, None)
-            return
-        streams = [torch.cuda.Stream(self.device) for _ in range(self.streams)] if main is not None else [None]
-        in_flight: deque[tuple[Sequence[int], list, Future]] = deque()
-
-        def landed() -> tuple[Sequence[int], list, list[Detections]]:
-            chunk, prepared, job = in_flight.popleft()
-            dets = job.result()
-            if main is not None:  # made on a side stream, used on the caller's: not reused before it is done
-                for det in dets:
-                    for t in (det.boxes, det.scores, det.classes, det.windows, det.oy, det.ox):
-                        t.record_stream(main)
-            return chunk, prepared, dets
-
-        with ThreadPoolExecutor(self.streams) as pool:
-            for k, (chunk, prepared) in enumerate(zip(chunks, prepared_chunks)):
-                if len(in_flight) >= self.streams:
-                    yield landed()
-                in_flight.append((chunk, prepared, pool.submit(detect, prepared, streams[k % len(streams)])))
-            while in_flight:
-                yield landed()
 
     def _detect_tiles(self, norm: np.ndarray, tiles: Sequence[Tile], scale: float,
                       score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:
@@ -533,10 +493,10 @@ class NucleusPredictor:
         else:
             tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(2, 0, 1).float()
                        for a in arrays]
-        # no weight-cast cache: PyTorch keeps one cache for all threads and empties it when any thread leaves
-        # autocast, so with two forwards in flight (STREAMS 2) one read the other's half-precision weights before
-        # its stream had written them, or after they were freed and reused (wrong detections, NaN boxes on an
-        # H200, 2026-12-03). Each weight is used once per forward: the cache saved nothing.
+        # no weight-cast cache: PyTorch keeps one cache for all threads (it empties it when any thread leaves
+        # autocast), so with two tile batches in flight (STREAMS 2, each on its own CUDA stream) one forward could
+        # use half-precision weights cast on the other's stream, unsynchronised, or freed and reused meanwhile.
+        # Nearly every weight is used once per forward, so the cache saved next to nothing.
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp
                     else nullcontext())
         if self.tta:
