@@ -192,6 +192,11 @@ def _medians_by_id(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _typical_diameter(area: np.ndarray) -> float:
+    """The equivalent diameter of the median instance, from the areas of ids 1..N (those with pixels)."""
+    return math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)
+
+
 def snap_labels(labels: np.ndarray, gray: np.ndarray, level: float) -> np.ndarray:
     """Each boundary moved to ``level`` of its own contrast (``NUCLEUS.PREDICT.BOUNDARY_LEVEL``):
     nucleus_seg.inference.boundaries' rule, in numpy."""
@@ -200,7 +205,7 @@ def snap_labels(labels: np.ndarray, gray: np.ndarray, level: float) -> np.ndarra
         return labels
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1)[1:]
-    diameter = math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)
+    diameter = _typical_diameter(area)
     band = max(1, round(diameter / 16))
     core_radius = max(1, round(diameter / 8))
     sigma = diameter / 16
@@ -249,7 +254,7 @@ def significance(labels: np.ndarray, gray: np.ndarray) -> np.ndarray:
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1)[1:]
     inside = np.bincount(flat, weights=gray.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(area, 1)
-    radius = max(2, round(0.25 * math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)))
+    radius = max(2, round(0.25 * _typical_diameter(area)))
     ring = np.where(labels == 0, _square_filter(labels, radius, np.max).astype(np.int64), 0).ravel()
     counts = np.bincount(ring, minlength=n + 1)[1:]
     judged = np.flatnonzero((area > 0) & (counts >= 4))
