@@ -29,22 +29,24 @@ from common import benchmark_dataset, device_facts, emit  # noqa: E402
 
 
 def _cfg(args, output_dir: str, dataset: str):
+    from detectron2.engine import DefaultTrainer
+
     from nucleus_seg.config import get_nucleus_cfg
 
     cfg = get_nucleus_cfg(args.config_file, args.opts)
     cfg.DATASETS.TRAIN = (dataset,)
     cfg.DATASETS.TEST = ()
     world = args.num_gpus * args.procs_per_gpu
-    cfg.SOLVER.IMS_PER_BATCH = args.batch * world  # per-process batch fixed; LR scaled linearly
-    cfg.SOLVER.BASE_LR *= world
-    # warm-up and steps counted in images, as detectron2's auto_scale_workers (nucleus-train with
-    # SOLVER.REFERENCE_WORLD_SIZE) counts them: with the warm-up left in iterations, 3 processes warmed up over
-    # 3x the images and their loss after the same images came out 7-8% above vanilla's (2026-12-02)
-    cfg.SOLVER.WARMUP_ITERS = max(1, round(cfg.SOLVER.WARMUP_ITERS / world))
-    cfg.SOLVER.STEPS = tuple(max(1, round(s / world)) for s in cfg.SOLVER.STEPS)
-    cfg.SOLVER.MAX_ITER = args.iters
+    # per-process batch fixed; batch and LR x world, iterations, warm-up and LR steps / world (counted in images)
+    # by detectron2's own rule, as nucleus-train scales with SOLVER.REFERENCE_WORLD_SIZE. With the warm-up left
+    # in iterations, 3 processes warmed up over 3x the images and their loss after the same images came out 7-8%
+    # above vanilla's (2026-12-02)
+    cfg.SOLVER.IMS_PER_BATCH = args.batch
+    cfg.SOLVER.MAX_ITER = args.iters * world
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.TEST.EVAL_PERIOD = 0
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 1
+    cfg = DefaultTrainer.auto_scale_workers(cfg, world)
     cfg.OUTPUT_DIR = output_dir
     cfg.SEED = 42
     return cfg
