@@ -1,5 +1,6 @@
-"""Choosing ``NUCLEUS.PREDICT.MIN_SIGNIFICANCE`` on labelled validation images, clean and with the robustness
-suite's photometric variants, plus the suite's background-only fields.
+"""Choosing ``NUCLEUS.PREDICT.MIN_SIGNIFICANCE`` (``--rule significance``) or ``MIN_EDGE_SIGNIFICANCE`` (``--rule
+edge``, judged after the config's ``MIN_SIGNIFICANCE`` as the predictor does) on labelled validation images, clean
+and with the robustness suite's photometric variants, plus the suite's background-only fields.
 
 Each image is predicted once with the rule off; every threshold is then applied to that prediction exactly as the
 predictor applies it (``keep_significant`` on the label image), and scored (mean DSB per image) and counted.
@@ -7,7 +8,8 @@ Choose on synthetic validation (e.g. ``nucleus_synth_val`` or a folder of held-o
 the real sample.
 
     python benchmarks/significance_sweep.py --config-file CFG [--weights W] --dataset DATASET [--images 12]
-        [--variants noise_snr5] [--background all] [--thresholds 0,5,6,8,10,12,16] [KEY VALUE ...]
+        [--variants noise_snr5] [--background all] [--thresholds 0,5,6,8,10,12,16] [--rule significance|edge]
+        [KEY VALUE ...]
 
 Prints one JSON line: per variant (``clean`` and each photometric one) ``{threshold: [mean DSB, instances]}``,
 per background field ``{threshold: detections}``.
@@ -29,19 +31,22 @@ from robustness import BACKGROUND, _pairs, _true_diameter, background, photometr
 def run(args: argparse.Namespace) -> dict:
     from nucleus_seg import NucleusPredictor, get_nucleus_cfg
     from nucleus_seg.evaluation.matching import dsb_score
-    from nucleus_seg.inference.significance import keep_significant
+    from nucleus_seg.inference.significance import keep_significant, label_edge_significance, label_significance
 
     cfg = get_nucleus_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights] if args.weights else [])
-    cfg.merge_from_list(args.opts + ["NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0"])
+    cfg.merge_from_list(args.opts)
+    first = float(cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE) if args.rule == "edge" else 0.0  # applied before the sweep
+    cfg.merge_from_list(["NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0", "NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE", "0.0"])
+    measure = label_edge_significance if args.rule == "edge" else label_significance
     predictor = NucleusPredictor(cfg)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     pairs = _pairs(args.dataset)[:args.images]
     report: dict = {}
 
     def judged(image: np.ndarray):
-        pred = predictor.predict_labels([image])[0]
         norm = predictor.normalize(image)
-        return [keep_significant(pred, norm, t) for t in thresholds]
+        pred = keep_significant(predictor.predict_labels([image])[0], norm, first)
+        return [keep_significant(pred, norm, t, measure) for t in thresholds]
 
     for variant in ["clean"] + [v for v in args.variants.split(",") if v]:
         scores: list[list[float]] = [[] for _ in thresholds]
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
                 scores[k].append(dsb_score(labels, pred.labels))
                 counts[k] += len(pred)
         report[variant] = {f"{t:g}": [round(float(np.mean(s)), 4), c] for t, s, c in zip(thresholds, scores, counts)}
-        print(f"[significance] {variant:12s} " + "  ".join(f"{t}: {v[0]:.4f}" for t, v in report[variant].items()),
+        print(f"[{args.rule}] {variant:12s} " + "  ".join(f"{t}: {v[0]:.4f}" for t, v in report[variant].items()),
               file=sys.stderr, flush=True)
     diameters = [d for d in (_true_diameter(labels) for _, labels in pairs) if d]
     diameter = float(np.median(diameters)) if diameters else 24.0
@@ -66,10 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = validation_sweep_parser(__doc__)
     parser.add_argument("--background", default="all", help=f"comma list of {', '.join(BACKGROUND)}, or all")
     parser.add_argument("--thresholds", default="0,5,6,8,10,12,16")
+    parser.add_argument("--rule", choices=("significance", "edge"), default="significance")
     args = parser.parse_args(argv)
     line = {"benchmark": "significance_sweep", **device_facts(), "config": args.config_file,
             "weights": args.weights or "(config)", "dataset": args.dataset, "images": args.images,
-            "variant": f"variants {args.variants}; background {args.background}", **run(args)}
+            "variant": f"rule {args.rule}; variants {args.variants}; background {args.background}", **run(args)}
     emit(line, args.save)
     return line
 

@@ -132,6 +132,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # that an "auto" upscale made the model read as tiny nuclei; 0 keeps every detection, as DefaultPredictor does.
     # The exported runner applies it too; the bioimage.io package does not.
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 0.0
+    # Instances must also step up at their edge: the mean of their pixels within 2 px of the background minus
+    # that background's, as a z-score over the pixel noise, at least this (inference.significance). Out-of-focus
+    # haze stands out as a whole but has no edge; 0 keeps every detection. Applied after MIN_SIGNIFICANCE.
+    cfg.NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE = 0.0
     # Move each instance's boundary to this fraction of the way from the background around it to its interior
     # (nucleus_seg.inference.boundaries: 0.5 is the half-maximum the synthetic labels are drawn at; the demo config
     # uses 0.4); only pixels within ~1/16 of a nucleus diameter of the predicted boundary change. 0 leaves the
@@ -217,6 +221,7 @@ def check_predict_settings(cfg: CN) -> None:
         ("DIAMETER", p.DIAMETER == -1 or p.DIAMETER >= 0, "must be a diameter in px, 0 (no rescale) or -1 (auto)"),
         ("SCORE_THRESH", 0 <= p.SCORE_THRESH <= 1, "must be in [0, 1]"),
         ("MIN_SIGNIFICANCE", p.MIN_SIGNIFICANCE >= 0, "must be >= 0 (0: keep every detection)"),
+        ("MIN_EDGE_SIGNIFICANCE", p.MIN_EDGE_SIGNIFICANCE >= 0, "must be >= 0 (0: keep every detection)"),
         ("BOUNDARY_LEVEL", 0 <= p.BOUNDARY_LEVEL < 1, "must be in [0, 1) (0: masks as the model made them)"),
         ("WRITERS", p.WRITERS >= -1, "must be a process count, 0 (none) or -1 (auto)"),
         ("STREAMS", p.STREAMS >= 0, "must be at least 1 (0: 2 on a GPU, 1 on the CPU)"),

@@ -702,11 +702,12 @@ def test_with_two_streams_a_failed_batch_fails_only_its_image(cfg):
     assert len(results[0].stitch()[0]) > 0 and len(results[2].stitch()[0]) > 0
 
 
-@pytest.mark.parametrize("boundary_level", [0.0, 0.4])
-def test_image_based_steps_give_the_same_labels_on_every_path(cfg, boundary_level):
-    """Random weights also outline patches of plain background: MIN_SIGNIFICANCE removes those and BOUNDARY_LEVEL
-    moves the others' boundaries on every path (predict_labels, predict_batch at the output threshold,
-    predict_large) exactly as finish_labels treats the plain prediction."""
+@pytest.mark.parametrize("boundary_level, min_edge", [(0.0, 0.0), (0.4, 0.0), (0.4, 5.0)])
+def test_image_based_steps_give_the_same_labels_on_every_path(cfg, boundary_level, min_edge):
+    """Random weights also outline patches of plain background: MIN_SIGNIFICANCE removes those, MIN_EDGE_SIGNIFICANCE
+    those with no step at their edge, and BOUNDARY_LEVEL moves the others' boundaries on every path
+    (predict_labels, predict_batch at the output threshold, predict_large) exactly as finish_labels treats the
+    plain prediction."""
     from nucleus_seg.inference.postprocess import finish_labels
 
     image = blobs((100, 124), np.uint16, seed=2)
@@ -714,11 +715,14 @@ def test_image_based_steps_give_the_same_labels_on_every_path(cfg, boundary_leve
     plain = NucleusPredictor(cfg)
     raw = plain.predict_labels([image])[0]
     norm = plain.normalize(image)
-    expected = finish_labels(raw, norm, 5.0, boundary_level)
+    expected = finish_labels(raw, norm, 5.0, boundary_level, min_edge)
     judged = finish_labels(raw, norm, 5.0, 0.0)
-    assert 0 < len(judged) < len(raw) and len(expected) == len(judged)
-    assert (expected.labels != judged.labels).any() == (boundary_level > 0)
+    edged = finish_labels(raw, norm, 5.0, 0.0, min_edge)
+    assert 0 < len(judged) < len(raw) and len(expected) == len(edged)
+    assert 0 < len(edged) < len(judged) if min_edge else edged.labels.tolist() == judged.labels.tolist()
+    assert (expected.labels != edged.labels).any() == (boundary_level > 0)
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
+    cfg.NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE = min_edge
     cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = boundary_level
     torch.manual_seed(0)
     predictor = NucleusPredictor(cfg)
@@ -727,7 +731,7 @@ def test_image_based_steps_give_the_same_labels_on_every_path(cfg, boundary_leve
         np.testing.assert_array_equal(pred.scores, expected.scores)
     inst = predictor(image)["instances"]
     np.testing.assert_array_equal(kept_as_labels(inst, inst.scores >= predictor.score_thresh).labels, expected.labels)
-    for key, bad in (("MIN_SIGNIFICANCE", -1.0), ("BOUNDARY_LEVEL", 1.0)):
+    for key, bad in (("MIN_SIGNIFICANCE", -1.0), ("MIN_EDGE_SIGNIFICANCE", -1.0), ("BOUNDARY_LEVEL", 1.0)):
         wrong = cfg.clone()
         wrong.NUCLEUS.PREDICT[key] = bad
         with pytest.raises(ValueError, match=key):
@@ -735,18 +739,20 @@ def test_image_based_steps_give_the_same_labels_on_every_path(cfg, boundary_leve
 
 
 def test_nucleus_predicts_writer_judges_batched_tiles_as_predict_large(cfg, tmp_path):
-    """nucleus-predict stitches batched tiles in a writer: with MIN_SIGNIFICANCE and BOUNDARY_LEVEL its label TIFF
-    is what predict_large gives (the same detections dropped, the same boundaries moved)."""
+    """nucleus-predict stitches batched tiles in a writer: with MIN_SIGNIFICANCE, MIN_EDGE_SIGNIFICANCE and
+    BOUNDARY_LEVEL its label TIFF is what predict_large gives (the same detections dropped, the same boundaries
+    moved)."""
     import tifffile
 
     from nucleus_seg.inference.batch import stitch_and_write
 
     cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 5.0
+    cfg.NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE = 5.0
     cfg.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.4
     predictor = NucleusPredictor(cfg)
     image = blobs((150, 230), seed=3)
     expected = predictor.predict_large(image, tile=96, overlap=32, diameter=0)
-    predictor.min_significance = predictor.boundary_level = 0.0
+    predictor.min_significance = predictor.min_edge_significance = predictor.boundary_level = 0.0
     assert 0 < len(expected) < len(predictor.predict_large(image, tile=96, overlap=32, diameter=0))
     batcher = predictor.tile_batcher(tile=96, overlap=32)
     [(_, tiled)] = batch_tiles(predictor, batcher, [image])

@@ -58,7 +58,11 @@ def test_the_suite_scores_variants_and_background_fields(tiny_cfg, tmp_path, mon
     assert rows["x0.5"]["watershed_recall50"] > 0.3 and 0 < rows["x0.5"]["watershed_precision50"] <= 1
     assert all(0 <= rows[v][k] <= 1 for v in rows for k in ("recall50", "precision50"))
     assert rows["gamma2"]["image_diameter"] > 0 and rows["x0.5"]["image_diameter"] < rows["gamma2"]["true_diameter"]
-    assert set(line["background"]["haze"]) == {"detections", "watershed_detections"}
+    haze = line["background"]["haze"]
+    assert set(haze) == {"detections", "detections_rules_off", "detections_at_known_diameter", "known_diameter",
+                         "watershed_detections"}
+    assert haze["detections"] <= haze["detections_rules_off"]  # the rules only remove
+    assert haze["known_diameter"] == pytest.approx(rows["gamma2"]["true_diameter"], rel=0.01)
     assert set(line["summary"]["nucleus_dsb_sample"]) == {"mean_dsb", "min_dsb", "below_bar"}
     assert json.loads((tmp_path / "out" / "robustness.json").read_text())["datasets"] == line["datasets"]
     assert (tmp_path / "out" / "robustness_grid.png").stat().st_size > 10_000
@@ -74,12 +78,14 @@ def test_the_summary_reads_background_fields_alone():
 
 
 @pytest.mark.slow
-def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("rule", ["significance", "edge"])
+def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cfg, tmp_path, rule):
     """benchmarks/significance_sweep.py: each threshold keeps a subset of the one below it, on images and fields."""
     line = significance_sweep.main([*random_model_args(tiny_cfg, tmp_path),
                                     "--dataset", "nucleus_dsb_sample", "--images", "1", "--variants", "gamma2",
-                                    "--background", "noise", "--thresholds", "0,5,50"])
+                                    "--background", "noise", "--thresholds", "0,5,50", "--rule", rule])
     assert line["benchmark"] == "significance_sweep" and set(line["background"]) == {"noise"}
+    assert line["variant"].startswith(f"rule {rule};")
     for variant in ("clean", "gamma2"):
         (dsb0, n0), (_, n5), (dsb50, n50) = line[variant].values()
         assert n0 >= n5 >= n50 and n0 > 0 and 0 <= dsb50 <= 1 and 0 <= dsb0 <= 1

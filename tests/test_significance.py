@@ -1,4 +1,5 @@
-"""The significance rule (NUCLEUS.PREDICT.MIN_SIGNIFICANCE): nuclei stand out from pixel noise, noise grains don't."""
+"""The significance rules: nuclei stand out from pixel noise, noise grains don't (NUCLEUS.PREDICT.MIN_SIGNIFICANCE);
+nuclei step up at their edge, out-of-focus haze doesn't (MIN_EDGE_SIGNIFICANCE)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from nucleus_seg.inference.masks import Detections
 from nucleus_seg.inference.significance import (
     keep_significant,
+    label_edge_significance,
     label_significance,
     pixel_noise,
     significant_detections,
@@ -109,3 +111,49 @@ def test_the_exported_runner_judges_as_the_package_does():
     extra[60:80, 60:90] = 4  # a large patch of background noise
     labels = np.where(labels == 0, extra, labels)
     np.testing.assert_allclose(significance(labels, image), label_significance(labels, image), rtol=1e-4)
+
+
+def hazy_field(seed=0):
+    """A noisy background (100 +- 10) with a sharp nucleus (id 1), the same nucleus blurred by sigma 2 px (id 2),
+    and a broad haze blob (Gaussian, sigma 12 px, +25 at its peak) outlined at its half-maximum (id 3)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    signal = np.zeros((128, 128), np.float32)
+    signal[disc(signal.shape, 30, 30, 9)] = 60
+    blurred = np.zeros_like(signal)
+    blurred[disc(signal.shape, 30, 90, 9)] = 60
+    signal += cv2.GaussianBlur(blurred, (0, 0), 2)
+    yy, xx = np.mgrid[:128, :128]
+    signal += 25 * np.exp(-((yy - 90) ** 2 + (xx - 60) ** 2) / (2 * 12.0 ** 2))
+    labels = np.zeros(signal.shape, np.int32)
+    labels[disc(signal.shape, 30, 30, 9)] = 1
+    labels[disc(signal.shape, 30, 90, 9)] = 2
+    labels[disc(signal.shape, 90, 60, 14)] = 3  # half-maximum of the haze: 12 * 1.18
+    return signal + rng.normal(100, 10, signal.shape).astype(np.float32), labels
+
+
+def test_haze_stands_out_as_a_whole_but_has_no_edge():
+    image, labels = hazy_field()
+    sharp, blurred, haze = label_edge_significance(labels, image)
+    assert label_significance(labels, image)[2] > 8  # the whole-object rule keeps the haze ...
+    assert abs(haze) < 5  # ... its edge does not step up over the noise
+    assert sharp > 25 and blurred > 15  # a nucleus does, in focus or blurred by 2 px
+    kept = keep_significant(finalize_labels(labels, np.array([0.9, 0.8, 0.7], np.float32), np.zeros((3, 4))),
+                            image, 5.0, label_edge_significance)
+    np.testing.assert_array_equal(kept.labels, np.where(labels == 3, 0, labels))
+
+
+def test_an_edge_that_cannot_be_judged_is_kept():
+    image, labels = hazy_field()
+    packed = np.where(disc(image.shape, 30, 30, 16) & (labels == 0), 4, labels)  # id 1 enclosed by id 4
+    assert label_edge_significance(packed, image)[0] == np.inf
+    assert (label_edge_significance(labels, np.full(image.shape, 9.0)) == np.inf).all()  # no measurable noise
+
+
+def test_the_exported_runner_judges_edges_as_the_package_does():
+    from nucleus_seg.export.runner import edge_significance
+
+    image, labels = hazy_field(seed=4)
+    labels[100:120, 5:25] = 7  # a patch of plain background, and ids with gaps
+    np.testing.assert_allclose(edge_significance(labels, image), label_edge_significance(labels, image), rtol=1e-4)

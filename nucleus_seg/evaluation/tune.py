@@ -76,7 +76,9 @@ def _score_pass(cfg, dataset: str, diameter: float, tta: bool, thresholds: tuple
     trial = _with_settings(cfg, diameter, tta, min(thresholds))
     trial.NUCLEUS.EVAL.COCO = False
     min_significance = float(trial.NUCLEUS.PREDICT.MIN_SIGNIFICANCE)
+    min_edge = float(trial.NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE)
     trial.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 0.0
+    trial.NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE = 0.0
     trial.NUCLEUS.PREDICT.BOUNDARY_LEVEL = 0.0
     evaluator = NucleusEvaluator.from_config(trial, dataset, None)
     batches = _input_batches(evaluator, predict_batch_size(trial))
@@ -92,12 +94,12 @@ def _score_pass(cfg, dataset: str, diameter: float, tta: bool, thresholds: tuple
                 if r["image_id"] not in gt_cache:
                     gt_cache[r["image_id"]] = gt_label_image(evaluator.gt_by_id[r["image_id"]])
                 labels = prediction_label_image(r, thresh)
-                if needs_image(min_significance, level):
+                if needs_image(min_significance, level, min_edge):
                     if r["image_id"] not in norms:
                         norms[r["image_id"]] = normalize_from_cfg(read_image(r["file_name"]), trial)
                     scores = [d["score"] for d in r["detections"] if d["score"] >= thresh]
                     shown = LabelPrediction(labels, np.asarray(scores, np.float32), np.zeros((len(scores), 4)))
-                    labels = finish_labels(shown, norms[r["image_id"]], min_significance, level).labels
+                    labels = finish_labels(shown, norms[r["image_id"]], min_significance, level, min_edge).labels
                 records.append(dict(r, counts=image_counts(gt_cache[r["image_id"]], labels)))
             report = build_report(records, dataset, thresh)
             rows.append({"train_diameter": float(diameter), "tta": bool(tta), "score_thresh": float(thresh),

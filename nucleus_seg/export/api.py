@@ -55,6 +55,7 @@ def runner_metadata(cfg, score_floor: float) -> dict:
         "diameter": "auto" if float(pred.DIAMETER) < 0 else float(pred.DIAMETER),
         "diameter_score_thresh": float(pred.DIAMETER_SCORE_THRESH),
         "min_significance": float(pred.MIN_SIGNIFICANCE),
+        "min_edge_significance": float(pred.MIN_EDGE_SIGNIFICANCE),
         "boundary_level": float(pred.BOUNDARY_LEVEL),
     }
 

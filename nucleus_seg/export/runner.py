@@ -6,7 +6,8 @@ box and mask heads, NMS); this file does what ``NucleusPredictor.predict_labels`
 percentile normalisation, an optional rescale to the training diameter, and pasting each 28x28 soft mask
 into its box (detectron2's sampling grid) to paint one label image, highest score on top, ids 1..N by
 descending score, dropping what does not stand out from the image's pixel noise
-(``NUCLEUS.PREDICT.MIN_SIGNIFICANCE``) and moving each boundary to its own edge (``BOUNDARY_LEVEL``).
+(``NUCLEUS.PREDICT.MIN_SIGNIFICANCE``) and what has no step at its edge (``MIN_EDGE_SIGNIFICANCE``), and moving
+each boundary to its own edge (``BOUNDARY_LEVEL``).
 Not here: tiling of large images and test-time flips (use nucleus-predict for those).
 
     python nucleus_runner.py MODEL_DIR IMAGE OUT [--score-thresh S] [--diameter D|auto] [--backend onnx|torchscript]
@@ -161,6 +162,9 @@ class Segmenter:
         if meta.get("min_significance", 0) > 0:
             drop = significance(labels, gray) < meta["min_significance"]
             labels[np.concatenate([[False], drop])[labels]] = 0
+        if meta.get("min_edge_significance", 0) > 0:
+            drop = edge_significance(labels, gray) < meta["min_edge_significance"]
+            labels[np.concatenate([[False], drop])[labels]] = 0
         if meta.get("boundary_level", 0) > 0:
             labels = snap_labels(labels, gray, meta["boundary_level"])
         alive = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(scores) + 1)[1:])
@@ -241,14 +245,40 @@ def snap_labels(labels: np.ndarray, gray: np.ndarray, level: float) -> np.ndarra
     return snapped.reshape(labels.shape).astype(labels.dtype)
 
 
+def _pixel_noise(gray: np.ndarray) -> float:
+    """One pixel's noise sigma from the median |difference| of horizontal neighbours on every other row."""
+    diffs = np.abs(np.diff(gray[::2], axis=1)).ravel()
+    middle = (diffs.size - 1) // 2  # the lower median, as torch.median
+    return float(np.partition(diffs, middle)[middle]) / (0.6745 * math.sqrt(2)) if diffs.size else 0.0
+
+
+def edge_significance(labels: np.ndarray, gray: np.ndarray, band: int = 2) -> np.ndarray:
+    """Per id 1..labels.max(): (mean of its pixels within ``band`` px of the background - mean of that background)
+    as a z-score over the pixel noise; inf where it cannot be judged. nucleus_seg.inference.significance's edge
+    rule, in numpy."""
+    n = int(labels.max(initial=0))
+    out = np.full(n, np.inf)
+    sigma = _pixel_noise(gray)
+    if n == 0 or sigma <= 0:
+        return out
+    values = gray.ravel().astype(np.float64)
+    inner = np.where((labels > 0) & (_square_filter(labels, band, np.min) == 0), labels, 0).ravel()
+    outer = np.where(labels == 0, _square_filter(labels, band, np.max).astype(np.int64), 0).ravel()
+    sides = [(np.bincount(side, minlength=n + 1)[1:], np.bincount(side, weights=values, minlength=n + 1)[1:])
+             for side in (inner, outer)]
+    (n_in, sum_in), (n_out, sum_out) = sides
+    judged = np.flatnonzero((n_in >= 4) & (n_out >= 4))
+    step = sum_in[judged] / n_in[judged] - sum_out[judged] / n_out[judged]
+    out[judged] = step / (sigma * np.sqrt(1 / n_in[judged] + 1 / n_out[judged]))
+    return out
+
+
 def significance(labels: np.ndarray, gray: np.ndarray) -> np.ndarray:
     """Per id 1..labels.max(): (mean - median of the background within half a typical radius) / pixel noise x
     sqrt(area); inf where it cannot be judged. nucleus_seg.inference.significance's rule, in numpy."""
     n = int(labels.max(initial=0))
     out = np.full(n, np.inf)
-    diffs = np.abs(np.diff(gray[::2], axis=1)).ravel()
-    middle = (diffs.size - 1) // 2  # the lower median, as torch.median
-    sigma = float(np.partition(diffs, middle)[middle]) / (0.6745 * math.sqrt(2)) if diffs.size else 0.0
+    sigma = _pixel_noise(gray)
     if n == 0 or sigma <= 0:
         return out
     flat = labels.ravel()

@@ -138,9 +138,10 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
         pred, num_cut = pred.stitch()
         warning = seam_warning(num_cut, overlap, str(path)) if num_cut else None
         p = cfg.NUCLEUS.PREDICT if cfg is not None else None
-        if p is not None and needs_image(p.MIN_SIGNIFICANCE, p.BOUNDARY_LEVEL):  # as the predictor's own stitching
+        steps = (p.MIN_SIGNIFICANCE, p.BOUNDARY_LEVEL, p.MIN_EDGE_SIGNIFICANCE) if p is not None else None
+        if steps is not None and needs_image(*steps):  # as the predictor's own stitching
             norm = normalize_from_cfg(raw, cfg)  # the overlay reuses it
-            pred = finish_labels(pred, norm, p.MIN_SIGNIFICANCE, p.BOUNDARY_LEVEL)
+            pred = finish_labels(pred, norm, *steps)
     return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg, norm), warning
 
 

@@ -195,6 +195,7 @@ class NucleusPredictor:
         self.score_thresh = float(pred.SCORE_THRESH)
         self.min_significance = float(pred.MIN_SIGNIFICANCE)
         self.boundary_level = float(pred.BOUNDARY_LEVEL)
+        self.min_edge_significance = float(pred.MIN_EDGE_SIGNIFICANCE)
         self.diameter_score_thresh = float(pred.DIAMETER_SCORE_THRESH)
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
@@ -332,7 +333,7 @@ class NucleusPredictor:
         if stitcher.num_cut:
             logger.warning("%s", seam_warning(stitcher.num_cut, overlap))
         yield len(tiles), len(tiles), finish_labels(stitcher.finish(), norm, self.min_significance,
-                                                    self.boundary_level)
+                                                    self.boundary_level, self.min_edge_significance)
 
     def _fits_one_pass(self, shape: tuple[int, int], scale: float) -> bool:
         """Whether the image at ``scale`` goes through the model whole (else tile by tile: an image that
@@ -423,7 +424,7 @@ class NucleusPredictor:
             dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
-                if scale is None or needs_image(self.min_significance, self.boundary_level):
+                if scale is None or needs_image(self.min_significance, self.boundary_level, self.min_edge_significance):
                     norms[i] = norm
         for i, norm in (norms.items() if scale is None else ()):
             choice, passes = choose_scale(self._auto_pass(norm, floor), [results[i]], self.diameter_score_thresh,
@@ -437,9 +438,10 @@ class NucleusPredictor:
                 steps = self._stitched(norm, choice.scale, int(pred.TILE_SIZE), int(pred.TILE_OVERLAP),
                                        self.score_thresh if score_thresh is None else score_thresh)
                 results[i] = [last for *_, last in steps][-1]  # post-processed as it was stitched
-        if needs_image(self.min_significance, self.boundary_level):
+        if needs_image(self.min_significance, self.boundary_level, self.min_edge_significance):
             shown = self.score_thresh if score_thresh is None else score_thresh
-            results = [finish_detections(r, norms[i], self.min_significance, self.boundary_level, shown)
+            results = [finish_detections(r, norms[i], self.min_significance, self.boundary_level, shown,
+                                         self.min_edge_significance)
                        if isinstance(r, Detections) else r for i, r in enumerate(results)]
         return results
 

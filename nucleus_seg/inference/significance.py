@@ -17,6 +17,7 @@ with no measurable noise are kept: the rule only removes what it can judge.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -26,10 +27,13 @@ import torch.nn.functional as F
 from .masks import Detections, select_detections, window_pixels, windows_to_label
 from .tiling import LabelPrediction, finalize_labels
 
-__all__ = ["RING_MIN_PIXELS", "gray_image", "keep_significant", "label_significance", "max_filter", "medians_by_id",
-           "min_filter", "pixel_noise", "significant_detections", "typical_diameter"]
+__all__ = ["EDGE_BAND", "RING_MIN_PIXELS", "gray_image", "keep_significant", "label_edge_significance",
+           "label_significance", "max_filter", "medians_by_id", "min_filter", "pixel_noise", "significant_detections",
+           "typical_diameter"]
 
+Measure = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # labels, gray -> one value per id
 RING_MIN_PIXELS = 4  # fewer background pixels around a detection than this: nothing to compare with, kept
+EDGE_BAND = 2  # px each side of a boundary: a nucleus's edge steps within it, out-of-focus haze rises over tens
 MAD_TO_SIGMA = 1 / (0.6745 * math.sqrt(2))  # median |difference of two neighbours| -> one pixel's noise sigma
 
 
@@ -67,6 +71,34 @@ def label_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | tor
     significance = (inside - level) / sigma * area.double().sqrt()
     judged = (area > 0) & (ring_pixels >= RING_MIN_PIXELS)
     return torch.where(judged, significance, math.inf).cpu().numpy()
+
+
+def label_edge_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | torch.Tensor,
+                            band: int = EDGE_BAND) -> np.ndarray:
+    """Significance of the step at each instance's edge (index k-1 for id k): the mean of its pixels within
+    ``band`` px of the background minus the mean of the background within ``band`` px of it, over the noise of
+    that difference (a z-score). Haze of another focal plane rises over tens of pixels, so the model's outline
+    of it has no step at its edge although the blob as a whole stands out; a nucleus steps within a pixel or
+    two, blurred or noisy. ``inf`` where it cannot be judged (fewer than RING_MIN_PIXELS either side, no
+    measurable noise)."""
+    labels = torch.as_tensor(labels)
+    gray = torch.as_tensor(gray, dtype=torch.float32, device=labels.device)
+    n = int(labels.max()) if labels.numel() else 0
+    sigma = pixel_noise(gray) if n else 0.0
+    if sigma <= 0:
+        return np.full(n, np.inf)
+    values = gray.flatten().double()
+    inner = torch.where((labels > 0) & (min_filter(labels, band) == 0).to(labels.device), labels, 0)
+    outer = torch.where(labels == 0, max_filter(labels, band).to(labels.device), 0)
+    sides = []
+    for side in (inner.flatten().long(), outer.flatten().long()):
+        count = torch.bincount(side, minlength=n + 1)[1:]
+        total = torch.bincount(side, weights=values, minlength=n + 1)[1:]
+        sides.append((count, total / count.clamp(min=1)))
+    (n_in, mean_in), (n_out, mean_out) = sides
+    z = (mean_in - mean_out) / (sigma * (1 / n_in.clamp(min=1) + 1 / n_out.clamp(min=1)).double().sqrt())
+    judged = (n_in >= RING_MIN_PIXELS) & (n_out >= RING_MIN_PIXELS)
+    return torch.where(judged, z, math.inf).cpu().numpy()
 
 
 def max_filter(labels: torch.Tensor, radius: int, opencv: bool | None = None) -> torch.Tensor:
@@ -111,12 +143,14 @@ def gray_image(norm: np.ndarray, device: torch.device | None = None) -> torch.Te
     return image.mean(dim=2) if image.ndim == 3 else image
 
 
-def keep_significant(pred: LabelPrediction, norm: np.ndarray, min_significance: float) -> LabelPrediction:
+def keep_significant(pred: LabelPrediction, norm: np.ndarray, min_significance: float,
+                     measure: Measure = label_significance) -> LabelPrediction:
     """``pred`` without the instances whose significance in ``norm`` (the normalised image) is below
-    ``min_significance``, renumbered as every label prediction is (``finalize_labels``)."""
+    ``min_significance``, renumbered as every label prediction is (``finalize_labels``). ``measure``: the whole
+    instance against its surroundings (``label_significance``) or its edge (``label_edge_significance``)."""
     if min_significance <= 0 or len(pred) == 0:
         return pred
-    keep = label_significance(pred.labels, gray_image(norm)) >= min_significance
+    keep = measure(pred.labels, gray_image(norm)) >= min_significance
     if keep.all():
         return pred
     lut = np.concatenate([[0], np.where(keep, np.arange(1, len(keep) + 1), 0)]).astype(np.int32)
@@ -124,7 +158,7 @@ def keep_significant(pred: LabelPrediction, norm: np.ndarray, min_significance: 
 
 
 def significant_detections(det: Detections, norm: np.ndarray, min_significance: float,
-                           score_thresh: float = 0.0) -> Detections:
+                           score_thresh: float = 0.0, measure: Measure = label_significance) -> Detections:
     """``det`` without the detections scoring at least ``score_thresh`` (the output threshold) whose significance
     in ``norm`` is below ``min_significance``. Each is judged on the pixels it shows in the label image of those
     detections (highest score on top), and the pixels a dropped one showed are cut from the masks under it, so
@@ -134,7 +168,7 @@ def significant_detections(det: Detections, norm: np.ndarray, min_significance: 
         return det
     shown = det.scores >= score_thresh
     labels = windows_to_label(det.windows[shown], det.oy[shown], det.ox[shown], det.scores[shown], det.image_shape)
-    found = label_significance(labels, gray_image(norm, labels.device))
+    found = measure(labels, gray_image(norm, labels.device))
     significance = np.full(int(shown.sum()), np.inf)
     significance[:len(found)] = found  # ids past labels.max() painted nothing: kept, as other hidden ones
     dropped = torch.from_numpy(significance < min_significance).to(det.scores.device)
