@@ -12,7 +12,8 @@ the real sample.
         [KEY VALUE ...]
 
 Prints one JSON line: per variant (``clean`` and each photometric one) ``{threshold: [mean DSB, instances]}``,
-per background field ``{threshold: detections}``.
+per background field ``{threshold: detections}``. ``--on-labels`` runs no model and reports, per variant, the
+share of the labelled nuclei each threshold would drop, judged on the labels' own outlines.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ from common import device_facts, emit, validation_sweep_parser  # noqa: E402
 from robustness import BACKGROUND, _pairs, _true_diameter, background, photometric  # noqa: E402
 
 
+def below_on_labels(cfg, pairs, variant: str, measure, thresholds: list[float]) -> dict:
+    """``{threshold: share of the labelled nuclei the rule would drop}``: the rule judged on the labels' own
+    outlines, so the figure does not depend on which nuclei a given model finds (a weak model misses the faint
+    nuclei a rule would wrongly drop, and then looks unharmed by it)."""
+    from nucleus_seg.data.io import normalize_from_cfg
+    from nucleus_seg.inference.significance import gray_image
+
+    values = []
+    for image, labels in pairs:
+        shown = image if variant == "clean" else photometric(image, labels, variant)
+        found = measure(labels, gray_image(normalize_from_cfg(shown, cfg)))
+        values.append(found[np.bincount(labels.ravel(), minlength=len(found) + 1)[1:len(found) + 1] > 0])
+    values = np.concatenate(values)
+    row = {f"{t:g}": round(float(np.mean(values < t)), 4) for t in thresholds}
+    print(f"[labels] {variant:12s} " + "  ".join(f"{t}: {v:.3f}" for t, v in row.items()), file=sys.stderr, flush=True)
+    return {"nuclei": int(values.size), "dropped": row}
+
+
 def run(args: argparse.Namespace) -> dict:
     from nucleus_seg import NucleusPredictor, get_nucleus_cfg
     from nucleus_seg.evaluation.matching import dsb_score
@@ -38,9 +57,12 @@ def run(args: argparse.Namespace) -> dict:
     first = float(cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE) if args.rule == "edge" else 0.0  # applied before the sweep
     cfg.merge_from_list(["NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0", "NUCLEUS.PREDICT.MIN_EDGE_SIGNIFICANCE", "0.0"])
     measure = label_edge_significance if args.rule == "edge" else label_significance
-    predictor = NucleusPredictor(cfg)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     pairs = _pairs(args.dataset)[:args.images]
+    variants = ["clean"] + [v for v in args.variants.split(",") if v]
+    if args.on_labels:
+        return {variant: below_on_labels(cfg, pairs, variant, measure, thresholds) for variant in variants}
+    predictor = NucleusPredictor(cfg)
     report: dict = {}
 
     def judged(image: np.ndarray):
@@ -48,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         pred = keep_significant(predictor.predict_labels([image])[0], norm, first)
         return [keep_significant(pred, norm, t, measure) for t in thresholds]
 
-    for variant in ["clean"] + [v for v in args.variants.split(",") if v]:
+    for variant in variants:
         scores: list[list[float]] = [[] for _ in thresholds]
         counts = [0] * len(thresholds)
         for image, labels in pairs:
@@ -72,10 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--background", default="all", help=f"comma list of {', '.join(BACKGROUND)}, or all")
     parser.add_argument("--thresholds", default="0,5,6,8,10,12,16")
     parser.add_argument("--rule", choices=("significance", "edge"), default="significance")
+    parser.add_argument("--on-labels", action="store_true",
+                        help="no model: the share of the labelled nuclei each threshold drops, per variant")
     args = parser.parse_args(argv)
     line = {"benchmark": "significance_sweep", **device_facts(), "config": args.config_file,
             "weights": args.weights or "(config)", "dataset": args.dataset, "images": args.images,
-            "variant": f"rule {args.rule}; variants {args.variants}; background {args.background}", **run(args)}
+            "variant": f"rule {args.rule}{' on labels' if args.on_labels else ''}; variants {args.variants}; "
+                       f"background {'none' if args.on_labels else args.background}", **run(args)}
     emit(line, args.save)
     return line
 

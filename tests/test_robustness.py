@@ -93,6 +93,20 @@ def test_the_significance_sweep_judges_one_prediction_at_every_threshold(tiny_cf
     assert counts == sorted(counts, reverse=True)
 
 
+def test_the_significance_sweep_judges_the_labels_own_outlines_without_a_model(tmp_path):
+    """--on-labels: the share of the sample's 125 labelled nuclei each threshold drops, growing with it; noise
+    lowers every nucleus's significance, so more are dropped than clean."""
+    line = significance_sweep.main(["--config-file", "configs/nucleus_R18_FPN_cpu_demo.yaml", "--dataset",
+                                    "nucleus_dsb_sample", "--variants", "noise_snr5", "--rule", "edge",
+                                    "--on-labels", "--thresholds", "0,5,1e9", "--save", str(tmp_path / "l.jsonl")])
+    assert line["variant"].startswith("rule edge on labels;") and "background" not in line
+    for variant in ("clean", "noise_snr5"):
+        assert line[variant]["nuclei"] == 125
+        shares = list(line[variant]["dropped"].values())
+        assert shares == sorted(shares) and shares[-1] > 0.9
+    assert line["noise_snr5"]["dropped"]["5"] > line["clean"]["dropped"]["5"]
+
+
 @pytest.mark.slow
 def test_the_boundary_sweep_scores_each_setting_on_one_prediction(tiny_cfg, tmp_path):
     """benchmarks/boundary_sweep.py: every level x band x smoothing scored; level 0 is the prediction as made,
