@@ -241,3 +241,21 @@ def test_cli_unreadable_checkpoint_names_it(tmp_path, capsys):
                           "--output", str(tmp_path / "out"), "MODEL.WEIGHTS", str(bad)])
     assert status == 2
     assert f"MODEL.WEIGHTS {bad}: cannot be loaded" in capsys.readouterr().err
+
+
+def test_runner_typical_diameter_is_the_packages_on_an_even_count():
+    """The ring and band widths come from the median instance: the lower one of an even count on both sides."""
+    from nucleus_seg.inference.significance import typical_diameter
+
+    area = np.array([0, 40, 10, 30, 20, 0])  # ids without pixels are left out
+    assert runner._typical_diameter(area) == pytest.approx(typical_diameter(torch.from_numpy(area)))
+    assert runner._typical_diameter(area) == pytest.approx(np.sqrt(4 * 20 / np.pi))
+
+
+def test_runner_auto_scale_is_not_clipped_silently():
+    """One pass's estimate is used as far as the package's limits; beyond them it is refused with a warning."""
+    disc = lambda d: np.pi * d * d / 4  # noqa: E731
+    assert runner.auto_scale([disc(8.0)] * 3 + [0], 40.0) == pytest.approx(5.0)  # x5: no clip at x4
+    assert runner.auto_scale([], 40.0) == 1.0
+    with pytest.warns(UserWarning, match="diameter 'auto' found 2.0 px"):
+        assert runner.auto_scale([disc(2.0)], 40.0) == 1.0

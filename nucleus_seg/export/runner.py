@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +148,10 @@ class Segmenter:
         found_thresh = min(thresh, meta["diameter_score_thresh"]) if diameter == "auto" else thresh
         windows, scores = self.detect(norm, scale, found_thresh)
         if diameter == "auto" and train > 0:  # the median equivalent diameter of the confident nuclei
-            areas = [w.sum() for (w, _, _), s in zip(windows, scores) if s >= meta["diameter_score_thresh"]]
-            areas = [a for a in areas if a > 0]
-            if areas:
-                scale = min(max(train / float(np.median(np.sqrt(4.0 * np.array(areas) / math.pi))), 0.25), 4.0)
-                if abs(scale - 1.0) > 0.05:
-                    windows, scores = self.detect(norm, scale, found_thresh)
+            scale = auto_scale([w.sum() for (w, _, _), s in zip(windows, scores) if s >= meta["diameter_score_thresh"]],
+                               train)
+            if abs(scale - 1.0) > 0.05:
+                windows, scores = self.detect(norm, scale, found_thresh)
         labels = np.zeros(norm.shape[:2], dtype=np.int32)
         for k in np.argsort(scores, kind="stable"):  # lowest score first: the best one wins each pixel
             if scores[k] >= thresh:
@@ -172,6 +171,26 @@ class Segmenter:
         lut = np.zeros(len(scores) + 1, dtype=np.int32)
         lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
         return lut[labels], scores[order].astype(np.float32)
+
+
+SCALE_LIMITS = (1 / 16, 16.0)  # nucleus_seg.inference.scale's: an estimate beyond them is refused, with a warning
+
+
+def auto_scale(areas, train: float) -> float:
+    """The rescale that brings the median equivalent diameter of ``areas`` (the confident nuclei of a first pass)
+    to ``train``; 1.0 when nothing was found, or, with a warning, when the estimate is beyond SCALE_LIMITS (one
+    pass only: nucleus_seg's predictor runs more and cross-checks them with the image's own blob size)."""
+    areas = np.asarray([a for a in areas if a > 0], dtype=np.float64)
+    if areas.size == 0 or train <= 0:
+        return 1.0
+    diameter = float(np.median(np.sqrt(4.0 * areas / math.pi)))
+    scale = train / diameter
+    if not SCALE_LIMITS[0] <= scale <= SCALE_LIMITS[1]:
+        low, high = SCALE_LIMITS
+        warnings.warn(f"diameter 'auto' found {diameter:.1f} px, a rescale of x{scale:.2f} beyond [{low:g}, {high:g}]: "
+                      "predicting unscaled; pass --diameter if you know it", UserWarning, stacklevel=2)
+        return 1.0
+    return scale
 
 
 def _square_filter(image: np.ndarray, radius: int, reduce) -> np.ndarray:
@@ -197,8 +216,11 @@ def _medians_by_id(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def _typical_diameter(area: np.ndarray) -> float:
-    """The equivalent diameter of the median instance, from the areas of ids 1..N (those with pixels)."""
-    return math.sqrt(4 * float(np.median(area[area > 0])) / math.pi)
+    """The equivalent diameter of the median instance, from the areas of ids 1..N (those with pixels); the lower
+    median of an even count, as torch.median in the package (np.median's mean of the two can round a ring width
+    the other way)."""
+    area = np.sort(area[area > 0])
+    return math.sqrt(4 * float(area[(area.size - 1) // 2]) / math.pi)
 
 
 def snap_labels(labels: np.ndarray, gray: np.ndarray, level: float) -> np.ndarray:
