@@ -760,3 +760,17 @@ def test_nucleus_predicts_writer_judges_batched_tiles_as_predict_large(cfg, tmp_
     stitch_and_write(tmp_path, {"labels"}, tmp_path / "field.tif", image, tiled, cfg)
     [written] = list(tmp_path.glob("field*.tif"))
     np.testing.assert_array_equal(tifffile.imread(written), expected.labels)
+
+
+def test_auto_trusts_no_pass_whose_instances_are_all_noise(cfg):
+    """With MIN_SIGNIFICANCE beyond any instance, every pass of "auto" found only noise: the image is predicted
+    unscaled and the warning says so (the wiring of the predictor's noise share into choose_scale)."""
+    cfg.NUCLEUS.PREDICT.TRAIN_DIAMETER = 17.0
+    cfg.NUCLEUS.PREDICT.MIN_SIGNIFICANCE = 1e9
+    image = blobs((100, 124), np.uint16, seed=2)
+    predictor = NucleusPredictor(cfg)
+    with pytest.warns(UserWarning, match="only noise"):
+        choice = predictor.estimate_diameter(image, name="specks.tif")
+    assert not choice.sure and choice.scale == 1.0
+    predictor.min_significance = 0.0
+    assert predictor._noise_share(predictor.normalize(image)) is None

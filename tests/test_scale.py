@@ -108,6 +108,26 @@ def test_nothing_anywhere_is_a_warning_that_names_the_image():
     assert calls == [1.0, 2.0, 0.5]  # probed larger and smaller before giving up
 
 
+def test_a_pass_that_found_mostly_noise_found_no_nuclei():
+    """A field of specks alone: the image's blobs say 5.7 px, and at x5.7 (as at x1) the model reads magnified
+    camera noise as nuclei of a consistent-looking size. When the significance rule would drop most of a pass's
+    confident instances, that pass found nothing: no scale is trusted, the image is predicted as it is, and the
+    warning says what the passes found."""
+    run_pass, calls = _model(lambda s: 32.0 / s)  # 'nuclei' of the training size at every scale: grains
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice, _ = choose_scale(run_pass, run_pass(1.0), 0.9, 32.0, image_d=5.7, name="debris.tif",
+                                 noise_share=lambda dets: 0.98)
+    assert not choice.sure and choice.scale == 1.0
+    assert calls == [1.0, pytest.approx(32 / 5.7)]
+    assert "debris.tif" in str(caught[0].message) and "only noise" in str(caught[0].message)
+    # the same passes with nuclei that stand out: trusted as before
+    run_pass, calls = _model(lambda s: 5.7 if s > 3 else None)
+    choice, _ = choose_scale(run_pass, run_pass(1.0), 0.9, 32.0, image_d=5.7, name="small.tif",
+                             noise_share=lambda dets: 0.1)
+    assert choice.sure and choice.scale == pytest.approx(32 / 5.7, rel=0.05)
+
+
 def test_agreeing_model_and_image_cost_no_extra_pass():
     run_pass, calls = _model(lambda s: 40.0 / s)  # a model that sizes the nuclei right at any scale
     choice, _ = choose_scale(run_pass, run_pass(1.0), 0.9, 40.0, image_d=38.0, name="ok.tif")

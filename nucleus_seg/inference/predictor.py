@@ -44,6 +44,7 @@ from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
 from .postprocess import finish_detections, finish_labels, needs_image
 from .scale import Diameter, ScaleChoice, choose_scale, diameter_to_scale, image_diameter, parse_diameter
+from .significance import significant_detections
 from .tiling import (
     LabelPrediction,
     Stitcher,
@@ -262,7 +263,8 @@ class NucleusPredictor:
         norm = self.normalize(image)
         floor = self.diameter_score_thresh
         run_pass = self._auto_pass(norm, floor)
-        return choose_scale(run_pass, run_pass(1.0), floor, self.train_diameter, image_diameter(norm), name)[0]
+        return choose_scale(run_pass, run_pass(1.0), floor, self.train_diameter, image_diameter(norm), name,
+                            self._noise_share(norm))[0]
 
     def predict_large(self, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
                       diameter: Diameter = None, score_thresh: float | None = None,
@@ -306,7 +308,7 @@ class NucleusPredictor:
         thresh = self.score_thresh if score_thresh is None else float(score_thresh)
         run_pass = self._auto_pass(norm, min(thresh, self.diameter_score_thresh), tile, overlap)
         return choose_scale(run_pass, run_pass(1.0), self.diameter_score_thresh, self.train_diameter,
-                            image_diameter(norm), name)[0]
+                            image_diameter(norm), name, self._noise_share(norm))[0]
 
     def tile_batcher(self, tile: int | None = None, overlap: int | None = None,
                      score_thresh: float | None = None) -> TileBatcher:
@@ -315,6 +317,21 @@ class NucleusPredictor:
         return TileBatcher(self, int(pred.TILE_SIZE if tile is None else tile),
                            int(pred.TILE_OVERLAP if overlap is None else overlap),
                            self.score_thresh if score_thresh is None else float(score_thresh), self.streams)
+
+    def _noise_share(self, norm: np.ndarray) -> Callable[[list[Detections]], float] | None:
+        """For "auto": the share of a pass's confident instances (``DIAMETER_SCORE_THRESH``) that
+        ``MIN_SIGNIFICANCE`` would drop in ``norm``; None when the rule is off."""
+        if self.min_significance <= 0:
+            return None
+        thresh = self.diameter_score_thresh
+
+        def share(dets: list[Detections]) -> float:
+            shown = sum(int((d.scores >= thresh).sum()) for d in dets)
+            kept = sum(int((significant_detections(d, norm, self.min_significance, thresh).scores >= thresh).sum())
+                       for d in dets)
+            return 1 - kept / shown if shown else 0.0
+
+        return share
 
     # ---- internals --------------------------------------------------------------------------------
 
@@ -428,7 +445,7 @@ class NucleusPredictor:
                     norms[i] = norm
         for i, norm in (norms.items() if scale is None else ()):
             choice, passes = choose_scale(self._auto_pass(norm, floor), [results[i]], self.diameter_score_thresh,
-                                          self.train_diameter, image_diameter(norm), names[i])
+                                          self.train_diameter, image_diameter(norm), names[i], self._noise_share(norm))
             self.last_scales[i] = choice
             if self._fits_one_pass(norm.shape[:2], choice.scale):
                 det = passes[choice.scale][0]

@@ -38,6 +38,9 @@ REFINE_TOLERANCE = 0.1  # a chosen pass this close to its own estimate is not ru
 AUTO_MAX_PASSES = 5
 AUTO_PROBE_SCALES = (2.0, 0.5)  # tried when no pass found anything and the image gives no size either
 SCALE_LIMITS = (1 / 16, 16.0)  # beyond this the estimate is refused as implausible, with a warning
+# a pass whose confident instances are mostly noise (the significance rule would drop more than this share) found
+# no nuclei: at a scale that magnifies camera noise into blobs, their size says nothing about the image's nuclei
+NOISE_PASS_SHARE = 0.5
 
 
 @dataclass
@@ -173,18 +176,32 @@ def _consistent(scale: float, found: float | None, train_diameter: float) -> boo
     return found is not None and abs(math.log(found * scale / train_diameter)) <= math.log(CONSISTENT)
 
 
+def _found_text(scale: float, diameter: float | None, noisy: set[float]) -> str:
+    return "only noise" if scale in noisy else "nothing" if diameter is None else f"{diameter:.1f} px"
+
+
 def choose_scale(run_pass: Callable[[float], list[Detections]], first: list[Detections], thresh: float,
-                 train_diameter: float, image_d: float | None, name: str = "image") -> tuple[ScaleChoice, dict]:
+                 train_diameter: float, image_d: float | None, name: str = "image",
+                 noise_share: Callable[[list[Detections]], float] | None = None) -> tuple[ScaleChoice, dict]:
     """'auto' (Cellpose-style, with a second opinion): the model's passes and the image's own blob size.
 
     Candidate scales come from the first pass's confident instances and from ``image_d``; each is run, and a
     pass counts when the nuclei it found were about the training size at the scale it ran (a model finds
     nuclei far from its size band poorly, and then reports the wrong size). The most consistent pass is
     refined once. Nothing found anywhere: the image is probed at AUTO_PROBE_SCALES. No pass consistent: the
-    best guess is used and a warning names the image. Returns the choice and ``{scale: detections}`` of every
-    pass run (``run_pass(scale)`` predicts at a scale).
+    best guess is used and a warning names the image. ``noise_share(detections)``, when given, is the share of a
+    pass's confident instances that do not stand out from the pixel noise: above NOISE_PASS_SHARE the pass counts
+    as having found nothing. Returns the choice and ``{scale: detections}`` of every pass run (``run_pass(scale)``
+    predicts at a scale).
     """
     passes: dict[float, list[Detections]] = {1.0: first}
+    noisy: set[float] = set()
+
+    def size(scale: float) -> float | None:
+        if noise_share is not None and noise_share(passes[scale]) > NOISE_PASS_SHARE:
+            noisy.add(scale)
+            return None
+        return found_diameter(passes[scale], thresh)
 
     def run(scale: float) -> float:
         for done in passes:
@@ -196,13 +213,13 @@ def choose_scale(run_pass: Callable[[float], list[Detections]], first: list[Dete
         return min(passes, key=lambda s: abs(math.log(scale / s)))
 
     lo, hi = SCALE_LIMITS
-    found = {1.0: found_diameter(first, thresh)}
+    found = {1.0: size(1.0)}
     wanted = [train_diameter / found[1.0]] if found[1.0] else []
     if image_d and not (found[1.0] and _agree(found[1.0], image_d)):  # a second opinion only when it differs
         wanted.append(train_diameter / image_d)
     for scale in [s for s in wanted if lo <= s <= hi] or list(AUTO_PROBE_SCALES):
         used = run(scale)
-        found.setdefault(used, found_diameter(passes[used], thresh))
+        found.setdefault(used, size(used))
     good = [s for s, d in found.items() if _consistent(s, d, train_diameter)]
     if good:
         # texture read as small nuclei can look consistent at a large scale too: the image's blob size decides
@@ -211,7 +228,7 @@ def choose_scale(run_pass: Callable[[float], list[Detections]], first: list[Dete
         want = train_diameter / found[best]
         if abs(want / best - 1) > REFINE_TOLERANCE and lo <= want <= hi:
             used = run(want)
-            found.setdefault(used, found_diameter(passes[used], thresh))
+            found.setdefault(used, size(used))
             if _consistent(used, found[used], train_diameter):
                 best = used
         sure = True
@@ -222,7 +239,7 @@ def choose_scale(run_pass: Callable[[float], list[Detections]], first: list[Dete
         sure = False
         warnings.warn(
             f"{name}: diameter 'auto' is unsure (passes at scales {', '.join(f'x{s:.2f}' for s in sorted(found))} "
-            f"found {', '.join('nothing' if d is None else f'{d:.1f} px' for _, d in sorted(found.items()))}; "
+            f"found {', '.join(_found_text(s, d, noisy) for s, d in sorted(found.items()))}; "
             f"the image's blobs suggest {'nothing' if image_d is None else f'{image_d:.1f} px'}); predicting at "
             f"x{best:.2f}: pass --diameter if you know it", UserWarning, stacklevel=3)
     diameter = found[best] if found.get(best) is not None else (train_diameter / best if sure else image_d)

@@ -51,13 +51,20 @@ def typical_diameter(area: torch.Tensor) -> float:
     return math.sqrt(4 * float(area[area > 0].float().median()) / math.pi)
 
 
-def label_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Significance of ids 1..labels.max() (index k-1 for id k); ``inf`` where it cannot be judged (no
-    pixels, no background ring, or no measurable noise). Runs where ``labels`` is (the GPU's labels there)."""
+def _judged_image(labels: np.ndarray | torch.Tensor, gray: np.ndarray | torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """Labels and image as tensors where ``labels`` is, the number of ids, and the pixel noise (0 when there is
+    nothing to judge or no measurable noise)."""
     labels = torch.as_tensor(labels)
     gray = torch.as_tensor(gray, dtype=torch.float32, device=labels.device)
     n = int(labels.max()) if labels.numel() else 0
-    sigma = pixel_noise(gray) if n else 0.0
+    return labels, gray, n, pixel_noise(gray) if n else 0.0
+
+
+def label_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Significance of ids 1..labels.max() (index k-1 for id k); ``inf`` where it cannot be judged (no
+    pixels, no background ring, or no measurable noise). Runs where ``labels`` is (the GPU's labels there)."""
+    labels, gray, n, sigma = _judged_image(labels, gray)
     if sigma <= 0:
         return np.full(n, np.inf)
     flat = labels.flatten().long()
@@ -81,15 +88,12 @@ def label_edge_significance(labels: np.ndarray | torch.Tensor, gray: np.ndarray 
     of it has no step at its edge although the blob as a whole stands out; a nucleus steps within a pixel or
     two, blurred or noisy. ``inf`` where it cannot be judged (fewer than RING_MIN_PIXELS either side, no
     measurable noise)."""
-    labels = torch.as_tensor(labels)
-    gray = torch.as_tensor(gray, dtype=torch.float32, device=labels.device)
-    n = int(labels.max()) if labels.numel() else 0
-    sigma = pixel_noise(gray) if n else 0.0
+    labels, gray, n, sigma = _judged_image(labels, gray)
     if sigma <= 0:
         return np.full(n, np.inf)
     values = gray.flatten().double()
-    inner = torch.where((labels > 0) & (min_filter(labels, band) == 0).to(labels.device), labels, 0)
-    outer = torch.where(labels == 0, max_filter(labels, band).to(labels.device), 0)
+    inner = torch.where((labels > 0) & (min_filter(labels, band) == 0), labels, 0)
+    outer = torch.where(labels == 0, max_filter(labels, band), 0)
     sides = []
     for side in (inner.flatten().long(), outer.flatten().long()):
         count = torch.bincount(side, minlength=n + 1)[1:]
