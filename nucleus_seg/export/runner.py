@@ -158,12 +158,10 @@ class Segmenter:
                 window, y, x = windows[k]
                 labels[y:y + window.shape[0], x:x + window.shape[1]][window] = k + 1
         gray = norm.astype(np.float32).mean(axis=2)
-        if meta.get("min_significance", 0) > 0:
-            drop = significance(labels, gray) < meta["min_significance"]
-            labels[np.concatenate([[False], drop])[labels]] = 0
-        if meta.get("min_edge_significance", 0) > 0:
-            drop = edge_significance(labels, gray) < meta["min_edge_significance"]
-            labels[np.concatenate([[False], drop])[labels]] = 0
+        for key, measure in (("min_significance", significance), ("min_edge_significance", edge_significance)):
+            if meta.get(key, 0) > 0:  # in this order, as the package's finish_labels
+                drop = measure(labels, gray) < meta[key]
+                labels[np.concatenate([[False], drop])[labels]] = 0
         if meta.get("boundary_level", 0) > 0:
             labels = snap_labels(labels, gray, meta["boundary_level"])
         alive = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(scores) + 1)[1:])
