@@ -6,7 +6,8 @@ Targets (labels are used for scoring only; ``nucleus-adapt`` never sees them):
   ``x5``) and as other microscopes would show it (``blur2``, ``noise_snr5``, ``dim16``, ``gamma2``, ``ramp``,
   ... from ``robustness.py``);
 * synthetic "unseen domains": generator styles the recipe never trained on (``synth_brightfield``,
-  ``synth_he``), four 512 px fields each from a seed no training set uses.
+  ``synth_he``), four 512 px fields each from a seed no training set uses; ``synth_STYLE+VARIANT`` applies a
+  photometric variant to them (``synth_fluorescence+noise_snr5``: four images, so less luck than one).
 
 Each target gets its own ``nucleus-adapt`` run from the same starting weights (``--minutes`` each). Prints one
 JSON line per target as it finishes (``--save`` appends them to a results file), and writes
@@ -48,8 +49,12 @@ def target_pairs(target: str, dataset: str = "nucleus_dsb_sample", count: int = 
     if target.startswith("synth_"):
         from nucleus_seg.data.synth import generate_image, image_rng
 
-        style = target[len("synth_"):]
-        return [generate_image(image_rng(SYNTH_SEED, 7, i), 512, style, 16) for i in range(count)]
+        style, _, variant = target[len("synth_"):].partition("+")
+        fields = [generate_image(image_rng(SYNTH_SEED, 7, i), 512, style, 16) for i in range(count)]
+        if variant and variant not in PHOTOMETRIC:
+            raise SystemExit(f"adapt_suite: unknown target {target!r} (after '+': one of {PHOTOMETRIC})")
+        return [(photometric(image, labels, variant, seed=i) if variant else image, labels)
+                for i, (image, labels) in enumerate(fields)]
     raise SystemExit(f"adapt_suite: unknown target {target!r}")
 
 
@@ -115,6 +120,27 @@ def summarize(rows: list[dict]) -> dict:
                                   if r["target"] in controls}}
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``["unexplained=false", "confident=0.7"]`` -> AdaptSettings fields of the right types."""
+    from dataclasses import fields
+
+    from nucleus_seg.engine.adapt import AdaptSettings
+
+    types = {f.name: type(f.default) for f in fields(AdaptSettings)}
+    out: dict = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        if name not in types or not text:
+            raise SystemExit(f"adapt_suite: --set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        if types[name] is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"adapt_suite: --set {item!r}: {name} is true or false")
+            out[name] = text.lower() in ("true", "1")
+        else:
+            out[name] = types[name](text)
+    return out
+
+
 def write_grid(panels: list[tuple], path: Path, side: int = 256) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -143,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic", type=int, default=200)
     parser.add_argument("--control", default="", help="targets adapted again on synthetic images alone, the same "
                         "schedule (after all targets): what the images themselves add")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an AdaptSettings field for every target (e.g. unexplained=false, confident=0.7)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--save", default="")
     parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
@@ -153,11 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = get_nucleus_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
     settings = AdaptSettings(minutes=args.minutes, rounds=args.rounds, iters=args.iters, synthetic=args.synthetic,
-                             overlays=1)
+                             overlays=1, **parse_settings(args.set))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     facts = {"benchmark": "adapt", **device_facts(), "config": args.config_file, "weights": args.weights,
-             "variant": f"minutes {args.minutes:g}, rounds {args.rounds}, synthetic {args.synthetic}"}
+             "variant": f"minutes {args.minutes:g}, rounds {args.rounds}, synthetic {args.synthetic}"
+             + "".join(f", {item}" for item in args.set)}
     rows, panels = [], []
     jobs = [(t, False) for t in args.targets.split(",") if t] + [(t, True) for t in args.control.split(",") if t]
     for target, control in jobs:

@@ -15,7 +15,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from nucleus_seg.data.mapper import NucleusDatasetMapper
-from nucleus_seg.engine.adapt import AdaptError, AdaptSettings, adapt, pseudo_labels
+from nucleus_seg.engine.adapt import VIEWS, AdaptError, AdaptSettings, adapt, pseudo_labels, unexplained_foreground
 from nucleus_seg.inference.tiling import LabelPrediction
 from nucleus_seg.modeling.ignore import IGNORE_CLASS, ignore_regions_in_losses, split_ignored
 from nucleus_seg.structures import mask_to_annotation
@@ -117,7 +117,7 @@ def test_pseudo_labels_keep_confident_nuclei_the_flipped_views_agree_on_and_igno
     lr_with_extra = np.where(extra[:, ::-1] > 0, 4, lr)
     teacher = _Teacher({(False, False): (base, scores), (True, False): (lr_with_extra, np.append(scores, 0.9)),
                         (False, True): (ud, scores)})
-    settings = AdaptSettings(confident=0.8, uncertain=0.3, agree_iou=0.5)
+    settings = AdaptSettings(confident=0.8, uncertain=0.3, agree_iou=0.5, unexplained=False)
     found = pseudo_labels(teacher, image, settings)
     assert np.array_equal(found.labels > 0, base == 1)
     ignored = found.ignored > 0
@@ -126,6 +126,56 @@ def test_pseudo_labels_keep_confident_nuclei_the_flipped_views_agree_on_and_igno
     assert found.counts == (1, 3)
     # a later round keeps only what the previous teacher found too
     assert pseudo_labels(teacher, image, settings, previous=np.zeros_like(base)).counts[0] == 0
+
+
+def _disk(shape, y, x, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.hypot(yy - y, xx - x) <= r
+
+
+def test_bright_structure_no_detection_covers_is_found_but_not_the_rims_of_detected_nuclei():
+    shape = (96, 96)
+    detected, missed, speck = _disk(shape, 24, 24, 10), _disk(shape, 70, 64, 10), _disk(shape, 20, 80, 1)
+    gray = np.where(detected | missed | speck, 200, 20).astype(np.uint8)
+    covered = _disk(shape, 24, 24, 8.5)  # the detection's outline lies 1.5 px inside the bright disk
+    pieces = unexplained_foreground(gray, covered, diameter=20)
+    assert pieces.max() == 1  # one piece: the missed nucleus, not the rim around the detected one nor the speck
+    inside = pieces > 0
+    assert inside[_disk(shape, 70, 64, 7)].all() and not inside[detected].any() and not inside[speck].any()
+    assert not unexplained_foreground(np.full(shape, 7, np.uint8), covered, 20).any()  # flat: nothing
+
+
+class _ConsistentTeacher:
+    """Finds ``labels`` in ``image`` whichever way it is flipped (stands in for NucleusPredictor)."""
+
+    train_diameter = 20.0
+
+    def __init__(self, image, labels, scores):
+        self.image, self.labels, self.scores = image, labels, scores
+
+    @staticmethod
+    def flipped(array, view):
+        return array[:, ::-1] if view[0] else array[::-1] if view[1] else array
+
+    def predict_large(self, image, diameter=None, score_thresh=None):
+        view = next(v for v in VIEWS if np.array_equal(self.flipped(self.image, v), image))
+        labels = np.ascontiguousarray(self.flipped(self.labels, view))
+        return LabelPrediction(labels, self.scores, np.zeros((len(self.scores), 4), np.float32))
+
+    def normalize(self, image):
+        return np.repeat(image[..., None], 3, axis=2)
+
+
+def test_pseudo_labels_ignore_a_nucleus_the_teacher_missed_instead_of_teaching_it_as_background():
+    shape = (96, 96)
+    detected, missed = _disk(shape, 24, 24, 10), _disk(shape, 70, 64, 10)
+    image = np.where(detected | missed, 200, 20).astype(np.uint8)
+    teacher = _ConsistentTeacher(image, detected.astype(np.int32), np.array([0.95], np.float32))
+    for unexplained, ignored in ((False, 0), (True, 1)):
+        found = pseudo_labels(teacher, image, AdaptSettings(unexplained=unexplained))
+        assert found.counts == (1, ignored)
+        assert np.array_equal(found.labels > 0, detected)
+    assert (found.ignored > 0)[_disk(shape, 70, 64, 7)].all()
 
 
 @pytest.fixture

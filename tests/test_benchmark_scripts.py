@@ -111,14 +111,26 @@ def test_adapt_suite_summary_applies_the_bars_and_subtracts_the_control_arms():
     assert summary["gain_over_control"] == {"noise": pytest.approx(0.07)}
 
 
+def test_adapt_suite_settings_are_typed_and_a_bad_one_is_refused():
+    assert adapt_suite.parse_settings(["unexplained=false", "confident=0.7", "rounds=3"]) == {
+        "unexplained": False, "confident": 0.7, "rounds": 3}
+    for bad in ("nonsense=1", "unexplained=maybe", "confident"):
+        with pytest.raises(SystemExit, match="--set"):
+            adapt_suite.parse_settings([bad])
+
+
 def test_adapt_suite_targets_are_the_real_sample_variants_and_unseen_synthetic_styles():
     (image, labels), = adapt_suite.target_pairs("x1")
     (noisy, same_labels), = adapt_suite.target_pairs("noise_snr5")
     assert image.shape == noisy.shape and np.array_equal(labels, same_labels) and not np.array_equal(image, noisy)
     he = adapt_suite.target_pairs("synth_he", count=2)
     assert len(he) == 2 and he[0][0].ndim == 3 and he[0][1].max() > 0  # colour H&E fields with their labels
-    with pytest.raises(SystemExit, match="unknown target"):
-        adapt_suite.target_pairs("nonsense")
+    clean = adapt_suite.target_pairs("synth_fluorescence", count=2)
+    noisy = adapt_suite.target_pairs("synth_fluorescence+noise_snr5", count=2)
+    assert all(np.array_equal(a[1], b[1]) and not np.array_equal(a[0], b[0]) for a, b in zip(clean, noisy))
+    for nonsense in ("nonsense", "synth_fluorescence+nonsense"):
+        with pytest.raises(SystemExit, match="unknown target"):
+            adapt_suite.target_pairs(nonsense)
 
 
 def test_a_refused_target_is_reported_with_the_starting_models_score(tiny_cfg, tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ Each round:
    at least ``confident``, the flipped views find it again (mask IoU >= ``agree_iou``) and, after round 1,
    the previous round's teacher found it too. Everything else the teacher saw (scores >= ``uncertain``) is an
    *ignore region*: a COCO ``iscrowd`` annotation that the losses count neither as nucleus nor as background
-   (:mod:`nucleus_seg.modeling.ignore`).
+   (:mod:`nucleus_seg.modeling.ignore`). So is bright image structure the teacher explained with nothing
+   (Otsu foreground of the smoothed image, at least a quarter nucleus across, outside every detection): a
+   nucleus the teacher missed must not be taught as background.
 2. **Student.** The model is fine-tuned at a tenth of its learning rate on those images (with strong
    photometric augmentation) mixed half and half with fresh synthetic images, so it does not forget, through
    ``nucleus-train``'s own job (``--num-gpus``, time budget, checkpoints).
@@ -32,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from detectron2.config import CfgNode
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 from ..data.io import normalize_from_cfg, read_image
 from ..data.synth.scene import MAX_NUCLEI_PER_MPX
@@ -43,7 +47,8 @@ from ..structures import label_image_to_annotations
 from ..utils.files import atomic_path, atomic_write, safe_name, write_json
 from .job import run as run_training
 
-__all__ = ["AdaptError", "AdaptSettings", "PseudoLabels", "adapt", "earlier_adaptation", "pseudo_labels"]
+__all__ = ["AdaptError", "AdaptSettings", "PseudoLabels", "adapt", "earlier_adaptation", "pseudo_labels",
+           "unexplained_foreground"]
 
 logger = logging.getLogger("nucleus_seg.adapt")
 
@@ -84,6 +89,7 @@ class AdaptSettings:
     confident: float = 0.8
     uncertain: float = 0.3
     agree_iou: float = 0.5
+    unexplained: bool = True  # bright structure no detection covers is ignored too, not taught as background
     lr_factor: float = 0.1
     num_gpus: int = 1
     procs_per_gpu: int = 1
@@ -132,6 +138,21 @@ def _best_iou(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return dict(zip(overlap.gt_ids.tolist(), best.tolist()))
 
 
+def unexplained_foreground(gray: np.ndarray, covered: np.ndarray, diameter: float) -> np.ndarray:
+    """Label image of the bright structure (Otsu foreground of the image smoothed over ~1/16 nucleus) that no
+    detection covers, in pieces at least a quarter ``diameter`` across (an opening drops the thin rims between
+    a detection's outline and the threshold's, and specks)."""
+    smooth = ndi.gaussian_filter(gray.astype(np.float32), max(diameter / 16, 0.5))
+    if float(smooth.max()) - float(smooth.min()) < 1e-3:
+        return np.zeros(gray.shape, np.int32)
+    free = (smooth > threshold_otsu(smooth)) & ~ndi.binary_dilation(covered, iterations=1)
+    radius = max(1, round(diameter / 8))
+    disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+    free = ndi.binary_opening(free, structure=disk)
+    pieces, _ = ndi.label(free)
+    return pieces.astype(np.int32)
+
+
 def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: AdaptSettings,
                   previous: np.ndarray | None = None) -> PseudoLabels:
     """The teacher's pseudo-labels of ``image`` (already at the training diameter; see the module text)."""
@@ -156,6 +177,13 @@ def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: Adap
         unmatched += sorted(set(np.unique(other[other > 0]).tolist()) - set(best))
         extra = np.isin(other, unmatched) & (ignored == 0) & (labels == 0)
         ignored[extra] = other[extra] + int(ignored.max())
+    if settings.unexplained:
+        areas = np.bincount(base.ravel())[1:]
+        diameter = predictor.train_diameter if predictor.train_diameter > 0 else (
+            float(np.sqrt(4 / np.pi * np.median(areas[areas > 0]))) if (areas > 0).any() else 16.0)
+        pieces = unexplained_foreground(predictor.normalize(image).max(axis=2), (labels > 0) | (ignored > 0),
+                                        diameter)
+        ignored = np.where(pieces > 0, pieces + int(ignored.max()), ignored).astype(np.int32)
     return PseudoLabels(labels, ignored, base)
 
 
