@@ -15,7 +15,15 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from nucleus_seg.data.mapper import NucleusDatasetMapper
-from nucleus_seg.engine.adapt import VIEWS, AdaptError, AdaptSettings, adapt, pseudo_labels, unexplained_foreground
+from nucleus_seg.engine.adapt import (
+    VIEWS,
+    AdaptError,
+    AdaptSettings,
+    adapt,
+    pseudo_labels,
+    schedule_end_lr,
+    unexplained_foreground,
+)
 from nucleus_seg.inference.tiling import LabelPrediction
 from nucleus_seg.modeling.ignore import IGNORE_CLASS, ignore_regions_in_losses, split_ignored
 from nucleus_seg.structures import mask_to_annotation
@@ -143,6 +151,28 @@ def test_bright_structure_no_detection_covers_is_found_but_not_the_rims_of_detec
     inside = pieces > 0
     assert inside[_disk(shape, 70, 64, 7)].all() and not inside[detected].any() and not inside[speck].any()
     assert not unexplained_foreground(np.full(shape, 7, np.uint8), covered, 20).any()  # flat: nothing
+
+
+def test_uneven_background_is_not_taken_for_missed_nuclei_when_the_confident_ones_set_the_level():
+    shape = (128, 128)
+    nucleus = _disk(shape, 30, 30, 10)
+    ramp = np.linspace(20, 80, shape[1])[None, :]  # uneven illumination: Otsu alone cuts the ramp in two
+    gray = np.clip(ramp + np.random.default_rng(0).normal(0, 5, shape) + 150 * nucleus, 0, 255).astype(np.uint8)
+    covered = _disk(shape, 30, 30, 8.5)
+    assert (unexplained_foreground(gray, covered, 20) > 0).mean() > 0.2  # Otsu's level alone: the bright half
+    assert not unexplained_foreground(gray, covered, 20, nuclei=covered).any()
+    assert not unexplained_foreground(gray, covered, 20, nuclei=np.zeros(shape, bool)).any()  # nothing to judge by
+
+
+def test_the_student_learns_at_the_rate_the_starting_schedule_ended_at(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.GAMMA, cfg.SOLVER.MAX_ITER = 0.01, 0.1, 8000
+    cfg.SOLVER.STEPS = (5900, 7200)
+    assert schedule_end_lr(cfg) == pytest.approx(1e-4)
+    cfg.SOLVER.STEPS = (5900, 9000)  # a decay past the last iteration never happened
+    assert schedule_end_lr(cfg) == pytest.approx(1e-3)
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+    assert schedule_end_lr(cfg) == pytest.approx(1e-3)
 
 
 class _ConsistentTeacher:

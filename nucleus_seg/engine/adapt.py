@@ -11,7 +11,7 @@ Each round:
    (:mod:`nucleus_seg.modeling.ignore`). So is bright image structure the teacher explained with nothing
    (Otsu foreground of the smoothed image, at least a quarter nucleus across, outside every detection): a
    nucleus the teacher missed must not be taught as background.
-2. **Student.** The model is fine-tuned at a tenth of its learning rate on those images (with strong
+2. **Student.** The model is fine-tuned at the learning rate its schedule ended at on those images (with strong
    photometric augmentation) mixed half and half with fresh synthetic images, so it does not forget, through
    ``nucleus-train``'s own job (``--num-gpus``, time budget, checkpoints).
 
@@ -48,7 +48,7 @@ from ..utils.files import atomic_path, atomic_write, safe_name, write_json
 from .job import run as run_training
 
 __all__ = ["AdaptError", "AdaptSettings", "PseudoLabels", "adapt", "earlier_adaptation", "pseudo_labels",
-           "unexplained_foreground"]
+           "schedule_end_lr", "unexplained_foreground"]
 
 logger = logging.getLogger("nucleus_seg.adapt")
 
@@ -90,7 +90,10 @@ class AdaptSettings:
     uncertain: float = 0.3
     agree_iou: float = 0.5
     unexplained: bool = True  # bright structure no detection covers is ignored too, not taught as background
-    lr_factor: float = 0.1
+    # x the learning rate the starting model's schedule ended at (schedule_end_lr). At 10x (a tenth of BASE_LR
+    # after two decays) one H200 run lost on every target; on the CPU demo model 10x took four noisy synthetic
+    # fields 0.513 -> 0.207, 1x left them unchanged (benchmarks/README.md, session 21)
+    lr_factor: float = 1.0
     num_gpus: int = 1
     procs_per_gpu: int = 1
     overlays: int = 4  # images in before_after.png
@@ -138,14 +141,24 @@ def _best_iou(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return dict(zip(overlap.gt_ids.tolist(), best.tolist()))
 
 
-def unexplained_foreground(gray: np.ndarray, covered: np.ndarray, diameter: float) -> np.ndarray:
-    """Label image of the bright structure (Otsu foreground of the image smoothed over ~1/16 nucleus) that no
-    detection covers, in pieces at least a quarter ``diameter`` across (an opening drops the thin rims between
-    a detection's outline and the threshold's, and specks)."""
+def unexplained_foreground(gray: np.ndarray, covered: np.ndarray, diameter: float,
+                           nuclei: np.ndarray | None = None) -> np.ndarray:
+    """Label image of the bright structure no detection covers (``covered``), in pieces at least a quarter
+    ``diameter`` across (an opening drops the thin rims between a detection's outline and the threshold's, and
+    specks). Bright: above Otsu's level of the image smoothed over ~1/16 nucleus and, when ``nuclei`` (a mask of
+    the confident ones) is given, at least halfway from the background's median up to theirs: in a sparse field
+    Otsu alone splits the background noise (one H200 run made ~30 ignore regions of noise per such field)."""
     smooth = ndi.gaussian_filter(gray.astype(np.float32), max(diameter / 16, 0.5))
     if float(smooth.max()) - float(smooth.min()) < 1e-3:
         return np.zeros(gray.shape, np.int32)
-    free = (smooth > threshold_otsu(smooth)) & ~ndi.binary_dilation(covered, iterations=1)
+    level = threshold_otsu(smooth)
+    if nuclei is not None:
+        if not nuclei.any():
+            return np.zeros(gray.shape, np.int32)
+        background = float(np.median(smooth[~ndi.binary_dilation(covered, iterations=2)])) if not covered.all() \
+            else float(smooth.min())
+        level = max(level, 0.5 * (background + float(np.median(smooth[nuclei]))))
+    free = (smooth > level) & ~ndi.binary_dilation(covered, iterations=1)
     radius = max(1, round(diameter / 8))
     disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
     free = ndi.binary_opening(free, structure=disk)
@@ -182,7 +195,7 @@ def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: Adap
         diameter = predictor.train_diameter if predictor.train_diameter > 0 else (
             float(np.sqrt(4 / np.pi * np.median(areas[areas > 0]))) if (areas > 0).any() else 16.0)
         pieces = unexplained_foreground(predictor.normalize(image).max(axis=2), (labels > 0) | (ignored > 0),
-                                        diameter)
+                                        diameter, nuclei=labels > 0)
         ignored = np.where(pieces > 0, pieces + int(ignored.max()), ignored).astype(np.int32)
     return PseudoLabels(labels, ignored, base)
 
@@ -228,6 +241,17 @@ def _coco_dataset(folder: Path, entries: list[tuple[str, np.ndarray, PseudoLabel
                                                "categories": [{"id": 1, "name": "nucleus"}]}, indent=None)
 
 
+def schedule_end_lr(cfg: CfgNode) -> float:
+    """The learning rate ``cfg``'s schedule ends at: BASE_LR after every decay a multi-step schedule reaches
+    (STEPS below MAX_ITER; a time budget shrinks both alike), a tenth of it for other schedules. Fine-tuning a
+    converged model faster than that first throws away what the decays settled."""
+    base = float(cfg.SOLVER.BASE_LR)
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
+        return 0.1 * base
+    decays = sum(1 for step in cfg.SOLVER.STEPS if step < cfg.SOLVER.MAX_ITER)
+    return base * float(cfg.SOLVER.GAMMA) ** decays
+
+
 def _round_config(cfg: CfgNode, weights: str, dataset: Path, folder: Path, settings: AdaptSettings,
                   minutes: float) -> Path:
     """The student's training config for one round, written as ``folder/adapt_config.yaml``."""
@@ -242,7 +266,7 @@ def _round_config(cfg: CfgNode, weights: str, dataset: Path, folder: Path, setti
     cfg.TEST.EVAL_PERIOD = 0
     cfg.NUCLEUS.SYNTH.NUM_TRAIN = max(1, settings.synthetic)
     cfg.NUCLEUS.SYNTH.NUM_VAL = 0
-    cfg.SOLVER.BASE_LR = float(cfg.SOLVER.BASE_LR) * settings.lr_factor
+    cfg.SOLVER.BASE_LR = schedule_end_lr(cfg) * settings.lr_factor
     cfg.SOLVER.STEPS = ()
     cfg.SOLVER.MAX_ITER = settings.iters if settings.iters > 0 else 100_000  # the time budget shrinks it
     cfg.SOLVER.WARMUP_ITERS = min(int(cfg.SOLVER.WARMUP_ITERS), 20)
