@@ -9,8 +9,8 @@ Each round:
    the previous round's teacher found it too. Everything else the teacher saw (scores >= ``uncertain``) is an
    *ignore region*: a COCO ``iscrowd`` annotation that the losses count neither as nucleus nor as background
    (:mod:`nucleus_seg.modeling.ignore`). So is bright image structure the teacher explained with nothing
-   (Otsu foreground of the smoothed image, at least a quarter nucleus across, outside every detection): a
-   nucleus the teacher missed must not be taught as background.
+   (the smoothed image above Otsu's level and halfway up to the confident nuclei, at least a quarter nucleus
+   across, outside every detection): a nucleus the teacher missed must not be taught as background.
 2. **Student.** The model is fine-tuned at the learning rate its schedule ended at on those images (with strong
    photometric augmentation) mixed half and half with fresh synthetic images, so it does not forget, through
    ``nucleus-train``'s own job (``--num-gpus``, time budget, checkpoints).
@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from detectron2.config import CfgNode
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
+from skimage.morphology import disk
 
 from ..data.io import normalize_from_cfg, read_image
 from ..data.synth.scene import MAX_NUCLEI_PER_MPX
@@ -43,6 +45,7 @@ from ..data.transforms import FastResizeTransform
 from ..evaluation.matching import label_overlap
 from ..evaluation.plots import plot_before_after
 from ..inference.predictor import NucleusPredictor
+from ..inference.significance import typical_diameter
 from ..structures import label_image_to_annotations
 from ..utils.files import atomic_path, atomic_write, safe_name, write_json
 from .job import run as run_training
@@ -146,22 +149,19 @@ def unexplained_foreground(gray: np.ndarray, covered: np.ndarray, diameter: floa
     """Label image of the bright structure no detection covers (``covered``), in pieces at least a quarter
     ``diameter`` across (an opening drops the thin rims between a detection's outline and the threshold's, and
     specks). Bright: above Otsu's level of the image smoothed over ~1/16 nucleus and, when ``nuclei`` (a mask of
-    the confident ones) is given, at least halfway from the background's median up to theirs: in a sparse field
-    Otsu alone splits the background noise (one H200 run made ~30 ignore regions of noise per such field)."""
+    the confident ones) is given, at least halfway from the background's median up to theirs: Otsu alone cuts an
+    unevenly lit background in two."""
     smooth = ndi.gaussian_filter(gray.astype(np.float32), max(diameter / 16, 0.5))
     if float(smooth.max()) - float(smooth.min()) < 1e-3:
         return np.zeros(gray.shape, np.int32)
     level = threshold_otsu(smooth)
     if nuclei is not None:
-        if not nuclei.any():
+        background = ~ndi.binary_dilation(covered, iterations=2)
+        if not nuclei.any() or not background.any():  # nothing to judge brightness by
             return np.zeros(gray.shape, np.int32)
-        background = float(np.median(smooth[~ndi.binary_dilation(covered, iterations=2)])) if not covered.all() \
-            else float(smooth.min())
-        level = max(level, 0.5 * (background + float(np.median(smooth[nuclei]))))
+        level = max(level, 0.5 * (float(np.median(smooth[background])) + float(np.median(smooth[nuclei]))))
     free = (smooth > level) & ~ndi.binary_dilation(covered, iterations=1)
-    radius = max(1, round(diameter / 8))
-    disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
-    free = ndi.binary_opening(free, structure=disk)
+    free = ndi.binary_opening(free, structure=disk(max(1, round(diameter / 8))))
     pieces, _ = ndi.label(free)
     return pieces.astype(np.int32)
 
@@ -191,9 +191,9 @@ def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: Adap
         extra = np.isin(other, unmatched) & (ignored == 0) & (labels == 0)
         ignored[extra] = other[extra] + int(ignored.max())
     if settings.unexplained:
-        areas = np.bincount(base.ravel())[1:]
+        areas = torch.from_numpy(np.bincount(base.ravel())[1:])
         diameter = predictor.train_diameter if predictor.train_diameter > 0 else (
-            float(np.sqrt(4 / np.pi * np.median(areas[areas > 0]))) if (areas > 0).any() else 16.0)
+            typical_diameter(areas) if bool((areas > 0).any()) else 16.0)
         pieces = unexplained_foreground(predictor.normalize(image).max(axis=2), (labels > 0) | (ignored > 0),
                                         diameter, nuclei=labels > 0)
         ignored = np.where(pieces > 0, pieces + int(ignored.max()), ignored).astype(np.int32)
