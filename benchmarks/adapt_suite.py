@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_facts, emit  # noqa: E402
-from robustness import PHOTOMETRIC, _pairs, draw_panel, photometric  # noqa: E402
+from robustness import PHOTOMETRIC, _pairs, _true_diameter, draw_panel, photometric  # noqa: E402
 
 DEFAULT_TARGETS = ("x1", "gamma2", "dim16", "ramp", "blur2", "noise_snr5", "x0.25", "x3", "synth_brightfield",
                    "synth_he")
@@ -65,6 +65,21 @@ def dsb(predictor, pairs) -> tuple[float, list[np.ndarray]]:
     return float(np.mean([dsb_score(labels, p) for (_, labels), p in zip(pairs, preds)])), preds
 
 
+def diagnose(predictor, pairs, preds: list[np.ndarray]) -> dict:
+    """Where a DSB change comes from: detection (F1 at IoU 0.5, counts), outlines (mean IoU of those matches) or
+    the scale the model picks (its diameter estimate of the first image, against the labels' median)."""
+    from nucleus_seg.evaluation.matching import matching_stats
+
+    stats = [matching_stats(labels, pred, 0.5) for (_, labels), pred in zip(pairs, preds)]
+    choice = predictor.estimate_diameter(pairs[0][0], "image 0")
+    return {"f1_50": round(float(np.mean([s["f1"] for s in stats])), 4),
+            "matched_iou_50": round(float(np.mean([s["mean_matched_score"] for s in stats])), 4),
+            "n_pred": sum(s["n_pred"] for s in stats), "n_true": sum(s["n_true"] for s in stats),
+            "diameter": round(float(choice.diameter), 2) if choice.diameter else None,
+            "true_diameter": _true_diameter(pairs[0][1])}
+
+
+
 def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> tuple[dict, tuple]:
     import tifffile
 
@@ -78,7 +93,10 @@ def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> 
     for k, (image, _) in enumerate(pairs):  # only the images are written where adaptation reads
         paths.append(folder / "images" / f"{target}_{k}.tif")
         tifffile.imwrite(paths[-1], image)
-    before, before_labels = dsb(NucleusPredictor(cfg), pairs)
+    start = NucleusPredictor(cfg)
+    before, before_labels = dsb(start, pairs)
+    before_why = diagnose(start, pairs, before_labels)
+    del start
     started = time.perf_counter()
     try:
         report = adapt(cfg, paths, folder / "adapted", replace(settings, train_on_images=not control))
@@ -89,12 +107,15 @@ def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> 
     adapted = cfg.clone()
     adapted.defrost()
     adapted.MODEL.WEIGHTS = report["weights"]
-    after, after_labels = dsb(NucleusPredictor(adapted), pairs)
+    adapted_predictor = NucleusPredictor(adapted)
+    after, after_labels = dsb(adapted_predictor, pairs)
+    after_why = diagnose(adapted_predictor, pairs, after_labels)
     row = {"target": target, "control": control, "images": len(pairs), "dsb_before": round(before, 4),
            "dsb_after": round(after, 4), "gain": round(after - before, 4), "minutes": round(minutes, 2),
            "iterations": [r["iterations"] for r in report["rounds"]],
            "pseudo_labels": [r["pseudo_labels"] for r in report["rounds"]],
            "ignore_regions": [r["ignore_regions"] for r in report["rounds"]],
+           "before": before_why, "after": after_why,
            **({"refused": report["refused"]} if "refused" in report else {})}
     name = f"{target} (control)" if control else target
     print(f"[adapt] {name:28s} DSB {before:.3f} -> {after:.3f} ({after - before:+.3f}) in {minutes:.1f} min",

@@ -168,15 +168,18 @@ if has adapt; then
     log "starting model exit $?"
   fi
   # one suite per target group, so the first group's figures (with their control arms) exist early
-  # groups "TARGETS:CONTROLS" separated by spaces
+  # groups "TARGETS:CONTROLS[:FIELD=VALUE,...]" separated by spaces (the third part: AdaptSettings for that group,
+  # as adapt_suite.py --set; ADAPT_OPTS go to every group)
   # (first the real sample and the variants at its own scale, each with its control arm: 2026-12-02's run lost
   # every control to one stalled target)
   for group in ${ADAPT_GROUPS:-x1,gamma2,dim16:x1,gamma2,dim16 ramp,blur2,noise_snr5:ramp x0.25,x3,synth_he,synth_brightfield:}; do
-    targets=${group%%:*}
-    log "adaptation suite: targets $targets, controls ${group#*:}"
+    IFS=: read -r targets controls sets <<< "$group"
+    set_args=(); for item in ${sets//,/ }; do set_args+=(--set "$item"); done
+    arm=${targets%%,*}${sets:+_${sets//[=,]/_}}
+    log "adaptation suite: targets $targets, controls $controls${sets:+, settings $sets}"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/adapt_suite.py --config-file "$START_CFG" --weights "$START_W" \
-      --targets "$targets" --control "${group#*:}" --minutes "${ADAPT_MINUTES:-1.0}" \
-      --output "/tmp/adapt_out/${targets%%,*}" ${ADAPT_OPTS:-} 2>&1 | grep -E '^\{|\[adapt\]|Error|error' | cut -c1-3000 | tee -a "$OUT/adapt.log"
+      --targets "$targets" --control "$controls" --minutes "${ADAPT_MINUTES:-1.0}" "${set_args[@]}" \
+      --output "/tmp/adapt_out/$arm" ${ADAPT_OPTS:-} 2>&1 | grep -E '^\{|\[adapt\]|Error|error' | cut -c1-3000 | tee -a "$OUT/adapt.log"
   done
 fi
 log "done"

@@ -136,6 +136,23 @@ def test_pseudo_labels_keep_confident_nuclei_the_flipped_views_agree_on_and_igno
     assert pseudo_labels(teacher, image, settings, previous=np.zeros_like(base)).counts[0] == 0
 
 
+def test_voted_pseudo_label_outlines_keep_the_pixels_two_of_three_views_agree_on():
+    image = np.zeros((40, 40), np.uint8)
+    image[:20, 20:], image[20:, :20], image[20:, 20:] = 1, 2, 3
+    base, shifted, other = (np.zeros((40, 40), np.int32) for _ in range(3))
+    base[4:14, 4:14] = 1
+    shifted[4:14, 6:16] = 3  # both flipped views see it two pixels to the right (and call it 3 and 5)
+    other[4:14, 6:16] = 5
+    scores = np.array([0.95], np.float32)
+    views = {(False, False): (base, scores), (True, False): (shifted[:, ::-1], np.zeros(3, np.float32) + 0.95),
+             (False, True): (other[::-1], np.zeros(5, np.float32) + 0.95)}
+    plain = pseudo_labels(_Teacher(views), image, AdaptSettings(unexplained=False))
+    voted = pseudo_labels(_Teacher(views), image, AdaptSettings(unexplained=False, vote_masks=True))
+    assert np.array_equal(plain.labels > 0, base > 0)
+    assert np.array_equal(voted.labels > 0, shifted > 0)  # columns 4-5 lost (one vote), 14-15 won (two)
+    assert voted.counts[0] == 1 and not (voted.ignored[voted.labels > 0]).any()
+
+
 def _disk(shape, y, x, r):
     yy, xx = np.mgrid[:shape[0], :shape[1]]
     return np.hypot(yy - y, xx - x) <= r

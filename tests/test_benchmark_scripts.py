@@ -153,6 +153,11 @@ def test_a_refused_target_is_reported_with_the_starting_models_score(tiny_cfg, t
     row, _ = adapt_suite.run_target(cfg, "x1", tmp_path / "out", AdaptSettings(iters=1, synthetic=0))
     assert "would rescale it x14.0" in row["refused"]
     assert row["gain"] == 0 and row["iterations"] == []
+    # where a change would come from, before and after: the same weights, the same figures
+    labels = adapt_suite.target_pairs("x1")[0][1]
+    assert row["before"] == row["after"] and row["before"]["n_true"] == len(np.unique(labels)) - 1
+    assert row["before"]["diameter"] == 2.3 and 10 < row["before"]["true_diameter"] < 40
+    assert 0 <= row["before"]["f1_50"] <= 1 and row["before"]["n_pred"] >= 0
 
 
 def test_every_benchmark_line_names_device_config_weights_and_variant(capsys):

@@ -93,6 +93,9 @@ class AdaptSettings:
     uncertain: float = 0.3
     agree_iou: float = 0.5
     unexplained: bool = True  # bright structure no detection covers is ignored too, not taught as background
+    # each pseudo-label's outline by majority over the three views (the teacher's flip TTA, distilled), not the
+    # plain view's alone
+    vote_masks: bool = False
     # x the learning rate the starting model's schedule ended at (schedule_end_lr). At 10x (a tenth of BASE_LR
     # after two decays) one H200 run lost on every target; on the CPU demo model 10x took four noisy synthetic
     # fields 0.513 -> 0.207, 1x left them unchanged (benchmarks/README.md, session 21)
@@ -166,6 +169,27 @@ def unexplained_foreground(gray: np.ndarray, covered: np.ndarray, diameter: floa
     return pieces.astype(np.int32)
 
 
+def _vote(labels: np.ndarray, others: list[np.ndarray], agree_iou: float) -> np.ndarray:
+    """``labels`` with each instance's pixels those at least two of three views give it: the plain view
+    (``labels``) and the two flipped ones (``others``, their instances renamed after the label they match best,
+    at IoU >= ``agree_iou``)."""
+    renamed = []
+    for other in others:
+        overlap = label_overlap(labels, other)
+        best = np.zeros(len(overlap.gt_ids))
+        match = np.zeros(len(overlap.gt_ids), np.int64)
+        for pair in np.argsort(overlap.iou, kind="stable"):  # the best pair of each label is written last
+            g = overlap.pair_gt[pair]
+            if overlap.iou[pair] >= max(agree_iou, best[g]):
+                best[g], match[g] = overlap.iou[pair], overlap.pred_ids[overlap.pair_pred[pair]]
+        lut = np.zeros(int(other.max()) + 1, np.int32)
+        lut[match[match > 0]] = overlap.gt_ids[match > 0]
+        renamed.append(lut[other])
+    first, second = renamed
+    voted = np.where((labels > 0) & ((labels == first) | (labels == second)), labels, 0)
+    return np.where((voted == 0) & (first > 0) & (first == second), first, voted).astype(np.int32)
+
+
 def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: AdaptSettings,
                   previous: np.ndarray | None = None) -> PseudoLabels:
     """The teacher's pseudo-labels of ``image`` (already at the training diameter; see the module text)."""
@@ -190,6 +214,9 @@ def pseudo_labels(predictor: NucleusPredictor, image: np.ndarray, settings: Adap
         unmatched += sorted(set(np.unique(other[other > 0]).tolist()) - set(best))
         extra = np.isin(other, unmatched) & (ignored == 0) & (labels == 0)
         ignored[extra] = other[extra] + int(ignored.max())
+    if settings.vote_masks and labels.any():
+        labels = _vote(labels, [v for v, _ in views[1:]], settings.agree_iou)
+        ignored[labels > 0] = 0
     if settings.unexplained:
         areas = torch.from_numpy(np.bincount(base.ravel())[1:])
         diameter = predictor.train_diameter if predictor.train_diameter > 0 else (
