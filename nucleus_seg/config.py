@@ -104,6 +104,9 @@ def add_nucleus_config(cfg: CN) -> None:
     # model_final.pth and the final evaluation use it (engine.hooks.WeightAverage). Off: on the CPU demo, whose
     # LR drops for its last 15%, 0.99-0.998 scored below the raw weights (benchmarks/README.md).
     cfg.NUCLEUS.TRAIN.EMA_DECAY = 0.0
+    # Weight of the mask (outline) loss. 0: outlines are not taught; the mask head keeps its weights and nothing
+    # reaches the backbone through it (nucleus-adapt on images whose outlines only a teacher guessed).
+    cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT = 1.0
     # A loss that explodes but stays finite (too high a learning rate) stops training like NaN does: when it
     # exceeds CEILING, or FACTOR x its running median, PATIENCE logged steps in a row (PATIENCE 0: off).
     cfg.NUCLEUS.TRAIN.DIVERGENCE = CN()

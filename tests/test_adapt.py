@@ -324,6 +324,36 @@ def test_a_training_step_with_ignore_regions_runs_through_both_kinds_of_heads(ti
     assert ("loss_cls_stage2" in losses) == (heads == "CascadeROIHeads")
 
 
+def test_with_the_mask_loss_off_no_outline_is_taught_but_boxes_still_are(tiny_cfg):
+    """What ``AdaptSettings(outlines=False)`` gives the student: NUCLEUS.TRAIN.MASK_LOSS_WEIGHT 0."""
+    from nucleus_seg.engine.trainer import NucleusTrainer, set_mask_loss_weight
+
+    masks = torch.zeros(1, 128, 128, dtype=torch.bool)
+    masks[0, 10:40, 10:40] = True
+    target = _targets([[10, 10, 40, 40]], [])
+    target.gt_masks = BitMasks(masks)
+    grads = {}
+    for weight in (1.0, 0.0):
+        cfg = tiny_cfg.clone()
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT = weight
+        model = NucleusTrainer.build_model(cfg)
+        model.train()
+        torch.manual_seed(0)
+        with EventStorage():
+            losses = model([{"image": torch.rand(3, 128, 128) * 255, "instances": target}])
+        sum(losses.values()).backward()
+        head = model.roi_heads.mask_head
+        grads[weight] = (float(losses["loss_mask"].detach()), any(p.grad is not None for p in head.parameters()),
+                         all(p.requires_grad for p in head.parameters()))
+        box_grads = [p.grad for p in model.roi_heads.box_predictor.parameters()]
+        assert any(g is not None and bool(g.abs().sum() > 0) for g in box_grads)  # detection is still taught
+    assert grads[1.0][0] > 0 and grads[1.0][1] and grads[1.0][2]
+    assert grads[0.0] == (0.0, False, False)
+    with pytest.raises(ValueError, match="MASK_LOSS_WEIGHT -1"):
+        set_mask_loss_weight(model, -1.0)
+
+
 def test_large_rescaled_images_become_tiles_with_their_own_annotations(tmp_path):
     from nucleus_seg.engine.adapt import DATA_TILE, PseudoLabels, _coco_dataset, _tiles
 

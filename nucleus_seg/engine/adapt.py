@@ -96,6 +96,10 @@ class AdaptSettings:
     # each pseudo-label's outline by majority over the three views (the teacher's flip TTA, distilled), not the
     # plain view's alone
     vote_masks: bool = False
+    # False: pseudo-labels teach where nuclei are, not their outlines (the student's mask loss is off, its mask
+    # head frozen). On one H200 the outlines were what adaptation lost: matched IoU at 0.5 fell on a noisy image
+    # while F1 held (benchmarks/README.md, session 22)
+    outlines: bool = True
     # x the learning rate the starting model's schedule ended at (schedule_end_lr). At 10x (a tenth of BASE_LR
     # after two decays) one H200 run lost on every target; on the CPU demo model 10x took four noisy synthetic
     # fields 0.513 -> 0.207, 1x left them unchanged (benchmarks/README.md, session 21)
@@ -302,6 +306,8 @@ def _round_config(cfg: CfgNode, weights: str, dataset: Path, folder: Path, setti
     cfg.NUCLEUS.TRAIN.TIME_BUDGET_MINUTES = 0.0 if settings.iters > 0 else max(0.2, minutes)
     cfg.NUCLEUS.TRAIN.TIME_BUDGET_START = 0.0
     cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE = True
+    if not settings.outlines:
+        cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT = 0.0
     # strong photometric augmentation: the student sees harder views than the teacher labelled
     aug = cfg.INPUT.NUCLEUS
     aug.BLUR_PROB, aug.NOISE_PROB = max(aug.BLUR_PROB, 0.5), max(aug.NOISE_PROB, 0.5)

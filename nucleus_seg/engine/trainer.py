@@ -32,7 +32,7 @@ from .checkpoint import NucleusCheckpointer, PeriodicCheckpointer
 from .hooks import BudgetReached, DivergenceGuard, FinalMetrics, TimeBudget, TrainingCurves, WeightAverage
 from .optim import with_fast_norm_clipping
 
-__all__ = ["NucleusTrainer", "best_metric_key", "divergence_message", "prepare_cfg"]
+__all__ = ["NucleusTrainer", "best_metric_key", "divergence_message", "prepare_cfg", "set_mask_loss_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,21 @@ def divergence_message(cfg: CfgNode, exc: BaseException) -> str:
     return "\n".join(lines)
 
 
+
+def set_mask_loss_weight(model: torch.nn.Module, weight: float) -> None:
+    """Scale the mask head's loss by ``weight``; at 0 its parameters are frozen too (weight decay alone would
+    otherwise shrink them)."""
+    if weight < 0:
+        raise ValueError(f"NUCLEUS.TRAIN.MASK_LOSS_WEIGHT {weight}: a loss weight is >= 0")
+    if weight == 1.0:
+        return
+    head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
+    if head is None or not hasattr(head, "loss_weight"):
+        raise ValueError(f"NUCLEUS.TRAIN.MASK_LOSS_WEIGHT {weight}: this model has no mask head with a loss weight")
+    head.loss_weight = float(weight)
+    if weight == 0:
+        head.requires_grad_(False)
+
 class _UntaggedCheckpointer(NucleusCheckpointer):
     """Saves without moving the ``last_checkpoint`` tag, so model_best never becomes what --resume loads."""
 
@@ -156,6 +171,7 @@ class NucleusTrainer(DefaultTrainer):
         use_nucleus_roi_align(model)  # float32 boxes under autocast; the sparse backward on the CPU
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
+        set_mask_loss_weight(model, cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT)
         if cfg.NUCLEUS.TRAIN.COMPILE:
             compile_backbone(model)
         return model
