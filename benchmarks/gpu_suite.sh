@@ -157,10 +157,11 @@ if [ -n "$ACC_PID" ]; then
   wait "$ACC_PID"; log "accuracy recipe exit $?"; collect_accuracy
 fi
 if has adapt; then
-  # the starting model: the recipe's when it ran, else a short run of it (ADAPT_START_MINUTES, 2000 images)
+  # the starting model: the recipe's when it ran, else a short run of it (ADAPT_START_MINUTES, 2000 images) made
+  # once per machine (a later call on the same machine reuses it)
   START_CFG=/tmp/acc/train/config.yaml START_W=/tmp/acc/train/model_final.pth
+  [ -f "$START_W" ] || START_CFG=/tmp/adapt_start/config.yaml START_W=/tmp/adapt_start/model_final.pth
   if [ ! -f "$START_W" ]; then
-    START_CFG=/tmp/adapt_start/config.yaml START_W=/tmp/adapt_start/model_final.pth
     log "adaptation's starting model: the recipe's config for ${ADAPT_START_MINUTES:-5.0} min"
     CUDA_VISIBLE_DEVICES=0 python3 -m nucleus_seg.cli.train --config-file configs/nucleus_R101_FPN_synth_h100.yaml \
       --procs-per-gpu 2 NUCLEUS.TRAIN.TIME_BUDGET_MINUTES "${ADAPT_START_MINUTES:-5.0}" NUCLEUS.SYNTH.NUM_TRAIN 2000 \
