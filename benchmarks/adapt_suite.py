@@ -79,7 +79,6 @@ def diagnose(predictor, pairs, preds: list[np.ndarray]) -> dict:
             "true_diameter": _true_diameter(pairs[0][1])}
 
 
-
 def run_target(cfg, target: str, out: Path, settings, control: bool = False) -> tuple[dict, tuple]:
     import tifffile
 

@@ -143,12 +143,21 @@ def _flip(array: np.ndarray, view: tuple[bool, bool]) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _best_iou(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    """For each instance id of label image ``a``, its best mask IoU with any instance of ``b``."""
+def _best_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each instance id of label image ``a`` that touches ``b``: the id, its best mask IoU with an instance of
+    ``b``, and that instance's id."""
     overlap = label_overlap(a, b)
-    best = np.zeros(len(overlap.gt_ids))
-    np.maximum.at(best, overlap.pair_gt, overlap.iou)
-    return dict(zip(overlap.gt_ids.tolist(), best.tolist()))
+    order = np.lexsort((overlap.iou, overlap.pair_gt))  # by instance of a, the best pair last
+    ranked = overlap.pair_gt[order]
+    best = order[np.append(ranked[1:] != ranked[:-1], True)] if len(order) else order
+    return (overlap.gt_ids[overlap.pair_gt[best]], overlap.iou[best], overlap.pred_ids[overlap.pair_pred[best]])
+
+
+def _best_iou(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
+    """For each instance id of label image ``a`` that touches ``b``, its best mask IoU with an instance of ``b``
+    (an id missing from the dict touches nothing: IoU 0)."""
+    ids, iou, _ = _best_matches(a, b)
+    return dict(zip(ids.tolist(), iou.tolist()))
 
 
 def unexplained_foreground(gray: np.ndarray, covered: np.ndarray, diameter: float,
@@ -179,15 +188,10 @@ def _vote(labels: np.ndarray, others: list[np.ndarray], agree_iou: float) -> np.
     at IoU >= ``agree_iou``)."""
     renamed = []
     for other in others:
-        overlap = label_overlap(labels, other)
-        best = np.zeros(len(overlap.gt_ids))
-        match = np.zeros(len(overlap.gt_ids), np.int64)
-        for pair in np.argsort(overlap.iou, kind="stable"):  # the best pair of each label is written last
-            g = overlap.pair_gt[pair]
-            if overlap.iou[pair] >= max(agree_iou, best[g]):
-                best[g], match[g] = overlap.iou[pair], overlap.pred_ids[overlap.pair_pred[pair]]
+        ids, iou, match = _best_matches(labels, other)
+        agree = iou >= agree_iou
         lut = np.zeros(int(other.max()) + 1, np.int32)
-        lut[match[match > 0]] = overlap.gt_ids[match > 0]
+        lut[match[agree]] = ids[agree]
         renamed.append(lut[other])
     first, second = renamed
     voted = np.where((labels > 0) & ((labels == first) | (labels == second)), labels, 0)

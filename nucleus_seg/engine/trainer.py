@@ -101,7 +101,6 @@ def divergence_message(cfg: CfgNode, exc: BaseException) -> str:
     return "\n".join(lines)
 
 
-
 def set_mask_loss_weight(model: torch.nn.Module, weight: float) -> None:
     """Scale the mask head's loss by ``weight``; at 0 its parameters are frozen too (weight decay alone would
     otherwise shrink them)."""
@@ -115,6 +114,7 @@ def set_mask_loss_weight(model: torch.nn.Module, weight: float) -> None:
     head.loss_weight = float(weight)
     if weight == 0:
         head.requires_grad_(False)
+
 
 class _UntaggedCheckpointer(NucleusCheckpointer):
     """Saves without moving the ``last_checkpoint`` tag, so model_best never becomes what --resume loads."""
