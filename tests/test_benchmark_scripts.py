@@ -15,6 +15,7 @@ import adapt_suite  # noqa: E402
 import infer_throughput  # noqa: E402
 import predict_stages  # noqa: E402
 import predict_throughput  # noqa: E402
+import profile_infer  # noqa: E402
 import train_throughput  # noqa: E402
 
 
@@ -63,6 +64,42 @@ def test_predict_stages_times_every_stage_of_the_tiled_path(tmp_path):
     assert all(ms > 0 for ms in stages.values())
     assert result["variant"] == "small" and result["tile_size"] == 128
     assert sorted(p.name for p in (tmp_path / "out").iterdir())[:1] == ["field_0000_labels.tif"]
+
+
+def test_gpu_idle_time_is_charged_to_the_innermost_host_frame_running_then(tmp_path):
+    """A timeline of kernels on two streams with idle time between: 30 us of idle inside ``nms`` (nested in
+    ``forward``), 20 us in ``forward`` after ``nms`` returned, 5 us of which in a torch frame inside it."""
+    import gzip
+    import json
+
+    def event(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+    events = [
+        event("python_function", "detectron2/modeling/x.py(1): forward", 0, 100),
+        event("python_function", "nucleus_seg/modeling/fast_inference.py(9): nms", 10, 40),
+        event("python_function", "torch/nn/modules/module.py(5): _call_impl", 75, 5),
+        event("cuda_runtime", "cudaStreamSynchronize", 12, 8),
+        event("python_function", "threading.py(1): run", 0, 500, tid=2),  # a helper thread: not the main one
+        event("python_function", "nucleus_seg/data/io.py(3): normalize", 0, 90, tid=2),
+        event("kernel", "k1", 0, 20, tid=7),
+        event("kernel", "k2", 15, 5, tid=8),  # overlaps k1 on another stream: one busy interval
+        event("gpu_memcpy", "copy", 50, 20, tid=7),
+        event("kernel", "k3", 90, 20, tid=7),
+    ]
+    trace = tmp_path / "trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert profile_infer.busy_intervals(events) == [(0, 20), (50, 70), (90, 110)]
+    report = profile_infer.gap_report(str(trace), 5)
+    assert "host window 0.10 ms" in report and "idle 0.05 ms in 2 gaps" in report  # 20-50, 70-90 in 0-100
+    lines = report.splitlines()
+    project = lines[lines.index("--- GPU idle time by innermost nucleus_seg/detectron2 frame (ms, share of idle)") + 1:]
+    assert project[0].split() == ["0.03", "60.0%", "nucleus_seg/modeling/fast_inference.py(9):", "nms"]
+    assert project[1].split() == ["0.02", "40.0%", "detectron2/modeling/x.py(1):", "forward"]
+    python = lines[lines.index("--- GPU idle time by innermost Python frame (ms, share of idle)") + 1:]
+    assert [line.split()[:2] for line in python[:3]] == [["0.03", "60.0%"], ["0.01", "30.0%"], ["0.01", "10.0%"]]
+    assert "_call_impl" in python[2]  # 75-80 inside forward: the torch frame is innermost there
 
 
 def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():
