@@ -9,6 +9,8 @@ import torch
 from detectron2.config import CfgNode
 from torch.nn import functional as F
 
+from .nhwc_group_norm import nhwc_group_norm, nhwc_group_norm_usable
+
 __all__ = ["AMP_DTYPES", "HALF_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype",
            "training_precision", "use_half_group_norm"]
 
@@ -22,9 +24,12 @@ def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm in the input's half precision under autocast (statistics still accumulate in fp32).
 
     Autocast runs GroupNorm in fp32, so every GN layer paid a cast of its input up and of its output
-    back down; with ~120 GN layers that was as costly as the convolutions.
+    back down; with ~120 GN layers that was as costly as the convolutions. In inference a channels-last
+    input goes through :func:`~.nhwc_group_norm.nhwc_group_norm` and stays channels-last.
     """
     if x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
+        if not torch.is_grad_enabled() and nhwc_group_norm_usable(x, self.num_groups):  # channels-last inference
+            return nhwc_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
     return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

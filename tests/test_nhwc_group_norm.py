@@ -1,0 +1,98 @@
+"""nhwc_group_norm: PyTorch's GroupNorm on channels-last half tensors, in Triton.
+
+The kernels run in Triton's CPU interpreter, which must be switched on before Triton is first imported: each
+check runs in a fresh Python process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+def run_interpreted(code: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_equals_group_norm_in_every_group_and_keeps_channels_last():
+    """Shapes whose pixels do not fill the last block; values far from zero (a naive E[x^2] - E[x]^2 would lose
+    the variance); per-channel weight and bias; ReLU fused or not."""
+    run_interpreted("""
+        import torch
+        from torch.nn import functional as F
+        from nucleus_seg.modeling.nhwc_group_norm import nhwc_group_norm, nhwc_group_norm_usable
+        torch.manual_seed(0)
+        for shape, groups in [((3, 64, 5, 7), 32), ((2, 256, 7, 7), 32), ((1, 2048, 3, 2), 32), ((2, 128, 33, 17), 8)]:
+            c = shape[1]
+            x = (torch.randn(shape) * 3 + 40).half().to(memory_format=torch.channels_last)
+            weight, bias = torch.randn(c), torch.randn(c)
+            assert nhwc_group_norm_usable(x, groups)
+            expected = F.group_norm(x.float(), groups, weight, bias, 1e-5)
+            for relu in (False, True):
+                y = nhwc_group_norm(x, groups, weight, bias, 1e-5, relu=relu)
+                assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
+                want = expected.relu() if relu else expected
+                err = float((y.float() - want).abs().max())
+                assert torch.allclose(y.float(), want, atol=8e-3, rtol=4e-3), (shape, relu, err)
+    """)
+
+
+def test_only_channels_last_half_tensors_with_power_of_two_groups_take_it():
+    run_interpreted("""
+        import torch
+        from nucleus_seg.modeling.nhwc_group_norm import nhwc_group_norm_usable
+        x = torch.randn(2, 64, 4, 4).half()
+        assert not nhwc_group_norm_usable(x, 32)  # NCHW
+        cl = x.to(memory_format=torch.channels_last)
+        assert nhwc_group_norm_usable(cl, 32)
+        assert not nhwc_group_norm_usable(cl.float(), 32)
+        assert not nhwc_group_norm_usable(cl, 24)
+        assert not nhwc_group_norm_usable(torch.randn(2, 96, 4, 4).half().to(memory_format=torch.channels_last), 32)
+    """)
+
+
+def test_not_used_without_a_gpu_or_the_interpreter(monkeypatch):
+    from nucleus_seg.modeling.nhwc_group_norm import nhwc_group_norm_usable
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not nhwc_group_norm_usable(torch.randn(2, 64, 4, 4).half().to(memory_format=torch.channels_last), 32)
+
+
+def test_a_channels_last_model_keeps_its_layout_through_group_norm_in_inference():
+    """The model-level switch: GroupNorm layers under half-precision autocast, no gradient, channels-last input
+    take the Triton kernels and give PyTorch's result; with gradients on, PyTorch's GroupNorm runs."""
+    run_interpreted("""
+        import torch
+        from torch.nn import functional as F
+        import nucleus_seg.modeling.precision as precision
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.GroupNorm(32, 64)).eval()
+        with torch.no_grad():
+            model[1].weight.normal_()
+            model[1].bias.normal_()
+            x = torch.randn(2, 8, 6, 6)
+            expected = F.group_norm(model[0](x), 32, model[1].weight, model[1].bias, model[1].eps)
+        model.to(memory_format=torch.channels_last)
+        precision.use_half_group_norm(model)
+        calls, kernel = [], precision.nhwc_group_norm
+        precision.nhwc_group_norm = lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k)
+        xcl = x.half().to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            y = model(xcl)
+        with torch.autocast("cpu", dtype=torch.float16):
+            model(xcl)
+        assert calls == [torch.Size([2, 64, 6, 6])], calls  # once: the pass with gradients ran PyTorch's
+        assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
+        err = float((y.float() - expected).abs().max())
+        assert torch.allclose(y.float(), expected, atol=3e-2), err
+    """)
