@@ -4,8 +4,8 @@ PyTorch's GroupNorm kernel reads NCHW: fed a channels-last tensor it makes a con
 NCHW result, so a channels-last model pays a layout conversion at every GroupNorm layer, and an NCHW model
 pays cuDNN's conversions around every half-precision convolution instead (15% of an H200's inference time at
 batch 32, GroupNorm itself another 20%). Here each pixel's channels are read as one contiguous row, the
-statistics of every group come from per-block partial means and squared deviations combined exactly (Chan's
-parallel formula, fp32), and the output keeps the input's layout.
+statistics of every group come from per-block sums of the values shifted by the group's first value (fp32,
+added in a fixed order, so every run gives the same result), and the output keeps the input's layout.
 
 Inference only (no backward). :func:`nhwc_group_norm_usable` says when it applies; elsewhere PyTorch's own
 GroupNorm runs. ``TRITON_INTERPRET=1``, set before Triton is first imported, runs the kernels on the CPU
@@ -52,51 +52,46 @@ def _kernels():
         return None
 
     @triton.jit
-    def partial_stats(x_ptr, mean_ptr, m2_ptr, hw, blocks, C: tl.constexpr, G: tl.constexpr,
-                      BLOCK_HW: tl.constexpr):
-        # one program per (image, block of BLOCK_HW pixels): each group's mean and sum of squared deviations
+    def partial_stats(x_ptr, s1_ptr, s2_ptr, hw, blocks, C: tl.constexpr, G: tl.constexpr, BLOCK_HW: tl.constexpr):
+        # one program per (image, block of BLOCK_HW pixels): each group's sum and sum of squares of x - pivot,
+        # the pivot being the group's first value in the image (shifted data: no cancellation when the mean is
+        # far from zero, one pass, nothing reduced before the tile is read)
         n = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1)
         rows = b * BLOCK_HW + tl.arange(0, BLOCK_HW)
         cols = tl.arange(0, C)
+        g = tl.arange(0, G)
+        pivot = tl.load(x_ptr + n * hw * C + g * (C // G)).to(tl.float32)
+        pivot_c = tl.reshape(tl.broadcast_to(pivot[:, None], (G, C // G)), (C,))
         inside = (rows < hw)[:, None]
         x = tl.load(x_ptr + n * hw * C + rows[:, None] * C + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        count = (tl.minimum(hw - b * BLOCK_HW, BLOCK_HW) * (C // G)).to(tl.float32)
-        mean = tl.sum(tl.reshape(tl.sum(x, axis=0), (G, C // G)), axis=1) / count
-        mean_c = tl.reshape(tl.broadcast_to(mean[:, None], (G, C // G)), (C,))
-        d = tl.where(inside, x - mean_c[None, :], 0.0)
-        m2 = tl.sum(tl.reshape(tl.sum(d * d, axis=0), (G, C // G)), axis=1)
-        out = (n * blocks + b) * G + tl.arange(0, G)
-        tl.store(mean_ptr + out, mean)
-        tl.store(m2_ptr + out, m2)
+        d = tl.where(inside, x - pivot_c[None, :], 0.0)
+        s1 = tl.sum(tl.reshape(tl.sum(d, axis=0), (G, C // G)), axis=1)
+        s2 = tl.sum(tl.reshape(tl.sum(d * d, axis=0), (G, C // G)), axis=1)
+        out = (n * blocks + b) * G + g
+        tl.store(s1_ptr + out, s1)
+        tl.store(s2_ptr + out, s2)
 
     @triton.jit
-    def combine(mean_ptr, m2_ptr, stats_ptr, hw, blocks, eps, C: tl.constexpr, G: tl.constexpr,
-                BLOCK_HW: tl.constexpr, CHUNK: tl.constexpr):
-        # one program per image: the blocks' partials combined exactly (all blocks hold BLOCK_HW pixels but
-        # the last): mean = sum(c_b m_b) / sum(c_b), M2 = sum(M2_b) + sum(c_b (m_b - mean)^2)
+    def combine(x_ptr, s1_ptr, s2_ptr, stats_ptr, hw, blocks, eps, C: tl.constexpr, G: tl.constexpr,
+                CHUNK: tl.constexpr):
+        # one program per image: the blocks' sums added in a fixed order (the same result every run), then
+        # mean = pivot + S1 / count and variance = S2 / count - (S1 / count)^2
         n = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, G)
-        total = tl.zeros((G,), tl.float32)
+        s1 = tl.zeros((G,), tl.float32)
+        s2 = tl.zeros((G,), tl.float32)
         for start in range(0, blocks, CHUNK):
             b = start + tl.arange(0, CHUNK)
             valid = (b < blocks)[:, None]
-            c = (tl.minimum(hw - b * BLOCK_HW, BLOCK_HW) * (C // G)).to(tl.float32)[:, None]
-            m = tl.load(mean_ptr + (n * blocks + b[:, None]) * G + g[None, :], mask=valid, other=0.0)
-            total += tl.sum(tl.where(valid, c * m, 0.0), axis=0)
-        mean = total / (hw * (C // G)).to(tl.float32)
-        m2 = tl.zeros((G,), tl.float32)
-        for start in range(0, blocks, CHUNK):
-            b = start + tl.arange(0, CHUNK)
-            valid = (b < blocks)[:, None]
-            c = (tl.minimum(hw - b * BLOCK_HW, BLOCK_HW) * (C // G)).to(tl.float32)[:, None]
             offs = (n * blocks + b[:, None]) * G + g[None, :]
-            m = tl.load(mean_ptr + offs, mask=valid, other=0.0)
-            part = tl.load(m2_ptr + offs, mask=valid, other=0.0)
-            dm = m - mean[None, :]
-            m2 += tl.sum(tl.where(valid, part + c * dm * dm, 0.0), axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / (hw * (C // G)).to(tl.float32) + eps)
-        tl.store(stats_ptr + n * 2 * G + g, mean)
+            s1 += tl.sum(tl.load(s1_ptr + offs, mask=valid, other=0.0), axis=0)
+            s2 += tl.sum(tl.load(s2_ptr + offs, mask=valid, other=0.0), axis=0)
+        count = (hw * (C // G)).to(tl.float32)
+        shift = s1 / count
+        pivot = tl.load(x_ptr + n * hw * C + g * (C // G)).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - shift * shift, 0.0) + eps)
+        tl.store(stats_ptr + n * 2 * G + g, pivot + shift)
         tl.store(stats_ptr + n * 2 * G + G + g, rstd)
 
     @triton.jit
@@ -131,13 +126,13 @@ def nhwc_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias
     hw = h * w
     block_hw = max(1, min(TILE_ELEMENTS // c, 1 << (hw - 1).bit_length()))
     blocks = -(-hw // block_hw)
-    means = torch.empty((n, blocks, num_groups), dtype=torch.float32, device=x.device)
-    m2s = torch.empty_like(means)
+    sums = torch.empty((2, n, blocks, num_groups), dtype=torch.float32, device=x.device)
     stats = torch.empty((n, 2, num_groups), dtype=torch.float32, device=x.device)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = 8 if block_hw * c >= 4096 else 4
-    partial_stats[(n, blocks)](x, means, m2s, hw, blocks, C=c, G=num_groups, BLOCK_HW=block_hw, num_warps=warps)
-    combine[(n,)](means, m2s, stats, hw, blocks, eps, C=c, G=num_groups, BLOCK_HW=block_hw,
+    partial_stats[(n, blocks)](x, sums[0], sums[1], hw, blocks, C=c, G=num_groups, BLOCK_HW=block_hw,
+                               num_warps=warps)
+    combine[(n,)](x, sums[0], sums[1], stats, hw, blocks, eps, C=c, G=num_groups,
                   CHUNK=min(64, 1 << (blocks - 1).bit_length()), num_warps=4)
     apply[(n, blocks)](x, y, stats, weight, bias, hw, C=c, G=num_groups, BLOCK_HW=block_hw, RELU=relu,
                        num_warps=warps)
