@@ -26,13 +26,18 @@ def run_interpreted(code: str) -> None:
 
 def test_equals_group_norm_in_every_group_and_keeps_channels_last():
     """Shapes whose pixels do not fill the last block; values far from zero (a naive E[x^2] - E[x]^2 would lose
-    the variance); per-channel weight and bias; ReLU fused or not."""
+    the variance); per-channel weight and bias; ReLU fused or not; the statistics in one tile per program or in
+    several tiles per program (a short last part included)."""
     run_interpreted("""
         import torch
         from torch.nn import functional as F
+        import nucleus_seg.modeling.nhwc_group_norm as gn
         from nucleus_seg.modeling.nhwc_group_norm import nhwc_group_norm, nhwc_group_norm_usable
         torch.manual_seed(0)
-        for shape, groups in [((3, 64, 5, 7), 32), ((2, 256, 7, 7), 32), ((1, 2048, 3, 2), 32), ((2, 128, 33, 17), 8)]:
+        cases = [((3, 64, 5, 7), 32, 1024), ((2, 256, 7, 7), 32, 1024), ((1, 2048, 3, 2), 32, 1),
+                 ((2, 128, 33, 17), 8, 1024), ((2, 128, 33, 17), 8, 7), ((2, 128, 33, 17), 8, 1)]
+        for shape, groups, programs in cases:
+            gn.STATS_PROGRAMS = programs  # 7 over 2 images: 4 parts of 5 tiles, the last part of 3 (18 tiles)
             c = shape[1]
             x = (torch.randn(shape) * 3 + 40).half().to(memory_format=torch.channels_last)
             weight, bias = torch.randn(c), torch.randn(c)
@@ -43,7 +48,7 @@ def test_equals_group_norm_in_every_group_and_keeps_channels_last():
                 assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
                 want = expected.relu() if relu else expected
                 err = float((y.float() - want).abs().max())
-                assert torch.allclose(y.float(), want, atol=8e-3, rtol=4e-3), (shape, relu, err)
+                assert torch.allclose(y.float(), want, atol=8e-3, rtol=4e-3), (shape, programs, relu, err)
     """)
 
 

@@ -356,6 +356,31 @@ def test_batched_box_inference_equals_detectron2s(count, topk, nms_path):
         assert torch.equal(a.pred_classes, b.pred_classes)
 
 
+def test_cascade_proposals_of_a_batch_equal_detectron2s_per_image_clip(cfg):
+    """The cascade's next-stage proposals: clipped to each image as ``Boxes.clip`` does (images with different
+    box counts and sizes, boxes past every edge), and a non-finite box still stops it with detectron2's error."""
+    from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
+
+    from nucleus_seg.modeling.fast_inference import _fast_create_proposals_from_boxes
+
+    cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    heads = NucleusPredictor(cfg).model.roi_heads
+    assert heads._create_proposals_from_boxes.__func__ is _fast_create_proposals_from_boxes
+    g = torch.Generator().manual_seed(5)
+    sizes = [(100, 110), (80, 120), (64, 64)]
+    boxes = [torch.rand(n, 4, generator=g) * 200 - 50 for n in (30, 0, 17)]
+    ours = heads._create_proposals_from_boxes(boxes, sizes)
+    ref = CascadeROIHeads._create_proposals_from_boxes(heads, [b.clone() for b in boxes], sizes)
+    assert [p.image_size for p in ours] == sizes
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+    assert float(ours[0].proposal_boxes.tensor.max()) == 110.0 and float(ours[2].proposal_boxes.tensor.min()) == 0.0
+    boxes[2][3, 1] = float("nan")
+    with pytest.raises(AssertionError, match="infinite or NaN"):
+        heads._create_proposals_from_boxes(boxes, sizes)
+
+
 @pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])
 def test_fast_and_detectron2_inference_give_the_same_detections(cfg, heads, nms_path):
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000  # > 4000 box coordinates: torchvision's per-level branch

@@ -89,8 +89,8 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
 
 
 def _clip(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """``Boxes.clip`` for a batch: (B, N, 4) boxes, (B, 2) image (h, w)."""
-    h, w = sizes[:, 0, None], sizes[:, 1, None]
+    """``Boxes.clip`` for many boxes at once: (..., 4) boxes, (..., 2) image (h, w) broadcast against them."""
+    h, w = sizes[..., 0], sizes[..., 1]
     zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
     x1 = torch.minimum(torch.maximum(boxes[..., 0], zero), w)
     y1 = torch.minimum(torch.maximum(boxes[..., 1], zero), h)
@@ -159,7 +159,7 @@ def _fast_predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_d
         boxes = torch.cat(top_boxes, dim=1)
         valid = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype).to(boxes.device, non_blocking=True)  # no sync
-        boxes = _clip(torch.where(valid[..., None], boxes, torch.zeros_like(boxes)), sizes)
+        boxes = _clip(torch.where(valid[..., None], boxes, torch.zeros_like(boxes)), sizes[:, None])
         valid &= ((boxes[..., 2] - boxes[..., 0]) > self.min_box_size) & (
             (boxes[..., 3] - boxes[..., 1]) > self.min_box_size)
         keep = _group_nms(boxes, scores, valid, groups, self.nms_thresh)
@@ -196,7 +196,7 @@ def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_t
         box[i, :len(bx)], score[i, :len(sc)], present[i, :len(bx)] = bx, sc, True
     valid = present & torch.isfinite(box).all(dim=2) & torch.isfinite(score).all(dim=2)
     sizes = torch.tensor([tuple(x) for x in image_shapes], dtype=box.dtype).to(box.device, non_blocking=True)
-    box = _clip(torch.where(valid[..., None], box, torch.zeros_like(box)), sizes)
+    box = _clip(torch.where(valid[..., None], box, torch.zeros_like(box)), sizes[:, None])
     fg = score[..., 0]
     valid &= fg > score_thresh
     keep = _group_nms(box, fg, valid, [slice(0, n)], nms_thresh)
@@ -235,6 +235,26 @@ def _fast_cascade_forward_box(self, features, proposals, targets=None):
     return instances
 
 
+def _fast_create_proposals_from_boxes(self, boxes, image_sizes):
+    """Cascade R-CNN's ``_create_proposals_from_boxes`` at inference, all images at once: detectron2 clips each
+    image's boxes with ``Boxes.clip``, whose finiteness check is a host sync (32 per stage at batch 32, with the
+    GPU idle between them); here one check covers the batch and raises the same error."""
+    if self.training or not boxes:
+        return type(self)._create_proposals_from_boxes(self, boxes, image_sizes)
+    counts = [len(b) for b in boxes]
+    flat = torch.cat([b.detach() for b in boxes])
+    assert torch.isfinite(flat).all(), "Box tensor contains infinite or NaN!"
+    sizes = torch.tensor([tuple(s) for s in image_sizes], dtype=flat.dtype).to(flat.device, non_blocking=True)
+    repeats = torch.tensor(counts).to(flat.device, non_blocking=True)
+    per_box = sizes.repeat_interleave(repeats, dim=0, output_size=len(flat))  # no sync: the size is given
+    proposals = []
+    for part, size in zip(_clip(flat, per_box).split(counts), image_sizes):
+        prop = Instances(size)
+        prop.proposal_boxes = Boxes(part)
+        proposals.append(prop)
+    return proposals
+
+
 def final_box_predictor(model: torch.nn.Module) -> torch.nn.Module | None:
     """The box predictor whose score threshold and NMS decide the detections: Cascade R-CNN's last stage."""
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
@@ -253,6 +273,8 @@ def speed_up_inference(model: torch.nn.Module, half_group_norm: bool = True) -> 
     if getattr(type(heads), "_forward_box", None) is CascadeROIHeads._forward_box:
         # the cascade runs its final NMS itself, never its stages' ``inference``
         heads._forward_box = types.MethodType(_fast_cascade_forward_box, heads)
+        if type(heads)._create_proposals_from_boxes is CascadeROIHeads._create_proposals_from_boxes:
+            heads._create_proposals_from_boxes = types.MethodType(_fast_create_proposals_from_boxes, heads)
     elif getattr(type(box_predictor), "inference", None) is FastRCNNOutputLayers.inference:
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     if half_group_norm:
