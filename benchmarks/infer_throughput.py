@@ -58,7 +58,7 @@ def instances_agreement(reference: list, ours: list) -> dict:
     }
 
 
-VARIANT_FLAGS = ("cl", "compile", "graph")
+VARIANT_FLAGS = ("cl", "compile")
 
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--variants", default="",
                         help="more of ours to time, e.g. 32,32+compile,16+cl (batch size, then flags: cl = "
-                        "channels-last model, compile = NUCLEUS.PREDICT.COMPILE, graph = the backbone as CUDA graphs)")
+                        "channels-last model, the GPU default; without it NCHW, compile = NUCLEUS.PREDICT.COMPILE)")
     parser.add_argument("--detections", type=int, default=400)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
@@ -106,7 +106,7 @@ def main() -> None:
         c = cfg.clone()
         c.NUCLEUS.PREDICT.BATCH_SIZE = batch
         c.NUCLEUS.PREDICT.COMPILE = "compile" in flags
-        return NucleusPredictor(c, channels_last="cl" in flags, cuda_graphs="graph" in flags)
+        return NucleusPredictor(c, channels_last="cl" in flags)
 
     def sync():
         if torch.cuda.is_available():
@@ -150,7 +150,6 @@ def main() -> None:
         "batch": best_batch,
         "channels_last": "cl" in best_flags,
         "compile": "compile" in best_flags,
-        "cuda_graphs": "graph" in best_flags,
         "amp": str(predictors[best].amp_dtype).removeprefix("torch.") if predictors[best].amp else None,
         "vanilla": {"img_per_s": v_ips, "ms_per_img": 1000 / v_ips},
         "nucleus_seg": {"variant": best, "img_per_s": o_ips, "ms_per_img": 1000 / o_ips},

@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
-    parser.add_argument("--channels-last", action="store_true", help="the whole model channels-last (GPU)")
+    parser.add_argument("--nchw", action="store_true", help="the NCHW model (the GPU default is channels-last)")
     parser.add_argument("--gaps", type=int, default=0, metavar="N",
                         help="also a timeline profile: the N host frames where the GPU idles longest")
     parser.add_argument("--trace", default="", help="where to keep that timeline (chrome trace, .json.gz)")
@@ -155,7 +155,7 @@ def main() -> None:
     cfg = inference_cfg(args.config_file, args.opts, 400, args.batch)  # as infer_throughput
     cfg.MODEL.WEIGHTS = args.weights
     images = inference_images(Path(args.data_root), args.num_images)
-    predictor = NucleusPredictor(cfg, channels_last=args.channels_last)
+    predictor = NucleusPredictor(cfg, channels_last=False if args.nchw else None)
 
     def sync() -> None:
         if torch.cuda.is_available():

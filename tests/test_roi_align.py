@@ -99,3 +99,26 @@ def test_under_autocast_the_boxes_stay_float32():
     assert (rounded - precise).abs().max() > 0.1  # what the rounding cost
     with torch.no_grad():  # float32 features: exactly detectron2's ROIAlign
         assert torch.equal(mine(features.float(), rois), stock(features.float(), rois))
+
+
+def test_in_inference_each_half_level_is_made_float32_nchw_once_for_every_pooler_that_reads_it():
+    """torchvision's autocast wrapper casts the features to float32 and its kernel makes them NCHW at every call;
+    the installed ROIAlign makes that copy once per feature tensor and pools the same values."""
+    torch.manual_seed(1)
+    features = torch.randn(2, 8, 32, 32).bfloat16().to(memory_format=torch.channels_last)
+    rois = _rois(20, 128.0, images=2)
+    mine = ROIAlign((7, 7), 0.25, 0, aligned=True)
+    use_nucleus_roi_align(mine)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first, second = mine(features, rois), mine(features, rois[:5])
+    copy = features._nucleus_float_nchw
+    assert copy.dtype == torch.float32 and copy.is_contiguous() and torch.equal(copy, features.float())
+    expected = roi_align(features.float(), rois, 7, 0.25, 0, True).bfloat16()
+    assert first.dtype == torch.bfloat16 and torch.equal(first, expected) and torch.equal(second, expected[:5])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mine(features, rois)
+    assert features._nucleus_float_nchw is copy  # not made again
+    grad_features = features.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: no copy kept on a tensor that needs a gradient
+        pooled = mine(grad_features, rois)
+    assert not hasattr(grad_features, "_nucleus_float_nchw") and pooled.requires_grad

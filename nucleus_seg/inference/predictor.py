@@ -38,7 +38,6 @@ from tqdm import tqdm
 from ..config import check_predict_settings, predict_batch_size, predict_streams
 from ..data.io import check_image_shape, normalize_from_cfg
 from ..modeling.compile import compile_backbone
-from ..modeling.cuda_graph import graph_backbone
 from ..modeling.fast_inference import final_box_predictor, speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
@@ -170,13 +169,13 @@ class NucleusPredictor:
     and fp32 GroupNorm (``speed_up_inference`` gives the same detections, batched).
     """
 
-    def __init__(self, cfg, *, model: torch.nn.Module | None = None, channels_last: bool = False,
-                 cuda_graphs: bool = False, fast: bool = True):
+    def __init__(self, cfg, *, model: torch.nn.Module | None = None, channels_last: bool | None = None,
+                 fast: bool = True):
         """``model``: one already built and trained (training-time evaluation scores the model being trained
         exactly as ``nucleus-eval`` scores a checkpoint); by default it is built from ``cfg`` and
-        ``MODEL.WEIGHTS`` is loaded. On a GPU, ``channels_last`` lays the model out channels-last and
-        ``cuda_graphs`` replays the backbone as CUDA graphs (``modeling.cuda_graph``); both are speed options
-        that give the same detections."""
+        ``MODEL.WEIGHTS`` is loaded. ``channels_last`` lays the model out channels-last on a GPU (the same
+        detections, faster: GroupNorm through ``nhwc_group_norm``, convolutions without layout conversions); by
+        default (None) a model built here on a GPU is, one passed in keeps its layout."""
         self.cfg = cfg.clone()  # the model may modify it, as DefaultPredictor notes
         self.cfg.defrost()
         self.cfg.MODEL.DEVICE = usable_device(self.cfg.MODEL.DEVICE) if model is None else self.cfg.MODEL.DEVICE
@@ -212,12 +211,10 @@ class NucleusPredictor:
         self._floor_lock, self._floor_users, self._floor_saved = threading.Lock(), 0, 0.0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
-            if channels_last:  # convolutions and GroupNorm (nhwc_group_norm) without layout conversions
+            if model is None if channels_last is None else channels_last:
                 self.model.to(memory_format=torch.channels_last)
         if pred.COMPILE and model is None:  # a model passed in keeps what its trainer chose
             compile_backbone(self.model)
-        elif cuda_graphs and self.device.type == "cuda":  # the backbone from one launch (modeling.cuda_graph)
-            graph_backbone(self.model)
         if self.cfg.INPUT.MIN_SIZE_TEST:
             self.aug = T.ResizeShortestEdge(
                 [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST
