@@ -21,6 +21,7 @@ import types
 import torch
 from torchvision.ops import roi_align
 
+from .nhwc_roi_align import nhwc_roi_align, nhwc_roi_align_usable
 from .precision import HALF_DTYPES
 
 __all__ = ["roi_align_weights", "sparse_backward_roi_align", "use_nucleus_roi_align"]
@@ -142,7 +143,10 @@ def _forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         # cast only rounded them (bfloat16 keeps 8 significant bits: a box edge between 256 and 512 px moved
         # by up to 1 px, 4 px past 1024; float16 a quarter pixel past 512)
         rois = rois.float()
-        if not (input.requires_grad and torch.is_grad_enabled()):  # inference: the level in float32 once
+        if not (input.requires_grad and torch.is_grad_enabled()):  # inference
+            if nhwc_roi_align_usable(input):  # channels-last in, channels-last out, no copies
+                return nhwc_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                      self.aligned)
             return roi_align(_float_nchw(input), rois, self.output_size, self.spatial_scale, self.sampling_ratio,
                              self.aligned).to(input.dtype)
     else:
@@ -154,14 +158,40 @@ def _forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
 
+def _pooler_forward(self, x: list[torch.Tensor], box_lists: list) -> torch.Tensor:
+    """detectron2's ``ROIPooler.forward``, with the pooled features channels-last when the levels are, at
+    inference: detectron2 gathers every level's result into an NCHW tensor, which the head's first convolution
+    then converts back."""
+    from detectron2.layers import nonzero_tuple
+    from detectron2.modeling.poolers import assign_boxes_to_levels, convert_boxes_to_pooler_format
+
+    if (torch.is_grad_enabled() or len(self.level_poolers) == 1 or not box_lists or len(x) != len(self.level_poolers)
+            or not all(f.dim() == 4 and f.shape[1] > 1 and f.is_contiguous(memory_format=torch.channels_last)
+                       for f in x)):
+        return type(self).forward(self, x, box_lists)
+    boxes = convert_boxes_to_pooler_format(box_lists)
+    levels = assign_boxes_to_levels(box_lists, self.min_level, self.max_level, self.canonical_box_size,
+                                    self.canonical_level)  # clamped to the pooler's levels: every row is written
+    output = torch.empty((len(boxes), x[0].shape[1], *self.output_size), dtype=x[0].dtype, device=x[0].device,
+                         memory_format=torch.channels_last)
+    for level, pooler in enumerate(self.level_poolers):
+        inds = nonzero_tuple(levels == level)[0]
+        output.index_put_((inds,), pooler(x[level], boxes[inds]))
+    return output
+
+
 def use_nucleus_roi_align(model: torch.nn.Module) -> int:
     """Install float32 boxes under autocast and the sparse CPU backward on every detectron2 ``ROIAlign`` of this
-    model (training and inference); returns how many."""
+    model (training and inference), and channels-last pooled features at inference on its ``ROIPooler`` s;
+    returns how many ROIAligns."""
     from detectron2.layers import ROIAlign
+    from detectron2.modeling.poolers import ROIPooler
 
     found = 0
     for module in model.modules():
         if isinstance(module, ROIAlign):
             module.forward = types.MethodType(_forward, module)
             found += 1
+        elif type(module) is ROIPooler:
+            module.forward = types.MethodType(_pooler_forward, module)
     return found
