@@ -102,6 +102,29 @@ def test_writers_agree_and_read_back(tmp_path):
                                        "coco_results.json", "submission.csv"]  # no temp files left
 
 
+def test_the_csvs_eccentricity_is_skimages_for_every_kind_of_region():
+    """Ellipses at every angle, a line (1), a pixel (0), a square, a region in two parts, ids with gaps."""
+    from skimage.measure import regionprops_table
+
+    from nucleus_seg.inference.outputs import eccentricities
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((200, 220), np.int32)
+    yy, xx = np.mgrid[:200, :220]
+    for k in range(1, 13):
+        cy, cx, a, b, t = 20 + 15 * k, 20 + 14 * k, rng.uniform(3, 9), rng.uniform(2, 6), rng.uniform(0, np.pi)
+        u, v = (yy - cy) * np.cos(t) + (xx - cx) * np.sin(t), -(yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)
+        labels[((u / a) ** 2 + (v / b) ** 2 <= 1) & (labels == 0)] = 2 * k
+    labels[5, 150:170] = 40
+    labels[190, 5] = 41
+    labels[0:4, 216:220] = 43
+    labels[100:103, 200:203] = labels[110:112, 210:215] = 44
+    table = regionprops_table(labels, properties=("label", "eccentricity"))
+    got = eccentricities(labels, table["label"])
+    np.testing.assert_allclose(got, table["eccentricity"], rtol=0, atol=1e-12)
+    assert list(got[-4:-2]) == [1.0, 0.0]
+
+
 def test_label_tiff_goes_uint32_past_65535_nuclei(tmp_path):
     labels = np.arange(300 * 300, dtype=np.int64).reshape(300, 300)
     write_label_tiff(tmp_path / "many.tif", labels)

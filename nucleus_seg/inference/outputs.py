@@ -83,6 +83,31 @@ def write_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.nda
 
 # ---- measurements -------------------------------------------------------------------------------
 
+def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """skimage's ``regionprops`` eccentricity of each id in ``ids``, from every region's second central moments at
+    once: skimage's per-region moments took ~40% of a 1024 px image's measurements (~440 nuclei, 0.14 of 0.35 s).
+
+    The ellipse with the region's inertia tensor: eigenvalues l1 >= l2 of [[mu_cc, -mu_rc], [-mu_rc, mu_rr]] / n
+    (clipped at 0), eccentricity sqrt(1 - l2 / l1), 0 where l1 is 0 (one pixel).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    flat = labels.ravel()
+    inside = np.flatnonzero(flat > 0)
+    lab = flat[inside].astype(np.int64)
+    rows, cols = np.divmod(inside, labels.shape[1])
+    size = int(lab.max()) + 1 if lab.size else 1
+    n = np.bincount(lab, minlength=size).astype(np.float64)
+    safe = np.maximum(n, 1)
+    dr = rows - (np.bincount(lab, rows, size) / safe)[lab]
+    dc = cols - (np.bincount(lab, cols, size) / safe)[lab]
+    rr, cc, rc = (np.bincount(lab, w, size)[ids] / safe[ids] for w in (dr * dr, dc * dc, dr * dc))
+    half_sum, half_diff = (cc + rr) / 2, (cc - rr) / 2
+    root = np.sqrt(half_diff * half_diff + rc * rc)
+    l1, l2 = np.maximum(half_sum + root, 0), np.maximum(half_sum - root, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+
+
 def measure(labels: np.ndarray, raw_image: np.ndarray,
             scores: Sequence[float]) -> tuple[list[str], list[list]]:
     """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
@@ -94,9 +119,9 @@ def measure(labels: np.ndarray, raw_image: np.ndarray,
         raw = raw[..., 0] if raw.shape[2] == 1 else raw[..., :3]
     if raw.shape[:2] != labels.shape:
         raise ValueError(f"raw image {raw.shape[:2]} and labels {labels.shape} differ in size")
-    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max", "eccentricity",
-             "solidity")
+    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max", "solidity")
     table = regionprops_table(np.asarray(labels), intensity_image=raw, properties=props)
+    table["eccentricity"] = eccentricities(np.asarray(labels), table["label"])
     channels = [""] if raw.ndim == 2 else [f"_c{c}" for c in range(raw.shape[2])]
     source = (["area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3"]
               + [f"intensity_mean{'-' + c[2:] if c else ''}" for c in channels]
