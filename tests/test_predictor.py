@@ -799,3 +799,14 @@ def test_auto_trusts_no_pass_whose_instances_are_all_noise(cfg):
     assert not choice.sure and choice.scale == 1.0
     predictor.min_significance = 0.0
     assert predictor._noise_share(predictor.normalize(image)) is None
+
+
+def test_the_model_goes_channels_last_only_on_a_gpu_by_default_when_built_here_in_half_precision():
+    from nucleus_seg.inference.predictor import use_channels_last
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_channels_last(None, gpu, amp=True, built_here=True)
+    assert not use_channels_last(None, gpu, amp=False, built_here=True)  # float32: PyTorch's NCHW kernels
+    assert not use_channels_last(None, gpu, amp=True, built_here=False)  # a model being trained keeps its layout
+    assert use_channels_last(True, gpu, amp=False, built_here=False) and not use_channels_last(False, gpu, True, True)
+    assert not any(use_channels_last(asked, cpu, True, True) for asked in (None, True))

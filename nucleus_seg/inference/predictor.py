@@ -155,6 +155,15 @@ def _with_progress(steps: Iterator[tuple[int, int, LabelPrediction | None]], pro
     return result
 
 
+def use_channels_last(asked: bool | None, device: torch.device, amp: bool, built_here: bool) -> bool:
+    """Whether the predictor lays its model out channels-last: only on a GPU; as asked, or by default (None) for a
+    model it built that runs in half precision, where ``nhwc_group_norm`` and ``nhwc_roi_align`` take the layout
+    without conversions. A model passed in keeps its trainer's layout; float32 keeps PyTorch's NCHW kernels."""
+    if device.type != "cuda":
+        return False
+    return built_here and amp if asked is None else asked
+
+
 class NucleusPredictor:
     """Drop-in for detectron2's ``DefaultPredictor`` that takes microscopy images as they are stored.
 
@@ -175,7 +184,8 @@ class NucleusPredictor:
         exactly as ``nucleus-eval`` scores a checkpoint); by default it is built from ``cfg`` and
         ``MODEL.WEIGHTS`` is loaded. ``channels_last`` lays the model out channels-last on a GPU (the same
         detections, faster: GroupNorm through ``nhwc_group_norm``, convolutions without layout conversions); by
-        default (None) a model built here on a GPU is, one passed in keeps its layout."""
+        default (None) a model built here runs so on a GPU under ``NUCLEUS.PREDICT.AMP``; one passed in, or one run
+        in float32, keeps its layout."""
         self.cfg = cfg.clone()  # the model may modify it, as DefaultPredictor notes
         self.cfg.defrost()
         self.cfg.MODEL.DEVICE = usable_device(self.cfg.MODEL.DEVICE) if model is None else self.cfg.MODEL.DEVICE
@@ -211,8 +221,8 @@ class NucleusPredictor:
         self._floor_lock, self._floor_users, self._floor_saved = threading.Lock(), 0, 0.0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
-            if model is None if channels_last is None else channels_last:
-                self.model.to(memory_format=torch.channels_last)
+        if use_channels_last(channels_last, self.device, self.amp, built_here=model is None):
+            self.model.to(memory_format=torch.channels_last)
         if pred.COMPILE and model is None:  # a model passed in keeps what its trainer chose
             compile_backbone(self.model)
         if self.cfg.INPUT.MIN_SIZE_TEST:
