@@ -15,9 +15,10 @@ GroupNorm runs. ``TRITON_INTERPRET=1``, set before Triton is first imported, run
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .triton_support import HALF_DTYPES, is_power_of_two, triton_runs_on
 
 __all__ = ["nhwc_group_norm", "nhwc_group_norm_usable"]
 
@@ -30,19 +31,13 @@ STATS_TILE_ELEMENTS = 2048
 STATS_PROGRAMS = 1024
 
 
-def _power_of_two(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
 def nhwc_group_norm_usable(x: torch.Tensor, num_groups: int) -> bool:
     """A 4-D channels-last half-precision tensor (CUDA, or any device under ``TRITON_INTERPRET=1``) whose
     channels and groups are powers of two (Triton's block shapes), at most ``TILE_ELEMENTS`` channels."""
-    if x.dim() != 4 or x.dtype not in (torch.float16, torch.bfloat16) or x.numel() == 0:
-        return False
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if x.dim() != 4 or x.dtype not in HALF_DTYPES or x.numel() == 0 or not triton_runs_on(x):
         return False
     c = x.shape[1]
-    if not (_power_of_two(c) and _power_of_two(num_groups) and c % num_groups == 0 and c <= TILE_ELEMENTS):
+    if not (is_power_of_two(c) and is_power_of_two(num_groups) and c % num_groups == 0 and c <= TILE_ELEMENTS):
         return False
     return x.is_contiguous(memory_format=torch.channels_last) and _kernels() is not None
 

@@ -16,9 +16,10 @@ before Triton is first imported, runs it on the CPU (the tests).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .triton_support import HALF_DTYPES, is_power_of_two, triton_runs_on
 
 __all__ = ["nhwc_roi_align", "nhwc_roi_align_usable"]
 
@@ -28,12 +29,10 @@ MAX_CHANNELS = 1024  # one program holds a sample point's C values per corner in
 def nhwc_roi_align_usable(features: torch.Tensor) -> bool:
     """A 4-D channels-last half-precision tensor (CUDA, or any device under ``TRITON_INTERPRET=1``) whose
     channels are a power of two up to ``MAX_CHANNELS``."""
-    if features.dim() != 4 or features.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if not (features.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if features.dim() != 4 or features.dtype not in HALF_DTYPES or not triton_runs_on(features):
         return False
     c = features.shape[1]
-    if not (0 < c <= MAX_CHANNELS and c & (c - 1) == 0) or c == 1:  # C == 1: channels-last is also NCHW
+    if not is_power_of_two(c) or c > MAX_CHANNELS or c == 1:  # C == 1: channels-last is also NCHW
         return False
     return features.is_contiguous(memory_format=torch.channels_last) and _kernel() is not None
 

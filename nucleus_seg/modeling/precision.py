@@ -10,14 +10,12 @@ from detectron2.config import CfgNode
 from torch.nn import functional as F
 
 from .nhwc_group_norm import nhwc_group_norm, nhwc_group_norm_usable
+from .triton_support import HALF_DTYPES
 
 __all__ = ["AMP_DTYPES", "HALF_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype",
            "training_precision", "use_half_group_norm"]
 
 logger = logging.getLogger(__name__)
-
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
