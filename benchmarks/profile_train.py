@@ -4,6 +4,7 @@ Prints data wait vs step time and the top operators by CUDA and by CPU time (a t
 is for deciding what to optimise, not a result to compare).
 
     python benchmarks/profile_train.py --iters 40 --profile-iters 8
+    python benchmarks/profile_train.py --gaps 25   # also: where the GPU idles, charged to the host's frames
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_dataset  # noqa: E402
+from profile_infer import gap_report  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +32,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--profile-iters", type=int, default=8)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
+    parser.add_argument("--gaps", type=int, default=0, metavar="N",
+                        help="record Python stacks too, and report the N host frames where the GPU idles longest")
+    parser.add_argument("--trace", default="", help="where to keep that timeline (chrome trace, .json.gz)")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
@@ -44,6 +49,7 @@ def main() -> None:
     prof = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
         schedule=torch.profiler.schedule(wait=start, warmup=1, active=args.profile_iters, repeat=1),
+        with_stack=bool(args.gaps),
     )
 
     class Step(HookBase):
@@ -68,6 +74,10 @@ def main() -> None:
             print(averages.table(sort_by=key, row_limit=25, max_name_column_width=60))
         except Exception as exc:  # sort keys differ between torch versions
             print(f"(cannot sort by {key}: {exc})")
+    if args.gaps:
+        trace = args.trace or os.path.join(tempfile.gettempdir(), "train_trace.json.gz")
+        prof.export_chrome_trace(trace)
+        print(gap_report(trace, args.gaps))
 
 
 if __name__ == "__main__":

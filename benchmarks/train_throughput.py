@@ -150,6 +150,7 @@ def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str
 # its AMP precision, and its data (whole 512 px images, flips, no scale jitter, no photometric changes)
 VARIANT_FLAGS = {
     "compile": ["NUCLEUS.TRAIN.COMPILE", "True"],
+    "d2rpn": ["NUCLEUS.TRAIN.BATCHED_PROPOSALS", "False"],  # detectron2's per-image proposals
     "fp16": ["NUCLEUS.TRAIN.AMP_DTYPE", "float16"],
     "d2aug": ["INPUT.NUCLEUS.SCALE_RANGE", "(1.0, 1.0)", "INPUT.NUCLEUS.ROT90", "False",
               "INPUT.NUCLEUS.BRIGHTNESS", "0.0", "INPUT.NUCLEUS.CONTRAST", "0.0", "INPUT.NUCLEUS.GAMMA", "(1.0, 1.0)",

@@ -100,6 +100,9 @@ def add_nucleus_config(cfg: CN) -> None:
     # torch.compile the backbone (ResNet + FPN; nucleus_seg.modeling.compile): faster steps after a compilation
     # of about a minute per process, so only for long GPU runs.
     cfg.NUCLEUS.TRAIN.COMPILE = False
+    # The RPN's proposals of all images at once, their NMS in parallel on a GPU (the same proposals as
+    # detectron2's per-image loop: nucleus_seg.modeling.fast_inference). False: detectron2's loop.
+    cfg.NUCLEUS.TRAIN.BATCHED_PROPOSALS = True
     # Exponential moving average of the weights (0 = off), put into the model at the last step, so
     # model_final.pth and the final evaluation use it (engine.hooks.WeightAverage). Off: on the CPU demo, whose
     # LR drops for its last 15%, 0.99-0.998 scored below the raw weights (benchmarks/README.md).

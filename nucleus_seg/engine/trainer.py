@@ -22,6 +22,7 @@ from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
 from ..modeling.compile import compile_backbone
+from ..modeling.fast_inference import batch_rpn_proposals
 from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 from ..modeling.roi_align import use_nucleus_roi_align
@@ -169,6 +170,8 @@ class NucleusTrainer(DefaultTrainer):
         if cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM:
             use_half_group_norm(model)
         use_nucleus_roi_align(model)  # float32 boxes under autocast; the sparse backward on the CPU
+        if cfg.NUCLEUS.TRAIN.BATCHED_PROPOSALS:
+            batch_rpn_proposals(model)
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
         set_mask_loss_weight(model, cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT)

@@ -6,7 +6,9 @@ detections per 512 px image that was a third of the GPU time. Here all images (a
 through one greedy NMS at once; the result is the same keep set (same IoU arithmetic, same order).
 
 :func:`speed_up_inference` installs these (and half-precision GroupNorm) on one model instance: other
-models, and detectron2's ``DefaultPredictor``, are untouched, and training branches run detectron2's code.
+models, and detectron2's ``DefaultPredictor``, are untouched. The RPN's proposals are the same computation
+in training (only the counts differ), so :func:`batch_rpn_proposals` also serves ``nucleus-train``
+(``NUCLEUS.TRAIN.BATCHED_PROPOSALS``); the ROI heads' training branches run detectron2's code.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from detectron2.structures import Boxes, Instances
 from .precision import HALF_DTYPES, use_half_group_norm
 from .roi_align import use_nucleus_roi_align
 
-__all__ = ["batched_fast_rcnn_inference", "batched_nms_keep", "final_box_predictor", "speed_up_inference"]
+__all__ = ["batch_rpn_proposals", "batched_fast_rcnn_inference", "batched_nms_keep", "final_box_predictor",
+           "speed_up_inference"]
 
 # torchvision.ops.batched_nms switches from its coordinate-offset trick to one NMS per class above
 # this many box coordinates; the offsets change the IoU rounding, so the same switch is mirrored here.
@@ -127,24 +130,30 @@ def _group_nms(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, g
     return torch.cat([keep[:, i, :g.stop - g.start] for i, g in enumerate(groups)], dim=1)
 
 
-def _top_kept(scores: torch.Tensor, keep: torch.Tensor, topk: int) -> tuple[torch.Tensor, list[int]]:
-    """Per row, indices of kept entries by descending score (stable), at most ``topk``; and counts."""
+def _top_kept(scores: torch.Tensor, keep: torch.Tensor, topk: int,
+              flag: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Per row, indices of kept entries by descending score (stable), at most ``topk``; and counts (followed
+    by ``flag``, a 0-d integer tensor, when one is given: it comes to the host with them)."""
     order = torch.sort(torch.where(keep, scores, float("-inf")),
                        dim=1, descending=True, stable=True).indices
     counts = keep.sum(dim=1)
     if topk >= 0:
         order, counts = order[:, :topk], counts.clamp(max=topk)
+    if flag is not None:
+        counts = torch.cat([counts, flag.to(counts.dtype).view(1)])
     return order, counts.tolist()  # the one host sync of the stage
 
 
 def _fast_predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
-    """detectron2's ``RPN.predict_proposals`` + ``find_top_rpn_proposals``, all images at once."""
-    if self.training:
-        return type(self).predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas,
-                                            image_sizes)
+    """detectron2's ``RPN.predict_proposals`` + ``find_top_rpn_proposals``, all images at once.
+
+    In training (its pre/post-NMS counts) a non-finite box or score raises detectron2's FloatingPointError, as
+    there; detectron2 checks each image with a host sync, here the check comes back with the counts.
+    """
+    training = bool(self.training)
     with torch.no_grad():
         proposals = self._decode_proposals(anchors, pred_anchor_deltas)
-        pre, post = self.pre_nms_topk[False], self.post_nms_topk[False]
+        pre, post = self.pre_nms_topk[training], self.post_nms_topk[training]
         b = len(image_sizes)
         batch_idx = torch.arange(b, device=proposals[0].device)
         top_scores, top_boxes, groups, start = [], [], [], 0
@@ -158,12 +167,15 @@ def _fast_predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_d
         scores = torch.cat(top_scores, dim=1)
         boxes = torch.cat(top_boxes, dim=1)
         valid = torch.isfinite(boxes).all(dim=2) & torch.isfinite(scores)
+        diverged = ~valid.all() if training else None
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype).to(boxes.device, non_blocking=True)  # no sync
         boxes = _clip(torch.where(valid[..., None], boxes, torch.zeros_like(boxes)), sizes[:, None])
         valid &= ((boxes[..., 2] - boxes[..., 0]) > self.min_box_size) & (
             (boxes[..., 3] - boxes[..., 1]) > self.min_box_size)
         keep = _group_nms(boxes, scores, valid, groups, self.nms_thresh)
-        order, counts = _top_kept(scores, keep, post)
+        order, counts = _top_kept(scores, keep, post, diverged)
+        if training and counts.pop():
+            raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
         results = []
         for i, size in enumerate(image_sizes):
             sel = order[i, :counts[i]]
@@ -261,13 +273,19 @@ def final_box_predictor(model: torch.nn.Module) -> torch.nn.Module | None:
     return predictor[-1] if isinstance(predictor, torch.nn.ModuleList) else predictor
 
 
-def speed_up_inference(model: torch.nn.Module, half_group_norm: bool = True) -> None:
-    """Swap, on this model instance only, detectron2's per-image NMS loops for the batched exact ones
-    and (``half_group_norm``) GroupNorm for the half-precision one; other models and DefaultPredictor are
-    untouched, and the patched methods run detectron2's own code in training mode."""
+def batch_rpn_proposals(model: torch.nn.Module) -> None:
+    """The RPN's proposals of all images at once (:func:`_fast_predict_proposals`), in training and inference,
+    on this model instance only (a subclass of RPN with its own ``predict_proposals`` keeps it)."""
     rpn = getattr(model, "proposal_generator", None)
     if rpn is not None and type(rpn).predict_proposals is RPN.predict_proposals:
         rpn.predict_proposals = types.MethodType(_fast_predict_proposals, rpn)
+
+
+def speed_up_inference(model: torch.nn.Module, half_group_norm: bool = True) -> None:
+    """Swap, on this model instance only, detectron2's per-image NMS loops for the batched exact ones
+    and (``half_group_norm``) GroupNorm for the half-precision one; other models and DefaultPredictor are
+    untouched; in training mode the ROI heads' patched methods run detectron2's own code."""
+    batch_rpn_proposals(model)
     heads = getattr(model, "roi_heads", None)
     box_predictor = getattr(heads, "box_predictor", None)
     if getattr(type(heads), "_forward_box", None) is CascadeROIHeads._forward_box:
