@@ -103,6 +103,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # The RPN's proposals of all images at once, their NMS in parallel on a GPU (the same proposals as
     # detectron2's per-image loop: nucleus_seg.modeling.fast_inference). False: detectron2's loop.
     cfg.NUCLEUS.TRAIN.BATCHED_PROPOSALS = True
+    # The backbone's forward and backward replayed as CUDA graphs (nucleus_seg.modeling.cuda_graphs): one launch
+    # each instead of ~1,500 kernels from Python, for the one input shape training crops have. GPU only; not
+    # with NUCLEUS.TRAIN.COMPILE.
+    cfg.NUCLEUS.TRAIN.CUDA_GRAPHS = False
     # Exponential moving average of the weights (0 = off), put into the model at the last step, so
     # model_final.pth and the final evaluation use it (engine.hooks.WeightAverage). Off: on the CPU demo, whose
     # LR drops for its last 15%, 0.99-0.998 scored below the raw weights (benchmarks/README.md).

@@ -42,6 +42,27 @@ def dsb_sample() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
+def real_training_batch(dsb_sample) -> list[dict]:
+    """Two 128 px crops of the real sample with their nuclei, as detectron2's training inputs (uint8 CHW images,
+    bitmask instances)."""
+    import torch
+    from detectron2.structures import BitMasks, Instances
+
+    image, label = dsb_sample
+    batch = []
+    for y, x in ((0, 0), (200, 300)):
+        crop, lab = image[y:y + 128, x:x + 128].astype("float32"), label[y:y + 128, x:x + 128]
+        ids = torch.tensor(sorted(i for i in set(lab.ravel().tolist()) if i))
+        instances = Instances((128, 128))
+        instances.gt_masks = BitMasks(torch.from_numpy(lab)[None] == ids[:, None, None])
+        instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        instances.gt_classes = torch.zeros(len(ids), dtype=torch.int64)
+        pixels = torch.from_numpy((crop / crop.max() * 255).astype("uint8")).expand(3, -1, -1).clone()
+        batch.append({"image": pixels, "instances": instances, "height": 128, "width": 128})
+    return batch
+
+
+@pytest.fixture
 def tiny_cfg(tmp_path):
     """The CPU demo config made smaller still: real R101-FPN weights shapes, few proposals, 128 px crops."""
     from nucleus_seg.config import get_nucleus_cfg

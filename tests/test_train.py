@@ -355,26 +355,13 @@ def test_a_rank_dying_after_training_finished_is_not_a_failed_run(tiny_cfg, tmp_
         main(["--config-file", yaml, "--procs-per-gpu", "2", "--overwrite"])
 
 
-def test_batched_proposals_change_how_training_computes_proposals_not_what(tiny_cfg, dsb_sample):
+def test_batched_proposals_change_how_training_computes_proposals_not_what(tiny_cfg, real_training_batch):
     """NUCLEUS.TRAIN.BATCHED_PROPOSALS (all images' RPN proposals at once, default) against detectron2's loop:
     one training step of the real model on real nuclei gives the same losses, to the bit."""
-    from detectron2.structures import BitMasks, Instances
     from detectron2.utils.events import EventStorage
 
     from nucleus_seg.modeling.fast_inference import _fast_predict_proposals
 
-    image, label = dsb_sample
-    batch = []
-    for y, x in ((0, 0), (200, 300)):
-        crop, lab = image[y:y + 128, x:x + 128].astype("float32"), label[y:y + 128, x:x + 128]
-        pixels = torch.from_numpy((crop / crop.max() * 255).astype("uint8"))
-        ids = [i for i in sorted(set(lab.ravel().tolist())) if i]
-        instances = Instances((128, 128))
-        instances.gt_masks = BitMasks(torch.from_numpy(lab[None] == torch.tensor(ids)[:, None, None].numpy()))
-        instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
-        instances.gt_classes = torch.zeros(len(ids), dtype=torch.int64)
-        batch.append({"image": pixels.expand(3, -1, -1).clone(), "instances": instances, "height": 128,
-                      "width": 128})
     losses = {}
     for batched in (False, True):
         cfg = tiny_cfg.clone()
@@ -386,6 +373,6 @@ def test_batched_proposals_change_how_training_computes_proposals_not_what(tiny_
         assert fast == batched
         torch.manual_seed(1)
         with EventStorage():
-            losses[batched] = {k: v.item() for k, v in model(batch).items()}
+            losses[batched] = {k: v.item() for k, v in model(real_training_batch).items()}
     assert losses[True] == losses[False]
     assert losses[True]["loss_rpn_cls"] > 0 and losses[True]["loss_mask"] > 0

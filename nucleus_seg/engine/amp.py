@@ -32,7 +32,9 @@ class QueuedAMPTrainer(AMPTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        with torch.autocast(self.device_type, dtype=self.precision):
+        # no weight cache: CUDA graphs cannot record it (NUCLEUS.TRAIN.CUDA_GRAPHS), and nearly every weight is
+        # cast once per step anyway; the casts themselves, and so every result, are the same
+        with torch.autocast(self.device_type, dtype=self.precision, cache_enabled=False):
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}

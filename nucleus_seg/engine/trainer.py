@@ -22,6 +22,7 @@ from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
 from ..modeling.compile import compile_backbone
+from ..modeling.cuda_graphs import graph_backbone_in_training
 from ..modeling.fast_inference import batch_rpn_proposals
 from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
@@ -175,8 +176,13 @@ class NucleusTrainer(DefaultTrainer):
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
         set_mask_loss_weight(model, cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT)
+        if cfg.NUCLEUS.TRAIN.COMPILE and cfg.NUCLEUS.TRAIN.CUDA_GRAPHS:
+            raise ValueError("NUCLEUS.TRAIN.COMPILE and NUCLEUS.TRAIN.CUDA_GRAPHS both speed up the backbone: "
+                             "turn one of them off")
         if cfg.NUCLEUS.TRAIN.COMPILE:
             compile_backbone(model)
+        if cfg.NUCLEUS.TRAIN.CUDA_GRAPHS:
+            graph_backbone_in_training(model)
         return model
 
     @classmethod

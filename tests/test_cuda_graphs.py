@@ -1,0 +1,75 @@
+"""NUCLEUS.TRAIN.CUDA_GRAPHS: the backbone replayed as CUDA graphs in training gives the eager backbone's
+losses and gradients; everything but a CUDA training step runs the eager backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nucleus_seg.engine.trainer import NucleusTrainer
+from nucleus_seg.modeling.cuda_graphs import graph_backbone_in_training, is_graphed
+
+
+def test_graphs_stay_out_of_cpu_and_no_grad_calls(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    torch.manual_seed(0)
+    model = NucleusTrainer.build_model(cfg)
+    eager = model.backbone.forward
+    graph_backbone_in_training(model)
+    assert is_graphed(model)
+    x = torch.rand(2, 3, 64, 64)
+    model.train()
+    got, want = model.backbone(x), eager(x)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert model.backbone._nucleus_graphs == {}  # the CPU ran the eager backbone
+
+
+def test_compile_and_graphs_together_are_refused(tiny_cfg):
+    cfg = tiny_cfg.clone()
+    cfg.NUCLEUS.TRAIN.COMPILE = True
+    cfg.NUCLEUS.TRAIN.CUDA_GRAPHS = True
+    with pytest.raises(ValueError, match="turn one of them off"):
+        NucleusTrainer.build_model(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_backbone_trains_as_the_eager_one(tiny_cfg, real_training_batch, monkeypatch):
+    """Three SGD steps of the real model on real nuclei, bfloat16 autocast without its weight cache (as
+    QueuedAMPTrainer runs): the same losses and backbone gradients with and without the graphs, and the
+    graphs follow the weights the optimizer changes."""
+    from detectron2.utils.events import EventStorage
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # same gradients run to run
+    batch = real_training_batch
+    runs = {}
+    for graphed in (False, True):
+        cfg = tiny_cfg.clone()
+        cfg.MODEL.DEVICE = "cuda"
+        cfg.NUCLEUS.TRAIN.CUDA_GRAPHS = graphed
+        torch.manual_seed(0)
+        model = NucleusTrainer.build_model(cfg)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        losses, grads = [], []
+        with EventStorage():
+            for step in range(3):
+                torch.manual_seed(step)
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    loss_dict = model(batch)
+                optimizer.zero_grad()
+                sum(loss_dict.values()).backward()
+                losses.append({k: v.item() for k, v in loss_dict.items()})
+                grads.append([p.grad.detach().clone() for p in model.backbone.parameters() if p.grad is not None])
+                optimizer.step()
+        assert is_graphed(model) == graphed and (not graphed or len(model.backbone._nucleus_graphs) == 1)
+        runs[graphed] = losses, grads
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = runs[False], runs[True]
+    for a, b in zip(eager_losses, graph_losses):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-2, abs=1e-3), k
+    for a, b in zip(eager_grads, graph_grads):
+        assert len(a) == len(b) > 100
+        cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten().float() for g in a]),
+                                                    torch.cat([g.flatten().float() for g in b]), dim=0)
+        assert cos > 0.999
