@@ -118,6 +118,19 @@ def set_mask_loss_weight(model: torch.nn.Module, weight: float) -> None:
         head.requires_grad_(False)
 
 
+def capture_backbone_graphs(cfg: CfgNode, model: torch.nn.Module, world: int) -> None:
+    """NUCLEUS.TRAIN.CUDA_GRAPHS: the backbone's graphs for this process's training batches (its share of
+    SOLVER.IMS_PER_BATCH, square crops of INPUT.NUCLEUS.CROP_SIZE padded as ImageList pads them), captured
+    before DDP wraps the model."""
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("NUCLEUS.TRAIN.CUDA_GRAPHS: CUDA graphs need a GPU; the backbone runs eagerly here")
+        return
+    divisor = max(1, int(model.backbone.size_divisibility))
+    side = -(-int(cfg.INPUT.NUCLEUS.CROP_SIZE) // divisor) * divisor
+    shape = (cfg.SOLVER.IMS_PER_BATCH // world, len(cfg.MODEL.PIXEL_MEAN), side, side)
+    graph_backbone_in_training(model, shape, training_amp_dtype(cfg) if cfg.SOLVER.AMP.ENABLED else None)
+
+
 class _UntaggedCheckpointer(NucleusCheckpointer):
     """Saves without moving the ``last_checkpoint`` tag, so model_best never becomes what --resume loads."""
 
@@ -145,6 +158,8 @@ class NucleusTrainer(DefaultTrainer):
                 f"processes (GPUs x --procs-per-gpu x machines): use a multiple of {world}, or "
                 f"SOLVER.REFERENCE_WORLD_SIZE 1 to scale batch and LR with the process count")
         model = self.build_model(cfg)
+        if cfg.NUCLEUS.TRAIN.CUDA_GRAPHS:
+            capture_backbone_graphs(cfg, model, world)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         # this process's device, not detectron2's local rank: with --procs-per-gpu several ranks share one
@@ -181,8 +196,6 @@ class NucleusTrainer(DefaultTrainer):
                              "turn one of them off")
         if cfg.NUCLEUS.TRAIN.COMPILE:
             compile_backbone(model)
-        if cfg.NUCLEUS.TRAIN.CUDA_GRAPHS:
-            graph_backbone_in_training(model)
         return model
 
     @classmethod

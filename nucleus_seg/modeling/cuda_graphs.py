@@ -6,8 +6,8 @@ engine) as fast as the GPU ran them. Training crops are all one size (``INPUT.NU
 backbone sees one input shape; :func:`torch.cuda.make_graphed_callables` records its forward and its backward
 once and replays each as one launch, with the same parameters, the same arithmetic and the same gradients.
 
-Anything else runs the eager backbone: evaluation and other no-grad calls, another input shape, the CPU.
-Captured at the first training step of each shape (a few seconds), at most ``MAX_SHAPES`` shapes.
+Captured once when the trainer is built (a few seconds), for the batch shape training crops give; anything else
+runs the eager backbone: evaluation and other no-grad calls, another shape (with a warning), the CPU.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_SHAPES", "graph_backbone_in_training", "is_graphed"]
+__all__ = ["graph_backbone_in_training", "is_graphed"]
 
 logger = logging.getLogger(__name__)
-
-MAX_SHAPES = 2  # each shape holds its own activations for the backward pass
 
 
 class _Features(torch.nn.Module):
@@ -37,49 +35,48 @@ class _Features(torch.nn.Module):
         return tuple(features[name] for name in self.names)
 
 
-def _autocast_key() -> tuple:
-    """What of autocast a graph bakes in (its casts are recorded with it)."""
-    if not torch.is_autocast_enabled("cuda"):
-        return (None,)
-    return (torch.get_autocast_dtype("cuda"),)
+def graph_backbone_in_training(model: torch.nn.Module, batch_shape: tuple[int, ...],
+                               autocast_dtype: torch.dtype | None) -> None:
+    """Record ``model.backbone``'s forward and backward for training batches of ``batch_shape`` now, and make its
+    ``forward`` replay them for such batches in training (on this model instance).
 
-
-def graph_backbone_in_training(model: torch.nn.Module) -> None:
-    """Replace, on this model instance, ``model.backbone.forward`` by one that replays CUDA graphs in training.
-
-    The training step must run autocast with ``cache_enabled=False`` (graphs cannot record autocast's weight
-    cache); :class:`~nucleus_seg.engine.amp.QueuedAMPTrainer` does. Parameters are updated in place by the
-    optimizer and by checkpoint loading, so the graphs always read the current weights.
+    Called before DistributedDataParallel wraps the model: a capture inside DDP's forward fails (its gradient
+    hooks). The training step must run autocast at ``autocast_dtype`` (None: no autocast) without its weight
+    cache, as :class:`~nucleus_seg.engine.amp.QueuedAMPTrainer` does. Parameters are changed in place (by the
+    optimizer, checkpoint loading, weight averaging), so the graphs always read the current weights.
     """
     if is_graphed(model):
         return
     backbone = model.backbone
     eager = backbone.forward
-    graphs: dict[tuple, Callable] = {}
+    names = list(backbone.output_shape())
+    device = next(backbone.parameters()).device
+    sample = torch.zeros(batch_shape, device=device)
+    was_training = backbone.training
+    backbone.train()
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None,
+                        cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(_Features(backbone, eager, names), (sample,))
+    backbone.train(was_training)
+    key = (tuple(batch_shape), autocast_dtype)
+    logger.info("backbone forward and backward captured as CUDA graphs for training batches of %s",
+                tuple(batch_shape))
+    warned = []
 
     def forward(images: torch.Tensor):
         if not (backbone.training and torch.is_grad_enabled() and images.is_cuda):
             return eager(images)
-        key = (tuple(images.shape), images.dtype, images.device, *_autocast_key())
-        graphed = graphs.get(key)
-        if graphed is None:
-            if len(graphs) >= MAX_SHAPES:
-                return eager(images)
-            names = list(backbone.output_shape())
-            graphed = torch.cuda.make_graphed_callables(_Features(backbone, eager, names), (images.detach().clone(),))
-            graphs[key] = graphed = _named(graphed, names)
-            logger.info("backbone captured as CUDA graphs for training input %s", tuple(images.shape))
-        return graphed(images)
-
-    backbone.forward = forward
-    backbone._nucleus_graphs = graphs
-
-
-def _named(graphed: torch.nn.Module, names: list[str]) -> Callable:
-    def call(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        now = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        if (tuple(images.shape), now) != key or images.dtype != sample.dtype:
+            if not warned:
+                warned.append(True)
+                logger.warning("training batch %s (autocast %s) is not the one captured as CUDA graphs, %s (%s): "
+                               "such batches run the eager backbone", tuple(images.shape), now, key[0], key[1])
+            return eager(images)
         return dict(zip(names, graphed(images)))
 
-    return call
+    backbone.forward = forward
+    backbone._nucleus_graphs = key
 
 
 def is_graphed(model: torch.nn.Module) -> bool:
