@@ -233,9 +233,13 @@ def main() -> None:
     for (procs, batch, extra), name in variants:
         # the same number of images in every variant
         iters = max(args.warmup + 10, args.iters * args.batch // (procs * batch))
-        ours[name] = _child(args, "ours", 1, iters, args.warmup * args.batch // (procs * batch),
-                            args.out_dir if name == f"1x{args.batch}" else os.path.join(args.out_dir, name),
-                            procs_per_gpu=procs, batch=batch, extra_opts=extra)
+        try:
+            ours[name] = _child(args, "ours", 1, iters, args.warmup * args.batch // (procs * batch),
+                                args.out_dir if name == f"1x{args.batch}" else os.path.join(args.out_dir, name),
+                                procs_per_gpu=procs, batch=batch, extra_opts=extra)
+        except subprocess.CalledProcessError as exc:  # one failed variant must not lose the others' figures
+            print(f"variant {name} failed (exit {exc.returncode}); the others go on", file=sys.stderr)
+            ours[name] = {"failed": f"exit {exc.returncode}", "img_per_s": 0.0}
     best = max(ours, key=lambda k: ours[k]["img_per_s"])
     same = ours.get(f"1x{args.batch}")
     result = {
