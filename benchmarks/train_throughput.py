@@ -152,6 +152,7 @@ VARIANT_FLAGS = {
     "compile": ["NUCLEUS.TRAIN.COMPILE", "True"],
     "d2rpn": ["NUCLEUS.TRAIN.BATCHED_PROPOSALS", "False"],  # detectron2's per-image proposals
     "graphs": ["NUCLEUS.TRAIN.CUDA_GRAPHS", "True"],
+    "d2labels": ["NUCLEUS.TRAIN.BATCHED_ANCHOR_LABELS", "False"],  # detectron2's per-image anchor labels
     "fp16": ["NUCLEUS.TRAIN.AMP_DTYPE", "float16"],
     "d2aug": ["INPUT.NUCLEUS.SCALE_RANGE", "(1.0, 1.0)", "INPUT.NUCLEUS.ROT90", "False",
               "INPUT.NUCLEUS.BRIGHTNESS", "0.0", "INPUT.NUCLEUS.CONTRAST", "0.0", "INPUT.NUCLEUS.GAMMA", "(1.0, 1.0)",

@@ -27,6 +27,7 @@ from ..modeling.fast_inference import batch_rpn_proposals
 from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 from ..modeling.roi_align import use_nucleus_roi_align
+from ..modeling.rpn_labels import batch_anchor_labels
 from ..utils.env import usable_device
 from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
@@ -188,6 +189,8 @@ class NucleusTrainer(DefaultTrainer):
         use_nucleus_roi_align(model)  # float32 boxes under autocast; the sparse backward on the CPU
         if cfg.NUCLEUS.TRAIN.BATCHED_PROPOSALS:
             batch_rpn_proposals(model)
+        if cfg.NUCLEUS.TRAIN.BATCHED_ANCHOR_LABELS:
+            batch_anchor_labels(model)
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
         set_mask_loss_weight(model, cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT)

@@ -55,9 +55,9 @@ def _drop_ignored_background(proposals: list[Instances], ignored: list[Boxes], n
     return out
 
 
-def _rpn_label_and_sample_anchors(self, anchors: list[Boxes], gt_instances: list[Instances]):
+def _rpn_label_and_sample_anchors(self, anchors: list[Boxes], gt_instances: list[Instances], inner):
     real, ignored = split_ignored(gt_instances)
-    gt_labels, matched_boxes = type(self).label_and_sample_anchors(self, anchors, real)
+    gt_labels, matched_boxes = inner(anchors, real)
     if any(len(b) for b in ignored):
         all_anchors = Boxes.cat(anchors)
         for labels, boxes in zip(gt_labels, ignored):
@@ -82,7 +82,12 @@ def ignore_regions_in_losses(model: torch.nn.Module) -> torch.nn.Module:
     """Make this model's RPN and ROI heads treat class -1 targets as ignore regions (see the module text)."""
     rpn = getattr(model, "proposal_generator", None)
     if rpn is not None and hasattr(rpn, "label_and_sample_anchors"):
-        rpn.label_and_sample_anchors = types.MethodType(_rpn_label_and_sample_anchors, rpn)
+        inner = rpn.label_and_sample_anchors  # detectron2's, or the batched one installed before
+
+        def label_and_sample_anchors(anchors: list[Boxes], gt_instances: list[Instances]):
+            return _rpn_label_and_sample_anchors(rpn, anchors, gt_instances, inner)
+
+        rpn.label_and_sample_anchors = label_and_sample_anchors
     heads = getattr(model, "roi_heads", None)
     if heads is not None:
         heads.label_and_sample_proposals = types.MethodType(_label_and_sample_proposals, heads)
