@@ -149,9 +149,10 @@ def _child(args, side: str, num_gpus: int, iters: int, warmup: int, out_dir: str
 # a variant's flags, as config overrides of our side. fp16 + d2aug make the loss comparable with vanilla's:
 # its AMP precision, and its data (whole 512 px images, flips, no scale jitter, no photometric changes)
 VARIANT_FLAGS = {
-    "compile": ["NUCLEUS.TRAIN.COMPILE", "True"],
+    "compile": ["NUCLEUS.TRAIN.COMPILE", "True"],  # CUDA graphs give way to it
     "d2rpn": ["NUCLEUS.TRAIN.BATCHED_PROPOSALS", "False"],  # detectron2's per-image proposals
-    "graphs": ["NUCLEUS.TRAIN.CUDA_GRAPHS", "True"],
+    "graphs": ["NUCLEUS.TRAIN.CUDA_GRAPHS", "True"],  # the default since session 25
+    "eager": ["NUCLEUS.TRAIN.CUDA_GRAPHS", "False"],
     "d2labels": ["NUCLEUS.TRAIN.BATCHED_ANCHOR_LABELS", "False"],  # detectron2's per-image anchor labels
     "fp16": ["NUCLEUS.TRAIN.AMP_DTYPE", "float16"],
     "d2aug": ["INPUT.NUCLEUS.SCALE_RANGE", "(1.0, 1.0)", "INPUT.NUCLEUS.ROT90", "False",

@@ -3,6 +3,8 @@ losses and gradients; everything but a CUDA training step runs the eager backbon
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -20,12 +22,15 @@ def test_cpu_training_keeps_the_eager_backbone(tiny_cfg):
     assert not is_graphed(model) and model.backbone.forward == eager
 
 
-def test_compile_and_graphs_together_are_refused(tiny_cfg):
+def test_a_compiled_backbone_is_not_captured(tiny_cfg, caplog):
+    """NUCLEUS.TRAIN.COMPILE asked for explicitly wins over the graphs' default, and says so."""
     cfg = tiny_cfg.clone()
     cfg.NUCLEUS.TRAIN.COMPILE = True
-    cfg.NUCLEUS.TRAIN.CUDA_GRAPHS = True
-    with pytest.raises(ValueError, match="turn one of them off"):
-        NucleusTrainer.build_model(cfg)
+    model = NucleusTrainer.build_model(cfg)
+    with caplog.at_level(logging.INFO, logger="nucleus_seg"):
+        capture_backbone_graphs(cfg, model, world=1)
+    assert not is_graphed(model)
+    assert any("is compiled" in r.message for r in caplog.records)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

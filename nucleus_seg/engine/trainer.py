@@ -21,7 +21,7 @@ from ..data.catalog import dataset_dirname, register_datasets_from_cfg
 from ..data.mapper import NucleusDatasetMapper
 from ..evaluation.evaluator import NucleusEvaluator
 from ..evaluation.runner import evaluate_datasets
-from ..modeling.compile import compile_backbone
+from ..modeling.compile import compile_backbone, is_compiled
 from ..modeling.cuda_graphs import graph_backbone_in_training
 from ..modeling.fast_inference import batch_rpn_proposals
 from ..modeling.ignore import ignore_regions_in_losses
@@ -123,6 +123,9 @@ def capture_backbone_graphs(cfg: CfgNode, model: torch.nn.Module, world: int) ->
     """NUCLEUS.TRAIN.CUDA_GRAPHS: the backbone's graphs for this process's training batches (its share of
     SOLVER.IMS_PER_BATCH, square crops of INPUT.NUCLEUS.CROP_SIZE padded as ImageList pads them), captured
     before DDP wraps the model."""
+    if is_compiled(model):
+        logger.info("NUCLEUS.TRAIN.CUDA_GRAPHS: the backbone is compiled (NUCLEUS.TRAIN.COMPILE), not captured")
+        return
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("NUCLEUS.TRAIN.CUDA_GRAPHS: CUDA graphs need a GPU; the backbone runs eagerly here")
         return
@@ -194,9 +197,6 @@ class NucleusTrainer(DefaultTrainer):
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
         set_mask_loss_weight(model, cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT)
-        if cfg.NUCLEUS.TRAIN.COMPILE and cfg.NUCLEUS.TRAIN.CUDA_GRAPHS:
-            raise ValueError("NUCLEUS.TRAIN.COMPILE and NUCLEUS.TRAIN.CUDA_GRAPHS both speed up the backbone: "
-                             "turn one of them off")
         if cfg.NUCLEUS.TRAIN.COMPILE:
             compile_backbone(model)
         return model
