@@ -37,16 +37,21 @@ def _cfg(args, output_dir: str, dataset: str):
     cfg.DATASETS.TRAIN = (dataset,)
     cfg.DATASETS.TEST = ()
     world = args.num_gpus * args.procs_per_gpu
-    # per-process batch fixed; batch and LR x world, iterations, warm-up and LR steps / world (counted in images)
-    # by detectron2's own rule, as nucleus-train scales with SOLVER.REFERENCE_WORLD_SIZE. With the warm-up left
-    # in iterations, 3 processes warmed up over 3x the images and their loss after the same images came out 7-8%
-    # above vanilla's (2026-12-02)
-    cfg.SOLVER.IMS_PER_BATCH = args.batch
-    cfg.SOLVER.MAX_ITER = args.iters * world
+    # batch and LR x (images per step / the config's batch), iterations, warm-up and LR steps / the same factor
+    # (counted in images), by detectron2's own rule, as nucleus-train scales with SOLVER.REFERENCE_WORLD_SIZE: for
+    # more processes and for more images per process alike. With the warm-up left in iterations, 3 processes
+    # warmed up over 3x the images and their loss after the same images came out 7-8% above vanilla's (2026-12-02)
+    reference = cfg.SOLVER.IMS_PER_BATCH
+    if (args.batch * world) % reference:
+        raise SystemExit(f"--batch {args.batch} x {world} processes is not a multiple of the config's "
+                         f"SOLVER.IMS_PER_BATCH {reference}")
+    scale = args.batch * world // reference
+    cfg.SOLVER.MAX_ITER = args.iters * scale
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.TEST.EVAL_PERIOD = 0
     cfg.SOLVER.REFERENCE_WORLD_SIZE = 1
-    cfg = DefaultTrainer.auto_scale_workers(cfg, world)
+    cfg = DefaultTrainer.auto_scale_workers(cfg, scale)
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = world  # scaled already: the trainer's own auto scaling leaves it as it is
     cfg.OUTPUT_DIR = output_dir
     cfg.SEED = 42
     return cfg

@@ -165,6 +165,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # torch.compile the backbone for inference (see NUCLEUS.TRAIN.COMPILE): the first batch of each new input
     # size waits for the compilation; worth it over hundreds of same-sized images on a GPU.
     cfg.NUCLEUS.PREDICT.COMPILE = False
+    # The backbone replayed as CUDA graphs at inference (nucleus_seg.modeling.cuda_graphs), captured the second time
+    # an input shape is seen: the same detections from one launch instead of ~700. GPU only; no gain where the
+    # GPU is the limit (whole 512 px images at batch 32-64 on an H200), so off until measured on tiled runs.
+    cfg.NUCLEUS.PREDICT.CUDA_GRAPHS = False
     # Tiled nucleus-predict: batches of tiles in flight at once, each forward on its own thread and CUDA stream,
     # so one batch's host work (detectron2's Python and syncs) overlaps another's kernels; outputs are the same
     # (byte-identical files on an H200). 0: 2 on a GPU (8.85 vs 7.86 img/s with 1 on 256 TIFFs of 1024 px, one

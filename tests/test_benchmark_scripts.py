@@ -118,20 +118,28 @@ def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing()
         infer_throughput.parse_variant("32cl")
 
 
-def test_several_training_processes_follow_the_linear_scaling_rule_in_images():
-    """3 processes x 8 images: batch and LR x3, and warm-up and LR steps a third as many iterations (the same
-    images), as nucleus-train's auto scaling does; one process keeps the config's schedule."""
+@pytest.mark.parametrize("procs,batch", [(1, 8), (3, 8), (1, 16), (2, 16)])
+def test_more_images_per_step_follow_the_linear_scaling_rule_in_images(procs, batch):
+    """3 processes x 8 images or 1 x 16: batch and LR x3 or x2, warm-up and LR steps a third or half as many
+    iterations (the same images), as nucleus-train's auto scaling does; 1 x 8 keeps the config's schedule. The
+    trainer's own auto scaling then changes nothing."""
     import argparse
 
+    from detectron2.engine import DefaultTrainer
+
     base = get_nucleus_cfg("configs/nucleus_R101_FPN_scratch.yaml")
-    for procs in (1, 3):
-        args = argparse.Namespace(config_file="configs/nucleus_R101_FPN_scratch.yaml", opts=[], num_gpus=1,
-                                  procs_per_gpu=procs, batch=8, iters=40)
-        solver = train_throughput._cfg(args, "/tmp/unused", "some_dataset").SOLVER
-        batch, lr, warmup, steps = solver.IMS_PER_BATCH, solver.BASE_LR, solver.WARMUP_ITERS, solver.STEPS
-        assert batch == 8 * procs and lr == pytest.approx(base.SOLVER.BASE_LR * procs)
-        assert warmup == round(base.SOLVER.WARMUP_ITERS / procs)
-        assert steps == tuple(round(s / procs) for s in base.SOLVER.STEPS)
+    scale = procs * batch // base.SOLVER.IMS_PER_BATCH
+    args = argparse.Namespace(config_file="configs/nucleus_R101_FPN_scratch.yaml", opts=[], num_gpus=1,
+                              procs_per_gpu=procs, batch=batch, iters=40)
+    cfg = train_throughput._cfg(args, "/tmp/unused", "some_dataset")
+    solver = cfg.SOLVER
+    images, lr, warmup, steps = solver.IMS_PER_BATCH, solver.BASE_LR, solver.WARMUP_ITERS, solver.STEPS
+    assert images == batch * procs and lr == pytest.approx(base.SOLVER.BASE_LR * scale)
+    assert warmup == round(base.SOLVER.WARMUP_ITERS / scale) and solver.MAX_ITER == 40
+    assert steps == tuple(round(s / scale) for s in base.SOLVER.STEPS)
+    rescaled = DefaultTrainer.auto_scale_workers(cfg, procs).SOLVER  # what the trainer does next: nothing
+    again = rescaled.IMS_PER_BATCH, rescaled.BASE_LR
+    assert again == (images, lr)
 
 
 def test_adapt_suite_summary_applies_the_bars_and_subtracts_the_control_arms():

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..config import check_predict_settings, predict_batch_size, predict_streams
 from ..data.io import check_image_shape, normalize_from_cfg
 from ..modeling.compile import compile_backbone
+from ..modeling.cuda_graphs import graph_backbone_at_inference
 from ..modeling.fast_inference import final_box_predictor, speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
@@ -225,6 +226,8 @@ class NucleusPredictor:
             self.model.to(memory_format=torch.channels_last)
         if pred.COMPILE and model is None:  # a model passed in keeps what its trainer chose
             compile_backbone(self.model)
+        elif pred.CUDA_GRAPHS and model is None and self.device.type == "cuda":
+            graph_backbone_at_inference(self.model)
         if self.cfg.INPUT.MIN_SIZE_TEST:
             self.aug = T.ResizeShortestEdge(
                 [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST
