@@ -310,8 +310,12 @@ def test_both_nms_paths_keep_what_torchvision_keeps(nms_path, groups_per_chunk, 
     assert keep[:4].sum() > 0 and keep[5:].sum(dim=1).min() > 0 and not keep[~valid].any()
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("levels", [(150, 60, 20), (900, 700, 300)])  # torchvision's offset trick / per level
-def test_batched_rpn_proposals_equal_detectron2s(levels, nms_path):
+def test_batched_rpn_proposals_equal_detectron2s(levels, training, nms_path):
+    """At inference and in training (NUCLEUS.TRAIN.BATCHED_PROPOSALS, with the training counts): detectron2's
+    proposals. A non-finite box is dropped at inference, as there; in training it is detectron2's divergence
+    error, not a silently dropped box."""
     from types import SimpleNamespace
 
     from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
@@ -320,43 +324,24 @@ def test_batched_rpn_proposals_equal_detectron2s(levels, nms_path):
 
     sizes = [(100, 110), (90, 120), (100, 110)]
     boxes, logits = random_proposals(sizes, levels, seed=len(levels) + levels[0])
-    rpn = SimpleNamespace(training=False, _decode_proposals=lambda anchors, deltas: boxes,
-                          pre_nms_topk={False: 500}, post_nms_topk={False: 300}, min_box_size=0.0, nms_thresh=0.7)
+    if training:
+        boxes[0][0, 3, 1] = 5.0  # finite: a NaN stops training (below)
+    pre, post = (700, 400) if training else (500, 300)
+    rpn = SimpleNamespace(training=training, _decode_proposals=lambda anchors, deltas: boxes, min_box_size=0.0,
+                          pre_nms_topk={training: pre, not training: 50},
+                          post_nms_topk={training: post, not training: 10}, nms_thresh=0.7)
     ours = _fast_predict_proposals(rpn, None, logits, None, sizes)
-    ref = find_top_rpn_proposals(boxes, logits, sizes, 0.7, 500, 300, 0.0, False)
-    for a, b in zip(ours, ref):
-        assert a.image_size == b.image_size and len(a) == len(b) > 0
-        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
-        assert torch.equal(a.objectness_logits, b.objectness_logits)
-
-
-@pytest.mark.parametrize("levels", [(150, 60, 20), (900, 700, 300)])
-def test_batched_rpn_proposals_in_training_equal_detectron2s(levels, nms_path):
-    """nucleus-train's proposals (NUCLEUS.TRAIN.BATCHED_PROPOSALS): the training counts, detectron2's result;
-    a non-finite box is detectron2's divergence error, not a silently dropped box."""
-    from types import SimpleNamespace
-
-    from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
-
-    from nucleus_seg.modeling.fast_inference import _fast_predict_proposals
-
-    sizes = [(100, 110), (90, 120), (100, 110)]
-    boxes, logits = random_proposals(sizes, levels, seed=len(levels) + levels[0])
-    boxes[0][0, 3, 1] = 5.0
-    rpn = SimpleNamespace(training=True, _decode_proposals=lambda anchors, deltas: boxes,
-                          pre_nms_topk={True: 700, False: 50}, post_nms_topk={True: 400, False: 10},
-                          min_box_size=0.0, nms_thresh=0.7)
-    ours = _fast_predict_proposals(rpn, None, logits, None, sizes)
-    ref = find_top_rpn_proposals(boxes, logits, sizes, 0.7, 700, 400, 0.0, True)
+    ref = find_top_rpn_proposals(boxes, logits, sizes, 0.7, pre, post, 0.0, training)
     for a, b in zip(ours, ref):
         assert a.image_size == b.image_size and len(a) == len(b) > 10
         assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
         assert torch.equal(a.objectness_logits, b.objectness_logits)
-    logits[1][2, 7] = float("inf")
-    with pytest.raises(FloatingPointError, match="Training has diverged"):
-        find_top_rpn_proposals(boxes, logits, sizes, 0.7, 700, 400, 0.0, True)
-    with pytest.raises(FloatingPointError, match="Training has diverged"):
-        _fast_predict_proposals(rpn, None, logits, None, sizes)
+    if training:
+        logits[1][2, 7] = float("inf")
+        with pytest.raises(FloatingPointError, match="Training has diverged"):
+            find_top_rpn_proposals(boxes, logits, sizes, 0.7, pre, post, 0.0, True)
+        with pytest.raises(FloatingPointError, match="Training has diverged"):
+            _fast_predict_proposals(rpn, None, logits, None, sizes)
 
 
 @pytest.mark.parametrize("count,topk", [(300, 50), (1200, -1)])  # offset trick / per-class path on CPU
