@@ -159,6 +159,7 @@ VARIANT_FLAGS = {
     "graphs": ["NUCLEUS.TRAIN.CUDA_GRAPHS", "True"],  # the default since session 25
     "eager": ["NUCLEUS.TRAIN.CUDA_GRAPHS", "False"],
     "d2labels": ["NUCLEUS.TRAIN.BATCHED_ANCHOR_LABELS", "False"],  # detectron2's per-image anchor labels
+    "d2sampling": ["NUCLEUS.TRAIN.BATCHED_ROI_SAMPLING", "False"],  # and ROI sampling
     "fp16": ["NUCLEUS.TRAIN.AMP_DTYPE", "float16"],
     "d2aug": ["INPUT.NUCLEUS.SCALE_RANGE", "(1.0, 1.0)", "INPUT.NUCLEUS.ROT90", "False",
               "INPUT.NUCLEUS.BRIGHTNESS", "0.0", "INPUT.NUCLEUS.CONTRAST", "0.0", "INPUT.NUCLEUS.GAMMA", "(1.0, 1.0)",

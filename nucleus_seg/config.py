@@ -103,9 +103,12 @@ def add_nucleus_config(cfg: CN) -> None:
     # The RPN's proposals of all images at once, their NMS in parallel on a GPU (the same proposals as
     # detectron2's per-image loop: nucleus_seg.modeling.fast_inference). False: detectron2's loop.
     cfg.NUCLEUS.TRAIN.BATCHED_PROPOSALS = True
-    # The RPN's anchor labels of all images at once (nucleus_seg.modeling.rpn_labels): detectron2's labels, its
+    # The RPN's anchor labels of all images at once (nucleus_seg.modeling.training_targets): detectron2's labels, its
     # sample sizes, subsets drawn from the same distribution without a host sync. False: detectron2's loop.
     cfg.NUCLEUS.TRAIN.BATCHED_ANCHOR_LABELS = True
+    # The ROI heads' proposal labels and samples of all images at once (the same module): detectron2's labels,
+    # its sample sizes, subsets drawn from the same distribution, one host sync per step. False: its loop.
+    cfg.NUCLEUS.TRAIN.BATCHED_ROI_SAMPLING = True
     # The backbone's forward and backward replayed as CUDA graphs (nucleus_seg.modeling.cuda_graphs): one launch
     # each instead of ~1,500 kernels from Python, for the one batch shape training crops have (+19-27% img/s on
     # an H200, the same losses). Ignored on the CPU and when NUCLEUS.TRAIN.COMPILE compiles the backbone.

@@ -27,7 +27,7 @@ from ..modeling.fast_inference import batch_rpn_proposals
 from ..modeling.ignore import ignore_regions_in_losses
 from ..modeling.precision import cpu_has_native_bfloat16, training_amp_dtype, use_half_group_norm
 from ..modeling.roi_align import use_nucleus_roi_align
-from ..modeling.rpn_labels import batch_anchor_labels
+from ..modeling.training_targets import batch_anchor_labels, batch_roi_sampling
 from ..utils.env import usable_device
 from ..utils.files import atomic_write
 from .amp import QueuedAMPTrainer
@@ -194,6 +194,8 @@ class NucleusTrainer(DefaultTrainer):
             batch_rpn_proposals(model)
         if cfg.NUCLEUS.TRAIN.BATCHED_ANCHOR_LABELS:
             batch_anchor_labels(model)
+        if cfg.NUCLEUS.TRAIN.BATCHED_ROI_SAMPLING:
+            batch_roi_sampling(model)
         if cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE:
             ignore_regions_in_losses(model)
         set_mask_loss_weight(model, cfg.NUCLEUS.TRAIN.MASK_LOSS_WEIGHT)

@@ -66,9 +66,9 @@ def _rpn_label_and_sample_anchors(self, anchors: list[Boxes], gt_instances: list
     return gt_labels, matched_boxes
 
 
-def _label_and_sample_proposals(self, proposals: list[Instances], targets: list[Instances]):
+def _label_and_sample_proposals(self, proposals: list[Instances], targets: list[Instances], inner):
     real, ignored = split_ignored(targets)
-    sampled = type(self).label_and_sample_proposals(self, proposals, real)
+    sampled = inner(proposals, real)
     return _drop_ignored_background(sampled, ignored, self.num_classes)
 
 
@@ -90,7 +90,12 @@ def ignore_regions_in_losses(model: torch.nn.Module) -> torch.nn.Module:
         rpn.label_and_sample_anchors = label_and_sample_anchors
     heads = getattr(model, "roi_heads", None)
     if heads is not None:
-        heads.label_and_sample_proposals = types.MethodType(_label_and_sample_proposals, heads)
+        sample = heads.label_and_sample_proposals  # detectron2's, or the batched one installed before
+
+        def label_and_sample_proposals(proposals: list[Instances], targets: list[Instances]):
+            return _label_and_sample_proposals(heads, proposals, targets, sample)
+
+        heads.label_and_sample_proposals = label_and_sample_proposals
         if hasattr(heads, "_match_and_label_boxes"):
             heads._match_and_label_boxes = types.MethodType(_cascade_match_and_label_boxes, heads)
     return model
