@@ -30,6 +30,25 @@ def test_cpu_training_keeps_the_eager_backbone(tiny_cfg):
     assert not is_graphed_in_training(model) and model.backbone.forward == eager
 
 
+def test_the_capture_is_for_this_process_share_of_the_batch_and_the_padded_crop(tiny_cfg, monkeypatch):
+    """3 processes sharing SOLVER.IMS_PER_BATCH 12 of 500 px crops: each captures batches of 4 images of 512 px
+    (ImageList pads to the backbone's size divisibility), in the training autocast precision."""
+    from nucleus_seg.engine import trainer
+
+    captured = []
+    monkeypatch.setattr(trainer, "graph_backbone_in_training",
+                        lambda model, shape, dtype: captured.append((shape, dtype)))
+    cfg = tiny_cfg.clone()
+    model = NucleusTrainer.build_model(cfg)
+    cfg.MODEL.DEVICE = "cuda"  # as prepare_cfg leaves it on a GPU machine
+    cfg.SOLVER.IMS_PER_BATCH, cfg.INPUT.NUCLEUS.CROP_SIZE = 12, 500
+    cfg.SOLVER.AMP.ENABLED, cfg.NUCLEUS.TRAIN.AMP_DTYPE = True, "bfloat16"
+    capture_backbone_graphs(cfg, model, world=3)
+    cfg.SOLVER.AMP.ENABLED = False
+    capture_backbone_graphs(cfg, model, world=1)
+    assert captured == [((4, 3, 512, 512), torch.bfloat16), ((12, 3, 512, 512), None)]
+
+
 def test_a_compiled_backbone_is_not_captured(tiny_cfg, caplog):
     """NUCLEUS.TRAIN.COMPILE asked for explicitly wins over the graphs' default, and says so."""
     cfg = tiny_cfg.clone()

@@ -8,7 +8,8 @@ through one greedy NMS at once; the result is the same keep set (same IoU arithm
 :func:`speed_up_inference` installs these (and half-precision GroupNorm) on one model instance: other
 models, and detectron2's ``DefaultPredictor``, are untouched. The RPN's proposals are the same computation
 in training (only the counts differ), so :func:`batch_rpn_proposals` also serves ``nucleus-train``
-(``NUCLEUS.TRAIN.BATCHED_PROPOSALS``); the ROI heads' training branches run detectron2's code.
+(``NUCLEUS.TRAIN.BATCHED_PROPOSALS``); the training targets are :mod:`.training_targets`' and the ROI heads'
+losses detectron2's own.
 """
 
 from __future__ import annotations
