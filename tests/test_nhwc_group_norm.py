@@ -52,6 +52,23 @@ def test_equals_group_norm_in_every_group_and_keeps_channels_last():
     """)
 
 
+def test_statistics_added_up_in_the_normalisation_kernel_are_the_combine_kernels():
+    """FOLD_PARTS: the normalisation kernel adding the parts' sums itself (one launch less) gives, bit for bit,
+    what the combine kernel gives (36 parts here)."""
+    run_interpreted("""
+        import torch
+        import nucleus_seg.modeling.nhwc_group_norm as gn
+        torch.manual_seed(1)
+        x = (torch.randn(2, 128, 33, 17) * 3 + 40).half().to(memory_format=torch.channels_last)
+        weight, bias = torch.randn(128), torch.randn(128)
+        outputs = []
+        for fold in (0, 64):
+            gn.FOLD_PARTS = fold
+            outputs.append(gn.nhwc_group_norm(x, 8, weight, bias, 1e-5, relu=True))
+        assert torch.equal(outputs[0], outputs[1]) and outputs[0].abs().sum() > 0
+    """)
+
+
 def test_only_channels_last_half_tensors_with_power_of_two_groups_take_it():
     run_interpreted("""
         import torch

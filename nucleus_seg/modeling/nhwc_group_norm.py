@@ -29,6 +29,10 @@ TILE_ELEMENTS = 8192  # elements per program (rows of C channels): registers, no
 # 34.2 at 4096/4096, 55.0 with one tile per program (session 23's kernel); PyTorch's NCHW GroupNorm 52.7
 STATS_TILE_ELEMENTS = 2048
 STATS_PROGRAMS = 1024
+# statistics parts per image up to which each normalisation program adds them up itself (the same arithmetic as
+# the combine kernel, so the same result): one launch less per layer, whose host cost idled the GPU (session 24's
+# Cascade profile charged 80 ms per 64 images to these launches); past it the combine kernel runs once per image
+FOLD_PARTS = 16
 
 
 def nhwc_group_norm_usable(x: torch.Tensor, num_groups: int) -> bool:
@@ -82,11 +86,10 @@ def _kernels():
         tl.store(s2_ptr + out, s2)
 
     @triton.jit
-    def combine(x_ptr, s1_ptr, s2_ptr, stats_ptr, hw, parts, eps, C: tl.constexpr, G: tl.constexpr,
-                CHUNK: tl.constexpr):
-        # one program per image: the parts' sums added in a fixed order (the same result every run), then
-        # mean = pivot + S1 / count and variance = S2 / count - (S1 / count)^2
-        n = tl.program_id(0).to(tl.int64)
+    def group_stats(x_ptr, s1_ptr, s2_ptr, n, hw, parts, eps, C: tl.constexpr, G: tl.constexpr,
+                    CHUNK: tl.constexpr):
+        # image n's groups: the parts' sums added in a fixed order (the same result every run and in every
+        # program), then mean = pivot + S1 / count and variance = S2 / count - (S1 / count)^2
         g = tl.arange(0, G)
         s1 = tl.zeros((G,), tl.float32)
         s2 = tl.zeros((G,), tl.float32)
@@ -100,19 +103,38 @@ def _kernels():
         shift = s1 / count
         pivot = tl.load(x_ptr + n * hw * C + g * (C // G)).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - shift * shift, 0.0) + eps)
-        tl.store(stats_ptr + n * 2 * G + g, pivot + shift)
+        return pivot + shift, rstd
+
+    # Triton looks a kernel's callees up among its module's globals, not in this function's closure
+    globals()["group_stats"] = group_stats
+
+    @triton.jit
+    def combine(x_ptr, s1_ptr, s2_ptr, stats_ptr, hw, parts, eps, C: tl.constexpr, G: tl.constexpr,
+                CHUNK: tl.constexpr):
+        # one program per image: its groups' mean and rstd, for the normalisation kernel to read
+        n = tl.program_id(0).to(tl.int64)
+        g = tl.arange(0, G)
+        mean, rstd = group_stats(x_ptr, s1_ptr, s2_ptr, n, hw, parts, eps, C, G, CHUNK)
+        tl.store(stats_ptr + n * 2 * G + g, mean)
         tl.store(stats_ptr + n * 2 * G + G + g, rstd)
 
     @triton.jit
-    def apply(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, hw, C: tl.constexpr, G: tl.constexpr, BLOCK_HW: tl.constexpr,
-              RELU: tl.constexpr):
-        # one program per (image, block of pixels): y = (x - mean) * rstd * w + b, in fp32, stored in y's dtype
+    def apply(x_ptr, y_ptr, stats_ptr, s1_ptr, s2_ptr, w_ptr, b_ptr, hw, parts, eps, C: tl.constexpr,
+              G: tl.constexpr, BLOCK_HW: tl.constexpr, RELU: tl.constexpr, FOLDED: tl.constexpr,
+              CHUNK: tl.constexpr):
+        # one program per (image, block of pixels): y = (x - mean) * rstd * w + b, in fp32, stored in y's dtype;
+        # FOLDED: the group statistics added up here from the parts' sums, else read from the combine kernel's
         n = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         cols = tl.arange(0, C)
         g = tl.arange(0, G)
-        mean = tl.reshape(tl.broadcast_to(tl.load(stats_ptr + n * 2 * G + g)[:, None], (G, C // G)), (C,))
-        rstd = tl.reshape(tl.broadcast_to(tl.load(stats_ptr + n * 2 * G + G + g)[:, None], (G, C // G)), (C,))
+        if FOLDED:
+            mean_g, rstd_g = group_stats(x_ptr, s1_ptr, s2_ptr, n, hw, parts, eps, C, G, CHUNK)
+        else:
+            mean_g = tl.load(stats_ptr + n * 2 * G + g)
+            rstd_g = tl.load(stats_ptr + n * 2 * G + G + g)
+        mean = tl.reshape(tl.broadcast_to(mean_g[:, None], (G, C // G)), (C,))
+        rstd = tl.reshape(tl.broadcast_to(rstd_g[:, None], (G, C // G)), (C,))
         scale = rstd * tl.load(w_ptr + cols).to(tl.float32)
         shift = tl.load(b_ptr + cols).to(tl.float32) - mean * scale
         inside = (rows < hw)[:, None]
@@ -139,15 +161,19 @@ def nhwc_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias
     iters = -(-steps // max(1, min(steps, -(-STATS_PROGRAMS // n))))
     parts = -(-steps // iters)
     sums = torch.empty((2, n, parts, num_groups), dtype=torch.float32, device=x.device)
-    stats = torch.empty((n, 2, num_groups), dtype=torch.float32, device=x.device)
     partial_stats[(n, parts)](x, sums[0], sums[1], hw, parts, iters, C=c, G=num_groups, BLOCK_HW=stats_block,
                               num_warps=_warps(stats_block * c))
-    combine[(n,)](x, sums[0], sums[1], stats, hw, parts, eps, C=c, G=num_groups,
-                  CHUNK=min(64, 1 << (parts - 1).bit_length()), num_warps=4)
+    chunk = min(64, 1 << (parts - 1).bit_length())
+    folded = parts <= FOLD_PARTS
+    stats = sums  # not read when folded
+    if not folded:
+        stats = torch.empty((n, 2, num_groups), dtype=torch.float32, device=x.device)
+        combine[(n,)](x, sums[0], sums[1], stats, hw, parts, eps, C=c, G=num_groups, CHUNK=chunk, num_warps=4)
     block_hw = _rows_per_tile(TILE_ELEMENTS, c, hw)
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    apply[(n, -(-hw // block_hw))](x, y, stats, weight, bias, hw, C=c, G=num_groups, BLOCK_HW=block_hw,
-                                   RELU=relu, num_warps=_warps(block_hw * c))
+    apply[(n, -(-hw // block_hw))](x, y, stats, sums[0], sums[1], weight, bias, hw, parts, eps, C=c, G=num_groups,
+                                   BLOCK_HW=block_hw, RELU=relu, FOLDED=folded, CHUNK=chunk,
+                                   num_warps=_warps(block_hw * c))
     return y
 
 
