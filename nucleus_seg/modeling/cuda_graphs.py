@@ -72,7 +72,7 @@ def graph_backbone_in_training(model: torch.nn.Module, batch_shape: tuple[int, .
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None,
                             cache_enabled=False):
             graphed = torch.cuda.make_graphed_callables(_Features(backbone, eager, names), (sample,))
-    except (RuntimeError, torch.AcceleratorError) as exc:  # e.g. out of memory: training goes on, eagerly
+    except RuntimeError as exc:  # CUDA errors too (e.g. out of memory): training goes on, eagerly
         logger.warning("NUCLEUS.TRAIN.CUDA_GRAPHS: capturing the backbone failed (%s); it runs eagerly",
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         torch.cuda.synchronize()
