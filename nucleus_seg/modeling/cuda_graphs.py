@@ -79,7 +79,7 @@ def graph_backbone_in_training(model: torch.nn.Module, batch_shape: tuple[int, .
         return
     finally:
         backbone.train(was_training)
-    key = (tuple(batch_shape), autocast_dtype)
+    key = (tuple(batch_shape), sample.dtype, autocast_dtype)
     logger.info("backbone forward and backward captured as CUDA graphs for training batches of %s",
                 tuple(batch_shape))
     warned = []
@@ -88,11 +88,12 @@ def graph_backbone_in_training(model: torch.nn.Module, batch_shape: tuple[int, .
         if not (backbone.training and torch.is_grad_enabled() and images.is_cuda):
             return eager(images)
         now = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        if (tuple(images.shape), now) != key or images.dtype != sample.dtype:
+        batch = (tuple(images.shape), images.dtype, now)
+        if batch != key:
             if not warned:
                 warned.append(True)
-                logger.warning("training batch %s (autocast %s) is not the one captured as CUDA graphs, %s (%s): "
-                               "such batches run the eager backbone", tuple(images.shape), now, key[0], key[1])
+                logger.warning("training batch %s (%s, autocast %s) is not the one captured as CUDA graphs, %s (%s, "
+                               "autocast %s): such batches run the eager backbone", *batch, *key)
             return eager(images)
         return dict(zip(names, graphed(images)))
 

@@ -55,7 +55,7 @@ def _drop_ignored_background(proposals: list[Instances], ignored: list[Boxes], n
     return out
 
 
-def _rpn_label_and_sample_anchors(self, anchors: list[Boxes], gt_instances: list[Instances], inner):
+def _rpn_label_and_sample_anchors(anchors: list[Boxes], gt_instances: list[Instances], inner):
     real, ignored = split_ignored(gt_instances)
     gt_labels, matched_boxes = inner(anchors, real)
     if any(len(b) for b in ignored):
@@ -85,7 +85,7 @@ def ignore_regions_in_losses(model: torch.nn.Module) -> torch.nn.Module:
         inner = rpn.label_and_sample_anchors  # detectron2's, or the batched one installed before
 
         def label_and_sample_anchors(anchors: list[Boxes], gt_instances: list[Instances]):
-            return _rpn_label_and_sample_anchors(rpn, anchors, gt_instances, inner)
+            return _rpn_label_and_sample_anchors(anchors, gt_instances, inner)
 
         rpn.label_and_sample_anchors = label_and_sample_anchors
     heads = getattr(model, "roi_heads", None)

@@ -49,7 +49,17 @@ def _padded_iou(gt: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 def _match(matcher: Matcher, gt: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor,
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Matched gt index and label per box, for (B, G) padded gt boxes: detectron2's Matcher, batched."""
+    """Matched gt index and label per box (B, N), for (B, G) padded gt boxes and (B or 1, N, 4) boxes:
+    detectron2's Matcher, batched, a chunk of images at a time (``CHUNK_ENTRIES`` IoU entries at most)."""
+    per_chunk = max(1, CHUNK_ENTRIES // (gt.shape[1] * max(1, boxes.shape[1])))
+    parts = [_match_chunk(matcher, gt[lo:lo + per_chunk], real[lo:lo + per_chunk],
+                          boxes[lo:lo + per_chunk] if len(boxes) > 1 else boxes)
+             for lo in range(0, len(gt), per_chunk)]
+    return torch.cat([m for m, _ in parts]), torch.cat([lab for _, lab in parts])
+
+
+def _match_chunk(matcher: Matcher, gt: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     iou = _padded_iou(gt, boxes)
     iou.masked_fill_(~real[..., None], -1.0)  # padding never matches
     matched_vals, matches = iou.max(dim=1)  # first index among ties, as torch.max documents
@@ -101,14 +111,7 @@ def batched_label_and_sample_anchors(self: RPN, anchors: list[Boxes], gt_instanc
     """``RPN.label_and_sample_anchors`` for all images at once (see the module text)."""
     anchors = Boxes.cat(anchors).tensor
     gt, real = _padded_gt(gt_instances, anchors.device)
-    b = len(gt_instances)
-    per_chunk = max(1, CHUNK_ENTRIES // (gt.shape[1] * max(1, len(anchors))))
-    matches, labels = [], []
-    for lo in range(0, b, per_chunk):
-        m, lab = _match(self.anchor_matcher, gt[lo:lo + per_chunk], real[lo:lo + per_chunk], anchors[None])
-        matches.append(m)
-        labels.append(lab)
-    matches, labels = torch.cat(matches), torch.cat(labels)
+    matches, labels = _match(self.anchor_matcher, gt, real, anchors[None])
     if self.anchor_boundary_thresh >= 0:  # detectron2's legacy option, off by default
         t = self.anchor_boundary_thresh
         sizes = torch.tensor([x.image_size for x in gt_instances], dtype=anchors.dtype).to(anchors.device)
@@ -140,14 +143,7 @@ def batched_label_and_sample_proposals(self: ROIHeads, proposals: list[Instances
     gt_classes = torch.zeros(real.shape, dtype=torch.int64, device=device)
     for i, t in enumerate(targets):
         gt_classes[i, :len(t)] = t.gt_classes
-    per_chunk = max(1, CHUNK_ENTRIES // (gt.shape[1] * boxes.shape[1]))
-    matches, labels = [], []
-    for lo in range(0, len(proposals), per_chunk):
-        sl = slice(lo, lo + per_chunk)
-        m, lab = _match(self.proposal_matcher, gt[sl], real[sl], boxes[sl])
-        matches.append(m)
-        labels.append(lab)
-    matches, labels = torch.cat(matches), torch.cat(labels)
+    matches, labels = _match(self.proposal_matcher, gt, real, boxes)
     classes = torch.gather(gt_classes, 1, matches)  # ROIHeads._sample_proposals; no gt: all background
     classes[labels == 0] = self.num_classes
     classes[labels == -1] = -1
