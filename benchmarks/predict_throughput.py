@@ -10,7 +10,10 @@ weights, and are timed from building the predictor to the last file written:
 
 GPU busy: ``nvidia-smi --query-gpu=utilization.gpu -lms 100`` sampled beside each side; the figure is the mean
 utilization over that side's wall time (the share of 100 ms windows in which a kernel ran, as NVML counts
-it). Agreement: per image, the instance counts of the two label TIFFs and the mask IoU of matched nuclei.
+it). Pace: ``first_output_s`` (start to the first label file: imports, model, writers, the first batches) and
+``steady_img_per_s`` (label files' modification times over the last three quarters of the images);
+``writer_wait_s``: how long ``nucleus-predict``'s predicting process waited for its writer processes (its log).
+Agreement: per image, the instance counts of the two label TIFFs and the mask IoU of matched nuclei.
 Fast-path agreement: ``NucleusPredictor``'s batched post-processing against detectron2's own on tile-sized crops.
 
     python benchmarks/predict_throughput.py --config-file CFG --weights W [--num-images 256] [--size 1024]
@@ -20,7 +23,9 @@ Fast-path agreement: ``NucleusPredictor``'s batched post-processing against dete
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +141,31 @@ def fast_path_agreement(cfg, paths: list[Path], count: int = 32) -> dict:
             **instances_agreement(found[1], found[0])}
 
 
+def pace(folder: Path, start_wall: float) -> dict:
+    """When the label files appeared: the first after ``start_wall`` (a ``time.time()``), and the rate over the
+    last three quarters of them (the run's steady state, its start-up left out)."""
+    times = sorted(p.stat().st_mtime for p in folder.glob("*_labels.tif"))
+    if not times:
+        return {}
+    first = len(times) // 4
+    span = times[-1] - times[first]
+    return {"first_output_s": round(times[0] - start_wall, 2),
+            "steady_img_per_s": round((len(times) - 1 - first) / span, 3) if span > 0 else None}
+
+
+class WriterWait(logging.Handler):
+    """The seconds ``nucleus-predict`` says its predicting process waited for the writer processes."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"waited ([0-9.]+) s for the", record.getMessage())
+        if found:
+            self.seconds += float(found.group(1))
+
+
 def profiled(fn, argv: list[str], path: Path) -> int:
     """``fn(argv)`` under cProfile; the 40 costliest functions (cumulative, then own time) go to ``path``."""
     import cProfile
@@ -170,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="one more nucleus-predict side with these overrides, e.g. "
                         "--variant compile NUCLEUS.PREDICT.COMPILE=True (repeatable)")
     parser.add_argument("--profile", metavar="FILE",
-                        help="cProfile the first nucleus-predict side (the predicting process, not its writers) "
-                        "and write its top functions to FILE: where a host-bound run spends its time")
+                        help="one more nucleus-predict side (default settings) under cProfile, not counted in the "
+                        "speed-up: the predicting process's top functions (not its writers') go to FILE")
     parser.add_argument("opts", nargs="*", default=[], help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
     variants = {"nucleus_predict": []}
@@ -191,26 +221,38 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output)
     shutil.rmtree(out, ignore_errors=True)
     sides: dict[str, dict] = {}
-    for side in ("plain_loop", *variants):
+    waits = WriterWait()
+    logging.getLogger("nucleus_seg").addHandler(waits)
+    profile_side = ["nucleus_predict+profiled"] if args.profile else []  # cProfile slows it: not counted
+    for side in ("plain_loop", *variants, *profile_side):
         folder = out / side
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        waits.seconds = 0.0
         with GpuBusy() as busy:
-            start = time.perf_counter()
+            start, start_wall = time.perf_counter(), time.time()
             if side == "plain_loop":
                 plain_loop(cfg, paths, folder)
             else:
                 argv_side = ["--config-file", args.config_file, "--input", *map(str, paths),
-                             "--output", str(folder), *opts, *variants[side], "MODEL.WEIGHTS", weights]
-                if args.profile and side == "nucleus_predict":
-                    status = profiled(nucleus_predict, argv_side, Path(args.profile))
-                else:
-                    status = nucleus_predict(argv_side)
+                             "--output", str(folder), *opts, *variants.get(side, []), "MODEL.WEIGHTS", weights]
+                try:
+                    if side in profile_side:
+                        status = profiled(nucleus_predict, argv_side, Path(args.profile))
+                    else:
+                        status = nucleus_predict(argv_side)
+                except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others' figures
+                    status = f"{type(exc).__name__}: {exc}"
                 if status != 0:
-                    raise SystemExit(f"nucleus-predict exited with status {status}")
+                    if side == "nucleus_predict":
+                        raise SystemExit(f"nucleus-predict exited with status {status}")
+                    sides[side] = {"failed": str(status)[:500], "img_per_s": 0.0}
+                    continue
             seconds = time.perf_counter() - start
         sides[side] = {"seconds": round(seconds, 2), "img_per_s": round(len(paths) / seconds, 3),
-                       "gpu_busy_percent": busy.mean}
+                       "gpu_busy_percent": busy.mean, **pace(folder, start_wall)}
+        if side != "plain_loop":
+            sides[side]["writer_wait_s"] = round(waits.seconds, 2)
     best = max(variants, key=lambda side: sides[side]["img_per_s"])
     speedup = {side: round(sides[side]["img_per_s"] / sides["plain_loop"]["img_per_s"], 3) for side in variants}
     result = {

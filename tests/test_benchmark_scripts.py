@@ -34,10 +34,14 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path, mon
         "DATALOADER.NUM_WORKERS", "0", "--variant", "batch1", "NUCLEUS.PREDICT.BATCH_SIZE=1",
         "--profile", str(tmp_path / "profile.txt"),
     ])
-    for side in ("plain_loop", "nucleus_predict", "nucleus_predict+batch1"):
+    for side in ("plain_loop", "nucleus_predict", "nucleus_predict+batch1", "nucleus_predict+profiled"):
         assert result[side]["img_per_s"] > 0
         assert len(list((tmp_path / "out" / side).glob("*_labels.tif"))) == 8
+        assert 0 < result[side]["first_output_s"] < result[side]["seconds"]  # the first label file, then the rest
+        assert result[side]["steady_img_per_s"] > 0
+    assert result["nucleus_predict"]["writer_wait_s"] >= 0 and "writer_wait_s" not in result["plain_loop"]
     assert result["variant_overrides"]["nucleus_predict+batch1"] == ["NUCLEUS.PREDICT.BATCH_SIZE", "1"]
+    # the profiled side (cProfile slows it) is reported, not counted
     assert result["predict_speedup_variants"].keys() == {"nucleus_predict", "nucleus_predict+batch1"}
     assert (tmp_path / "out" / "nucleus_predict" / "submission.csv").is_file()  # every output format
     agreement = result["agreement"]

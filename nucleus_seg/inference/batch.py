@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -288,6 +289,7 @@ class ImageWriter:
         self.run, self.cfg, self.workers = run, cfg, workers
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[tuple[Path, Future]] = deque()
+        self.waited = 0.0  # seconds the predicting process stood still for the writers (queue full)
 
     def start(self) -> None:
         """Spawn the writer processes now (no copy of the CUDA context or the model), each importing what
@@ -319,8 +321,11 @@ class ImageWriter:
                 self.pool, self.workers = None, 0
             else:
                 self.pending.append((path, future))
-                while len(self.pending) > 2 * self.workers:
-                    self._finish_oldest()
+                if len(self.pending) > 2 * self.workers:
+                    started = time.perf_counter()
+                    while len(self.pending) > 2 * self.workers:
+                        self._finish_oldest()
+                    self.waited += time.perf_counter() - started
                 return
         run.guarded(path, lambda: run.write_image(path, raw, pred, self.cfg))
 
@@ -333,6 +338,9 @@ class ImageWriter:
         if not cancel:
             while self.pending:
                 self._finish_oldest()
+        if self.waited >= 1.0:  # the writers set the pace: more of them (or fewer formats) would be faster
+            logger.info("the predicting process waited %.1f s for the %d writer processes (NUCLEUS.PREDICT.WRITERS)",
+                        self.waited, self.workers)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=cancel)
             self.pool = None
