@@ -83,8 +83,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--variants", default="",
                         help="more of ours to time, e.g. 32,32+compile,16+cl (batch size, then flags: cl = "
-                        "channels-last model, the GPU default; without it NCHW, compile = NUCLEUS.PREDICT.COMPILE, graphs = "
-                        "NUCLEUS.PREDICT.CUDA_GRAPHS)")
+                        "channels-last model, the GPU default; without it NCHW, compile = NUCLEUS.PREDICT.COMPILE, "
+                        "graphs = NUCLEUS.PREDICT.CUDA_GRAPHS)")
     parser.add_argument("--detections", type=int, default=400)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")

@@ -425,3 +425,29 @@ def test_writer_processes_start_before_the_first_image(tmp_path):
         processes = list(writer.pool._processes.values())
         assert len(processes) == 2 and all(p.is_alive() for p in processes)
     assert writer.pool is None and not any(p.is_alive() for p in processes)
+
+
+def test_images_wait_for_the_writers_beyond_twice_their_count_only_when_they_hold_much_memory(tmp_path, monkeypatch):
+    """While the writers start up the model goes on: small images queue past ``2 x workers``; past
+    ``PENDING_BYTES`` the predicting process waits for the oldest, and every file is written either way."""
+    from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.inference import batch
+    from nucleus_seg.inference.tiling import LabelPrediction
+
+    raw = np.zeros((32, 32), np.uint16)
+    pred = LabelPrediction(np.zeros((32, 32), np.int32), np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
+    size = batch.held_bytes(raw, pred)
+    assert size == raw.nbytes + pred.labels.nbytes
+    for budget, most_waiting in ((10**9, 6), (0, 2)):
+        out = tmp_path / str(budget)
+        out.mkdir()
+        monkeypatch.setattr(batch, "PENDING_BYTES", budget)
+        run = batch.PredictionRun(out, {"labels"})
+        waiting = []
+        with batch.ImageWriter(run, get_nucleus_cfg(), 1) as writer:
+            for i in range(6):
+                writer.submit(out / f"im{i}.tif", raw, pred)
+                waiting.append(len(writer.pending))
+                assert writer.pending_bytes == size * len(writer.pending)
+        assert max(waiting) == most_waiting
+        assert run.written == {f"im{i}" for i in range(6)} and len(list(out.glob("*_labels.tif"))) == 6

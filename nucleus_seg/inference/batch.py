@@ -277,18 +277,33 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[name] = value
 
 
+PENDING_BYTES = 1 << 30  # images beyond 2 x writers may wait while together they hold less than this
+
+
+def held_bytes(raw: np.ndarray, pred: LabelPrediction | TiledDetections) -> int:
+    """What an image waiting for a writer holds in memory (its pixels and its prediction's arrays)."""
+    if isinstance(pred, TiledDetections):
+        held = sum(i.masks.nbytes + i.origins.nbytes + i.scores.nbytes + i.boxes.nbytes for i in pred.instances)
+    else:
+        held = pred.labels.nbytes + pred.scores.nbytes + pred.boxes.nbytes
+    return int(raw.nbytes) + int(held)
+
+
 class ImageWriter:
     """Each image's files, written by ``workers`` processes while the next batch is predicted (0: here).
 
-    At most ``2 x workers`` images wait, so memory stays bounded when writing is slower than predicting. A
-    failed write is that image's failure, as in the predicting process; a pool that breaks (a worker killed)
+    Images wait for a writer while there are at most ``2 x workers`` of them or they hold less than
+    ``PENDING_BYTES`` together: the model goes on while the writers start up (~5-7 s of imports on a GPU host,
+    when the first 16 images used to stop it) and memory stays bounded when writing is slower than predicting.
+    A failed write is that image's failure, as in the predicting process; a pool that breaks (a worker killed)
     fails its pending images and the rest are written here.
     """
 
     def __init__(self, run: PredictionRun, cfg, workers: int):
         self.run, self.cfg, self.workers = run, cfg, workers
         self.pool: ProcessPoolExecutor | None = None
-        self.pending: deque[tuple[Path, Future]] = deque()
+        self.pending: deque[tuple[Path, Future, int]] = deque()
+        self.pending_bytes = 0
         self.waited = 0.0  # seconds the predicting process stood still for the writers (queue full)
 
     def start(self) -> None:
@@ -320,22 +335,30 @@ class ImageWriter:
                 logger.warning("the writer processes stopped: the remaining images are written here")
                 self.pool, self.workers = None, 0
             else:
-                self.pending.append((path, future))
-                if len(self.pending) > 2 * self.workers:
+                size = held_bytes(raw, pred)
+                self.pending.append((path, future, size))
+                self.pending_bytes += size
+                if self._full():
                     started = time.perf_counter()
-                    while len(self.pending) > 2 * self.workers:
+                    while self._full():
                         self._finish_oldest()
                     self.waited += time.perf_counter() - started
                 return
         run.guarded(path, lambda: run.write_image(path, raw, pred, self.cfg))
 
+    def _full(self) -> bool:
+        return len(self.pending) > 2 * self.workers and self.pending_bytes > PENDING_BYTES
+
     def _finish_oldest(self) -> None:
-        path, future = self.pending.popleft()
+        path, future, size = self.pending.popleft()
+        self.pending_bytes -= size
         self.run.guarded(path, lambda: self.run.add_written(path, future.result()))
 
     def close(self, cancel: bool = False) -> None:
         """Wait for every pending image (``cancel``: drop those not started, e.g. on Ctrl-C)."""
         if not cancel:
+            if len(self.pending) > 2 * self.workers:  # predicting ran ahead: say what the wait is for
+                logger.info("writing the files of the last %d images", len(self.pending))
             while self.pending:
                 self._finish_oldest()
         if self.waited >= 1.0:  # the writers set the pace: more of them (or fewer formats) would be faster

@@ -105,6 +105,12 @@ def is_graphed_in_training(model: torch.nn.Module) -> bool:
     return hasattr(model.backbone, "_nucleus_graphs")
 
 
+# torch.cuda.graph synchronises the device as it begins a capture: with two streams' threads capturing at once
+# (nucleus-predict's tile batches, NUCLEUS.PREDICT.STREAMS 2), one's synchronisation broke the other's capture and
+# 25 of 256 images failed (session 26, one H200)
+_CAPTURING = threading.Lock()
+
+
 class _InferenceForward:
     """``backbone.forward`` at inference: eager when it must be, else a replay of the graph for this input."""
 
@@ -140,6 +146,10 @@ class _InferenceForward:
         return dict(static_out)
 
     def _capture(self, x: torch.Tensor, stream: torch.cuda.Stream):
+        with _CAPTURING:  # one capture at a time in the process: see _CAPTURING
+            return self._capture_alone(x, stream)
+
+    def _capture_alone(self, x: torch.Tensor, stream: torch.cuda.Stream):
         static_in = x.clone()
         side = torch.cuda.Stream(x.device)
         side.wait_stream(stream)
