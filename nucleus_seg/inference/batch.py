@@ -352,6 +352,8 @@ class ImageWriter:
                 size = held_bytes(raw, pred)
                 self.pending.append((path, future, size))
                 self.pending_bytes += size
+                while self.pending and self.pending[0][1].done():  # written: entries in, memory out of the count
+                    self._finish_oldest()
                 if self._full():
                     started = time.perf_counter()
                     while self._full():
