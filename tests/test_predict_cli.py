@@ -125,6 +125,38 @@ def test_the_csvs_eccentricity_is_skimages_for_every_kind_of_region():
     assert list(got[-4:-2]) == [1.0, 0.0]
 
 
+def test_the_csvs_solidity_is_skimages_to_the_bit_for_every_kind_of_region():
+    """The convex areas behind the CSV's solidity, against skimage's hull images: random speckle (diagonal edges
+    through pixel centres), dilated blobs, ids in several parts with gaps, a pixel, a line, regions on the border."""
+    import cv2
+    from skimage.measure import regionprops_table
+
+    from nucleus_seg.inference.outputs import convex_areas
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for trial in range(60):
+        height, width = (int(v) for v in rng.integers(4, 70, 2))
+        speckle = rng.random((height, width)) < rng.uniform(0.05, 0.6)
+        if trial % 3 == 0:
+            labels = cv2.connectedComponents(speckle.astype(np.uint8), connectivity=8)[1]
+        elif trial % 3 == 1:
+            blobs = cv2.dilate(speckle.astype(np.uint8), np.ones((3, 3), np.uint8))
+            labels = cv2.connectedComponents(blobs, connectivity=8)[1]
+        else:
+            labels = rng.integers(0, 7, (height, width)) * speckle  # ids in pieces, some missing
+        labels[0, :] = 0 if trial % 2 else labels[0, :]
+        table = regionprops_table(labels, properties=("label", "area", "area_convex", "solidity"))
+        got = convex_areas(labels, table["label"])
+        np.testing.assert_array_equal(got, table["area_convex"])
+        np.testing.assert_array_equal(table["area"] / got, table["solidity"])
+        checked += len(got)
+    assert checked > 500
+    line = np.zeros((9, 9), np.int32)
+    line[4, 1:8], line[0, 0] = 1, 2
+    np.testing.assert_array_equal(convex_areas(line, np.array([1, 2])), [7, 1])
+
+
 def test_label_tiff_goes_uint32_past_65535_nuclei(tmp_path):
     labels = np.arange(300 * 300, dtype=np.int64).reshape(300, 300)
     write_label_tiff(tmp_path / "many.tif", labels)

@@ -108,6 +108,61 @@ def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
 
 
+_DIAMOND = np.array([[0, -1], [0, 1], [-1, 0], [1, 0]], np.int32)  # a pixel's edge midpoints, doubled (x, y)
+
+
+def convex_areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """skimage's ``regionprops`` ``area_convex`` of each id in ``ids`` (all present in ``labels``), exactly, ~4x
+    faster: its per-region hull images took ~70% of a 1024 px image's measurements (~500 nuclei, 90 of 120 ms).
+
+    As skimage: the convex hull of each pixel's four edge midpoints, and the pixels whose centres lie inside it or
+    on its boundary. Here coordinates are doubled (integers), each region's hull comes from OpenCV, and the pixels
+    are counted row by row for all regions at once: per row the hull spans an interval, whose ends are exact in
+    float64 (a ratio of small integers is either an integer or at least 1/denominator away from one).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        return np.zeros(0)
+    flat = labels.ravel()
+    inside = np.flatnonzero(flat > 0)
+    lab = flat[inside].astype(np.int64)
+    order = np.argsort(lab, kind="stable")
+    inside, lab = inside[order], lab[order]
+    rows, cols = np.divmod(inside, labels.shape[1])
+    doubled = np.stack([2 * cols, 2 * rows], axis=1).astype(np.int32)
+    starts, ends = np.searchsorted(lab, ids), np.searchsorted(lab, ids, side="right")
+    hulls = []
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        centres = cv2.convexHull(doubled[start:end]).reshape(-1, 2)  # the hull of the centres, then their diamonds'
+        hulls.append(cv2.convexHull((centres[:, None, :] + _DIAMOND).reshape(-1, 2)).reshape(-1, 2))
+    # each hull's edges (x0, y0) -> (x1, y1), padded with NaN to the longest
+    most = max(len(h) for h in hulls)
+    x0, y0, x1, y1 = (np.full((len(hulls), most), np.nan) for _ in range(4))
+    for k, hull in enumerate(hulls):
+        n = len(hull)
+        x0[k, :n], y0[k, :n] = hull[:, 0], hull[:, 1]
+        x1[k, :n], y1[k, :n] = np.roll(hull[:, 0], -1), np.roll(hull[:, 1], -1)
+    # one entry per (region, pixel row) from the region's top row to its bottom one
+    top, bottom = np.minimum.reduceat(rows, starts), np.maximum.reduceat(rows, starts)
+    heights = bottom - top + 1
+    region = np.repeat(np.arange(len(hulls)), heights)
+    row_y = 2.0 * (np.repeat(top - np.cumsum(heights) + heights, heights) + np.arange(heights.sum()))
+    areas = np.zeros(len(hulls))
+    step = max(1, (1 << 20) // most)  # entries x edges per pass, ~8 MB per array
+    for first in range(0, len(region), step):
+        k, y = region[first:first + step], row_y[first:first + step, None]
+        ax, ay, bx, by = x0[k], y0[k], x1[k], y1[k]
+        meets = (np.fmin(ay, by) <= y) & (y <= np.fmax(ay, by))
+        level = ay == by  # an edge along this row: both its ends
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = ax + (y - ay) * (bx - ax) / (by - ay)
+        left = np.fmin(np.where(meets & ~level, x, np.inf), np.where(meets & level, np.fmin(ax, bx), np.inf))
+        right = np.fmax(np.where(meets & ~level, x, -np.inf), np.where(meets & level, np.fmax(ax, bx), -np.inf))
+        count = np.floor(right.max(axis=1) / 2) - np.ceil(left.min(axis=1) / 2) + 1  # pixel centres: even x
+        np.add.at(areas, k, np.where(np.isfinite(count), np.maximum(count, 0), 0))
+    return areas
+
+
 def measure(labels: np.ndarray, raw_image: np.ndarray,
             scores: Sequence[float]) -> tuple[list[str], list[list]]:
     """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
@@ -119,9 +174,10 @@ def measure(labels: np.ndarray, raw_image: np.ndarray,
         raw = raw[..., 0] if raw.shape[2] == 1 else raw[..., :3]
     if raw.shape[:2] != labels.shape:
         raise ValueError(f"raw image {raw.shape[:2]} and labels {labels.shape} differ in size")
-    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max", "solidity")
+    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max")
     table = regionprops_table(np.asarray(labels), intensity_image=raw, properties=props)
     table["eccentricity"] = eccentricities(np.asarray(labels), table["label"])
+    table["solidity"] = table["area"] / convex_areas(np.asarray(labels), table["label"])  # as skimage divides
     channels = [""] if raw.ndim == 2 else [f"_c{c}" for c in range(raw.shape[2])]
     source = (["area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3"]
               + [f"intensity_mean{'-' + c[2:] if c else ''}" for c in channels]
