@@ -306,9 +306,9 @@ def held_bytes(raw: np.ndarray, pred: LabelPrediction | TiledDetections) -> int:
 class ImageWriter:
     """Each image's files, written by ``workers`` processes while the next batch is predicted (0: here).
 
-    Images wait for a writer while there are at most ``2 x workers`` of them or they hold less than
-    ``PENDING_BYTES`` together: the model goes on while the writers start up (~5-7 s of imports on a GPU host,
-    when the first 16 images used to stop it) and memory stays bounded when writing is slower than predicting.
+    The model goes on while at most ``2 x workers`` images wait for a writer, or more that hold less than
+    ``PENDING_BYTES`` together: it need not stop while the writers start up (the first 16 images used to stop it
+    for seconds), and memory stays bounded when writing is slower than predicting.
     A failed write is that image's failure, as in the predicting process; a pool that breaks (a worker killed)
     fails its pending images and the rest are written here.
     """
