@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -339,6 +340,9 @@ def test_writer_processes_write_what_the_predicting_process_writes(cli_cfg, tmp_
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert ("by 2 writer processes" in err) == (writers == 2)
+        summary = re.search(r"(\d+) of (\d+) images have outputs in .* \(([0-9.]+) s, ([0-9.]+) images/s\)", err)
+        done, total, seconds, rate = (float(v) for v in summary.groups())  # the time it took, and the rate
+        assert done < total and seconds > 0 and rate == pytest.approx(done / seconds, rel=0.02, abs=0.01)
         failures[writers] = sorted(line.strip().split(":")[0] for line in err.split("failed:")[1].strip().splitlines())
         runs[writers] = out
     assert failures[0] == failures[2] == sorted([str(tmp_path / "in" / "broken.png"),

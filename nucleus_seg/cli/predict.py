@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..config import check_predict_settings
 from ..inference.batch import FORMATS, predict_to_folder
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not formats or formats - set(FORMATS):
         parser.error(f"--formats: unknown {sorted(formats - set(FORMATS))}; choose from {', '.join(FORMATS)}")
     setup_logging()
+    started = time.perf_counter()
     cfg = _configure(parser, args, opts)
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)
-    print(f"nucleus-predict: {written} of {len(files)} images have outputs in {args.output}", file=sys.stderr)
+    seconds = time.perf_counter() - started
+    print(f"nucleus-predict: {written} of {len(files)} images have outputs in {args.output} ({seconds:.1f} s, "
+          f"{written / seconds:.2f} images/s)", file=sys.stderr)
     if run.failures:
         print(f"nucleus-predict: {len(run.failures)} failed:", file=sys.stderr)
         for reason in run.failures:
