@@ -151,6 +151,8 @@ def test_the_csvs_solidity_is_skimages_to_the_bit_for_every_kind_of_region():
         got = convex_areas(labels, table["label"])
         np.testing.assert_array_equal(got, table["area_convex"])
         np.testing.assert_array_equal(table["area"] / got, table["solidity"])
+        shuffled = rng.permutation(len(got))
+        np.testing.assert_array_equal(convex_areas(labels, table["label"][shuffled]), got[shuffled])
         checked += len(got)
     assert checked > 500
     line = np.zeros((9, 9), np.int32)

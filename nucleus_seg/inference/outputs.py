@@ -112,7 +112,7 @@ _DIAMOND = np.array([[0, -1], [0, 1], [-1, 0], [1, 0]], np.int32)  # a pixel's e
 
 
 def convex_areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """skimage's ``regionprops`` ``area_convex`` of each id in ``ids`` (all present in ``labels``), exactly, ~4x
+    """skimage's ``regionprops`` ``area_convex`` of each id in ``ids`` (present in ``labels``, any order), exactly, ~4x
     faster: its per-region hull images took ~70% of a 1024 px image's measurements (~500 nuclei, 90 of 120 ms).
 
     As skimage: the convex hull of each pixel's four edge midpoints, and the pixels whose centres lie inside it or
@@ -142,8 +142,8 @@ def convex_areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         n = len(hull)
         x0[k, :n], y0[k, :n] = hull[:, 0], hull[:, 1]
         x1[k, :n], y1[k, :n] = np.roll(hull[:, 0], -1), np.roll(hull[:, 1], -1)
-    # one entry per (region, pixel row) from the region's top row to its bottom one
-    top, bottom = np.minimum.reduceat(rows, starts), np.maximum.reduceat(rows, starts)
+    # one entry per (region, pixel row) from the region's top row to its bottom one (its pixels in raster order)
+    top, bottom = rows[starts], rows[ends - 1]
     heights = bottom - top + 1
     region = np.repeat(np.arange(len(hulls)), heights)
     row_y = 2.0 * (np.repeat(top - np.cumsum(heights) + heights, heights) + np.arange(heights.sum()))
