@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 from pathlib import Path
@@ -459,7 +460,8 @@ def test_writer_processes_start_before_the_first_image(tmp_path):
 
     writer = ImageWriter(PredictionRun(tmp_path, {"labels"}), get_nucleus_cfg(), 2)
     with writer:
-        writer.start()
+        writer.start()  # returns while the forkserver imports; its forks are asked for on a thread
+        writer._wait_for_forks()
         processes = list(writer.pool._processes.values())
         assert len(processes) == 2 and all(p.is_alive() for p in processes)
     assert writer.pool is None and not any(p.is_alive() for p in processes)
@@ -489,3 +491,30 @@ def test_images_wait_for_the_writers_beyond_twice_their_count_only_when_they_hol
                 assert budget or len(writer.pending) <= 2  # no memory to spare: twice the writers at most
         assert budget == 0 or writer.waited == 0  # the count alone never stops the model
         assert run.written == {f"im{i}" for i in range(8)} and len(list(out.glob("*_labels.tif"))) == 8
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no forkserver here")
+def test_writers_that_cannot_be_forked_leave_the_writing_to_the_predicting_process(tmp_path, monkeypatch, caplog):
+    """The forks are asked for on a thread (the forkserver imports first); one that fails there is reported where
+    the pool is next used, and every image is still written."""
+    import logging
+
+    from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.inference import batch
+    from nucleus_seg.inference.tiling import LabelPrediction
+
+    def no_processes(self):
+        raise OSError("no processes today")
+
+    monkeypatch.setattr(batch, "writer_context", lambda: multiprocessing.get_context("forkserver"))
+    monkeypatch.setattr(batch.ImageWriter, "_start_all", no_processes)
+    raw = np.zeros((16, 16), np.uint16)
+    pred = LabelPrediction(np.ones((16, 16), np.int32), np.ones(1, np.float32), np.zeros((1, 4), np.float32))
+    run = batch.PredictionRun(tmp_path, {"labels"})
+    with caplog.at_level(logging.WARNING, logger="nucleus_seg"), batch.ImageWriter(run, get_nucleus_cfg(), 2) as writer:
+        writer.start()
+        for i in range(3):
+            writer.submit(tmp_path / f"im{i}.tif", raw, pred)
+        assert writer.pool is None and writer.workers == 0
+    assert "no writer processes (no processes today)" in caplog.text
+    assert run.written == {"im0", "im1", "im2"} and not run.failures

@@ -15,8 +15,10 @@ import glob
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import pickle
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -319,29 +321,59 @@ class ImageWriter:
         self.pending: deque[tuple[Path, Future, int]] = deque()
         self.pending_bytes = 0
         self.waited = 0.0  # seconds the predicting process stood still for the writers (queue full)
+        self._forking: threading.Thread | None = None
+        self._fork_error: Exception | None = None
 
     def start(self) -> None:
         """Start the writer processes now, while this process builds and loads the model, instead of after the
-        first batch (see :func:`writer_context`)."""
+        first batch (see :func:`writer_context`). A fork from the forkserver waits for the server's imports
+        (~3 s), so the forks are asked for on a thread and this process goes on meanwhile."""
         if self.workers <= 0 or self.pool is not None:
             return
+        context = writer_context()
         try:
-            with _single_threaded_children():
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=writer_context(),
-                                                initializer=_one_thread_each)
-                for _ in range(self.workers):  # one task per process spawns them all
-                    self.pool.submit(_writer_ready)
+            with _single_threaded_children():  # the variables reach each spawned writer, or the forkserver
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_one_thread_each)
+                if context.get_start_method() == "forkserver":
+                    multiprocessing.forkserver.ensure_running()  # the server starts importing now
+                    self._forking = threading.Thread(target=self._fork_all, name="nucleus-writers", daemon=True)
+                    self._forking.start()
+                else:
+                    self._start_all()
         except (OSError, ValueError, BrokenProcessPool) as exc:  # no processes to be had here: write in this one
-            logger.warning("no writer processes (%s): image files are written here", exc)
-            self.pool, self.workers = None, 0
+            self._no_writers(exc)
         else:
             logger.info("image files written by %d writer processes while the next batch is predicted",
                         self.workers)
+
+    def _start_all(self) -> None:
+        for _ in range(self.workers):  # one task per process starts them all
+            self.pool.submit(_writer_ready)
+
+    def _fork_all(self) -> None:
+        try:
+            self._start_all()
+        except (OSError, ValueError, BrokenProcessPool) as exc:  # reported by the predicting thread
+            self._fork_error = exc
+
+    def _wait_for_forks(self) -> None:
+        """Before this thread uses the pool: the forks asked for by ``start`` are done (or failed)."""
+        if self._forking is not None:
+            self._forking.join()
+            self._forking = None
+        if self._fork_error is not None and self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self._no_writers(self._fork_error)
+
+    def _no_writers(self, exc: Exception) -> None:
+        logger.warning("no writer processes (%s): image files are written here", exc)
+        self.pool, self.workers = None, 0
 
     def submit(self, path: Path, raw: np.ndarray, pred: LabelPrediction | TiledDetections) -> None:
         """Write ``path``'s files (stitching its tiles first, if it comes as ``TiledDetections``)."""
         run = self.run
         self.start()
+        self._wait_for_forks()
         if self.pool is not None:
             try:
                 future = self.pool.submit(stitch_and_write, run.out, run.formats, path, raw, pred, self.cfg)
@@ -372,6 +404,7 @@ class ImageWriter:
 
     def close(self, cancel: bool = False) -> None:
         """Wait for every pending image (``cancel``: drop those not started, e.g. on Ctrl-C)."""
+        self._wait_for_forks()
         if not cancel:
             if len(self.pending) > 2 * self.workers:  # predicting ran ahead: say what the wait is for
                 logger.info("writing the files of the last %d images", len(self.pending))
