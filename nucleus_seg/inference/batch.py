@@ -15,7 +15,6 @@ import glob
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import pickle
 import threading
@@ -335,7 +334,9 @@ class ImageWriter:
             with _single_threaded_children():  # the variables reach each spawned writer, or the forkserver
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_one_thread_each)
                 if context.get_start_method() == "forkserver":
-                    multiprocessing.forkserver.ensure_running()  # the server starts importing now
+                    from multiprocessing import forkserver  # POSIX only
+
+                    forkserver.ensure_running()  # the server starts importing now
                     self._forking = threading.Thread(target=self._fork_all, name="nucleus-writers", daemon=True)
                     self._forking.start()
                 else:
