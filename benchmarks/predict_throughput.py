@@ -199,7 +199,6 @@ def profiled(fn, argv: list[str], path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-
     from nucleus_seg.cli.predict import main as nucleus_predict
     from nucleus_seg.config import get_nucleus_cfg
 
@@ -275,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         if side != "plain_loop":
             sides[side]["writer_wait_s"] = round(waits.seconds, 2)
         print(json.dumps({"side": side, **sides[side]}), flush=True)  # kept in the log should a later step fail
+    logging.getLogger("nucleus_seg").removeHandler(waits)
     release_cached_memory()
     best = max(variants, key=lambda side: sides[side]["img_per_s"])
     speedup = {side: round(sides[side]["img_per_s"] / sides["plain_loop"]["img_per_s"], 3) for side in variants}
