@@ -238,9 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     paths = make_images(Path(args.data_root) / f"tiff16_{args.size}", args.num_images, args.size)
     out = Path(args.output)
     shutil.rmtree(out, ignore_errors=True)
+
+    def predict_argv(images: list[Path], folder: Path, extra: list[str]) -> list[str]:
+        """nucleus-predict's command line for ``images`` into ``folder``, the run's overrides, then ``extra``."""
+        return ["--config-file", args.config_file, "--input", *map(str, images), "--output", str(folder), *opts,
+                *extra, "MODEL.WEIGHTS", weights]
+
     if args.warm_up > 0:
-        nucleus_predict(["--config-file", args.config_file, "--input", *map(str, paths[:args.warm_up]),
-                         "--output", str(out / "warm_up"), *opts, "MODEL.WEIGHTS", weights])
+        nucleus_predict(predict_argv(paths[:args.warm_up], out / "warm_up", []))
     sides: dict[str, dict] = {}
     waits = WriterWait()
     logging.getLogger("nucleus_seg").addHandler(waits)
@@ -254,8 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             if side == "plain_loop":
                 plain_loop(cfg, paths, folder)
             else:
-                argv_side = ["--config-file", args.config_file, "--input", *map(str, paths),
-                             "--output", str(folder), *opts, *variants.get(side, []), "MODEL.WEIGHTS", weights]
+                argv_side = predict_argv(paths, folder, variants.get(side, []))
                 try:
                     if side in profile_side:
                         status = profiled(nucleus_predict, argv_side, Path(args.profile))
