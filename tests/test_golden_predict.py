@@ -6,9 +6,13 @@ what a user gets (label pixels, scores, CSV columns, RLE, COCO entries) fails he
 for an intended change of output, and say so in the commit.
 
 The model is the real R101-FPN of the CPU demo config with seeded random weights, in fp32 (bfloat16
-kernels differ between CPUs); one image is tiled (``--tile``), one goes the batched small-image way,
-both with ``--diameter auto``. fp32 convolutions may still round differently on another instruction set,
-so the reference records the CPU capability it was made on and the comparison is skipped elsewhere. On the
+kernels differ between CPUs), all three images with ``--diameter auto`` and ``--tile 224``: the 512 px sample
+is tiled by the batched tile path (its tiles stitched by the writers), the 256x320 crop, which "auto" scales
+past one pass, is stitched by the predictor, and the 160 px crop goes through the model whole. Regenerated when
+an image up to two tiles on a side went whole through ``nucleus-predict`` with detection caps in proportion to
+its area (the 512 px sample was tiled at ``--tile 384`` before). fp32 convolutions may still round differently
+on another instruction set, so the reference records the CPU capability it was made on and the comparison is
+skipped elsewhere. On the
 same instruction set another vendor's CPU (AMD vs the reference's Intel, both AVX512) gives the same label
 images and text but scores apart in the 7th digit, so numbers in the text files are compared to a relative
 1e-5 and everything else (labels, RLE, ids, columns) exactly.
@@ -25,9 +29,9 @@ import pytest
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "predict"
 SAMPLE = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "sample" / "image.tif"
-TEXT_FILES = ("sample_measurements.csv", "crop_measurements.csv", "submission.csv", "coco_results.json",
-              "coco_images.json")
-LABEL_FILES = ("sample_labels.tif", "crop_labels.tif")
+TEXT_FILES = ("sample_measurements.csv", "crop_measurements.csv", "small_measurements.csv", "submission.csv",
+              "coco_results.json", "coco_images.json")
+LABEL_FILES = ("sample_labels.tif", "crop_labels.tif", "small_labels.tif")
 REL_TOL = 1e-5  # fp32 rounding of scores between CPUs; a changed output moves far more
 
 
@@ -78,13 +82,14 @@ def run_reference(out: Path) -> None:
     image = tifffile.imread(SAMPLE)
     tifffile.imwrite(work / "images" / "sample.tif", image)
     tifffile.imwrite(work / "images" / "crop.tif", image[40:296, 100:420])
+    tifffile.imwrite(work / "images" / "small.tif", image[300:460, 300:460])
     cfg = get_nucleus_cfg("configs/nucleus_R101_FPN_cpu_demo.yaml")
     torch.manual_seed(0)
     model = build_model(cfg)
     torch.save({"model": model.state_dict()}, work / "random.pth")
     status = main([
         "--config-file", "configs/nucleus_R101_FPN_cpu_demo.yaml", "--input", str(work / "images"),
-        "--output", str(out), "--diameter", "auto", "--tile", "384",
+        "--output", str(out), "--diameter", "auto", "--tile", "224",
         "MODEL.WEIGHTS", str(work / "random.pth"), "NUCLEUS.PREDICT.AMP", "False",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "300", "TEST.DETECTIONS_PER_IMAGE", "100",
     ])

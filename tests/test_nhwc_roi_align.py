@@ -63,3 +63,41 @@ def test_an_fpn_pooler_of_channels_last_levels_pools_the_same_features_channels_
         trained = mine([f.float().requires_grad_() for f in half], boxes)  # training: detectron2's pooler
         assert trained.is_contiguous() and trained.requires_grad
     """)
+
+
+def test_all_levels_in_one_kernel_pool_exactly_what_one_kernel_per_level_pools():
+    """The one-kernel pooler (each ROI from its assigned level, no per-level nonzero or scatter) against the same
+    kernel run level by level and scattered as detectron2 does: the same values to the bit; 3 levels (fewer than
+    the kernel's 4) and images with no box."""
+    run_interpreted("""
+        import torch
+        from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, convert_boxes_to_pooler_format
+        from detectron2.structures import Boxes
+        import nucleus_seg.modeling.roi_align as ra
+        from nucleus_seg.modeling.nhwc_roi_align import nhwc_roi_align
+        torch.manual_seed(2)
+        for n_levels in (4, 3):
+            scales = tuple(1 / 2 ** (2 + i) for i in range(n_levels))
+            pooler = ROIPooler((4, 4), scales, 0, "ROIAlignV2")
+            ra.use_nucleus_roi_align(pooler)
+            levels = [torch.randn(3, 16, 128 // 2 ** i, 96 // 2 ** i).half().to(memory_format=torch.channels_last)
+                      for i in range(n_levels)]
+            boxes = []
+            for count in (8, 0, 5):
+                xy = torch.rand(count, 2) * torch.tensor([380., 500.]) - 10
+                boxes.append(Boxes(torch.cat([xy, xy + torch.logspace(0.3, 2.5, count)[:, None].expand(count, 2)], 1)))
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+                assert ra._one_kernel_levels(pooler, levels)
+                got = pooler(levels, boxes)
+            rois = convert_boxes_to_pooler_format(boxes)
+            which = assign_boxes_to_levels(boxes, pooler.min_level, pooler.max_level, pooler.canonical_box_size,
+                                           pooler.canonical_level)
+            assert len(set(which.tolist())) >= 2  # the boxes span levels
+            want = torch.zeros_like(got)
+            for level, feats in enumerate(levels):
+                inds = (which == level).nonzero().squeeze(1)
+                if len(inds):
+                    want[inds] = nhwc_roi_align(feats, rois[inds], 4, scales[level], 0, True)
+            assert got.shape == (13, 16, 4, 4) and got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(got, want)
+    """)

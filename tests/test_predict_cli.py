@@ -205,9 +205,10 @@ def make_inputs(folder):
     folder.mkdir()
     tifffile.imwrite(folder / "gray16.tif", blobs((96, 112), np.uint16, seed=0))
     cv2.imwrite(str(folder / "rgb8.png"), blobs((80, 100), np.uint8, seed=1, channels=3))
-    tifffile.imwrite(folder / "big.tif", blobs((150, 200), np.uint16, seed=2))  # > tile 128: tiled
+    # past two tiles of 128 px on a side: tiled (3 tiles of 128); the others go through the model whole
+    tifffile.imwrite(folder / "big.tif", blobs((100, 300), np.uint16, seed=2))
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    return {"gray16": (96, 112), "rgb8": (80, 100), "big": (150, 200)}
+    return {"gray16": (96, 112), "rgb8": (80, 100), "big": (100, 300)}
 
 
 def test_cli_writes_every_good_image_and_fails_naming_the_corrupt_one(cli_cfg, tmp_path, capsys):
@@ -218,8 +219,8 @@ def test_cli_writes_every_good_image_and_fails_naming_the_corrupt_one(cli_cfg, t
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "broken.png" in err and "1 failed" in err
-    # big.tif (6 tiles of 96 px: more than BATCHED_TILES batches of 1) went through predict_large, its tile
-    # progress shown; gray16 and rgb8 (2 tiles each) through the tile batcher, stitched by the writer
+    # big.tif (10 tiles of 96 px: more than BATCHED_TILES batches of 1) went through predict_large, its tile
+    # progress shown; gray16 and rgb8 (up to two tiles on a side) through the model whole
     assert "tiles" in err
     assert "gray16" not in err.split("failed:")[1]
     submission = read_csv(out / "submission.csv")
@@ -520,3 +521,33 @@ def test_writers_that_cannot_be_forked_leave_the_writing_to_the_predicting_proce
         assert writer.pool is None and writer.workers == 0
     assert "no writer processes (no processes today)" in caplog.text
     assert run.written == {"im0", "im1", "im2"} and not run.failures
+
+
+def test_an_image_up_to_two_tiles_on_a_side_gets_the_labels_of_the_python_api(cli_cfg, tmp_path):
+    """nucleus-predict sends such an image through the model whole, as NucleusPredictor does (it used to tile it
+    into nine overlapping tiles at 1024 px: 2.3x the model pixels, and labels that differed from the API's)."""
+    import torch
+    from test_predictor import blobs
+
+    from nucleus_seg.config import get_nucleus_cfg
+    from nucleus_seg.inference.predictor import NucleusPredictor
+
+    weights = random_weights(cli_cfg, tmp_path)
+    images = {"a": blobs((150, 250), np.uint16, seed=4), "b": blobs((150, 250), np.uint16, seed=5)}
+    (tmp_path / "in").mkdir()
+    for name, image in images.items():
+        tifffile.imwrite(tmp_path / "in" / f"{name}.tif", image)
+    opts = ["MODEL.WEIGHTS", str(weights), "NUCLEUS.PREDICT.TILE_SIZE", "128", "NUCLEUS.PREDICT.DIAMETER", "0.0"]
+    assert main(["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--formats", "labels", *opts]) == 0
+    torch.manual_seed(0)
+    predictor = NucleusPredictor(get_nucleus_cfg(str(cli_cfg), opts))
+    seen = []
+    real = predictor.model.inference
+    predictor.model.inference = lambda inputs, **kw: seen.extend(x["image"].shape[1:] for x in inputs) or real(
+        inputs, **kw)
+    expected = predictor.predict_labels(list(images.values()))
+    assert [tuple(s) for s in seen] == [(150, 250)] * 2  # whole, both in one forward (under 16 tiles of pixels)
+    assert any(e.labels.max() > 0 for e in expected)
+    for (name, _), want in zip(images.items(), expected):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / f"{name}_labels.tif"), want.labels)

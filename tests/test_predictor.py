@@ -824,3 +824,48 @@ def test_the_model_goes_channels_last_only_on_a_gpu_by_default_when_built_here_i
     assert not use_channels_last(None, gpu, amp=True, built_here=False)  # a model being trained keeps its layout
     assert use_channels_last(True, gpu, amp=False, built_here=False) and not use_channels_last(False, gpu, True, True)
     assert not any(use_channels_last(asked, cpu, True, True) for asked in (None, True))
+
+
+def test_an_input_larger_than_a_tile_gets_the_caps_in_proportion_to_its_area(cfg):
+    """The config's proposal and detection counts are for one tile (TILE_SIZE): a 1024 px image in one pass kept
+    at most 500 nuclei where the tiles covering it keep 2000, and a dense field holds more. An input k tiles large
+    gets k times the caps; up to one tile nothing changes, and the model's own values are back after each call."""
+    from nucleus_seg.modeling.fast_inference import final_box_predictor
+
+    cfg.NUCLEUS.PREDICT.TILE_SIZE, cfg.NUCLEUS.PREDICT.TILE_OVERLAP = 64, 16
+    cfg.TEST.DETECTIONS_PER_IMAGE = 3  # random weights detect far more than this anywhere
+    predictor = NucleusPredictor(cfg)
+    rpn, box = predictor.model.proposal_generator, final_box_predictor(predictor.model)
+    counts = {}
+    for side in (64, 96, 128):
+        counts[side] = len(predictor(blobs((side, side), np.uint16, seed=side), diameter=0)["instances"])
+        assert box.test_topk_per_image == 3 and rpn.post_nms_topk[False] == 100 and rpn.pre_nms_topk[False] == 200
+    assert counts == {64: 3, 96: 7, 128: 12}  # ceil(3 x area / 64^2)
+
+
+def test_forwards_asking_for_other_caps_wait_for_the_model(cfg):
+    """Two tile streams share one model: forwards asking for the same settings run together, one asking for
+    others waits until the model is free (the settings are attributes of the model's modules)."""
+    import threading
+
+    from nucleus_seg.modeling.fast_inference import final_box_predictor
+
+    predictor = NucleusPredictor(cfg)
+    box = final_box_predictor(predictor.model)
+    own = box.test_topk_per_image
+    seen, done = [], threading.Event()
+
+    def other_size():
+        with predictor._model_settings(None, predictor.tile_area):
+            seen.append(box.test_topk_per_image)
+        done.set()
+
+    with predictor._model_settings(None, 4 * predictor.tile_area):
+        with predictor._model_settings(None, 4 * predictor.tile_area):  # the same settings: in at once
+            assert box.test_topk_per_image == 4 * own
+        thread = threading.Thread(target=other_size)
+        thread.start()
+        assert not done.wait(0.3)  # held back while the larger input's caps are in use
+        assert box.test_topk_per_image == 4 * own and not seen
+    thread.join(10)
+    assert seen == [own] and box.test_topk_per_image == own

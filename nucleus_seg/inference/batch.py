@@ -49,7 +49,7 @@ from .outputs import (
     write_submission_csv,
 )
 from .postprocess import finish_labels, needs_image
-from .predictor import NucleusPredictor
+from .predictor import ONE_PASS_TILES, NucleusPredictor
 from .tiling import LabelPrediction, TiledDetections, seam_warning
 
 __all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
@@ -229,8 +229,18 @@ class PredictionRun:
 
 
 def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) -> bool:
+    """Whether an image is tiled: past what ``NucleusPredictor`` sends through the model whole (up to
+    ``ONE_PASS_TILES`` tiles on a side, with caps in proportion to its area)."""
     scale = predictor.input_scale()  # from NUCLEUS.PREDICT.DIAMETER; "auto" decides at scale 1
-    return max(shape[:2]) * (1.0 if scale is None else scale) > tile
+    return max(shape[:2]) * (1.0 if scale is None else scale) > ONE_PASS_TILES * tile
+
+
+def _fills_a_forward(pending: list[tuple[Path, np.ndarray]], predictor: NucleusPredictor) -> bool:
+    """Whether the images waiting for the model fill one forward: ``BATCH_SIZE`` images, or ``BATCH_SIZE``
+    tiles' worth of model pixels (``NucleusPredictor.images_per_forward``)."""
+    scale = predictor.input_scale() or 1.0  # "auto" decides per image; at scale 1 until then
+    pixels = sum(raw.shape[0] * raw.shape[1] for _, raw in pending) * scale * scale
+    return len(pending) >= predictor.batch_size or pixels >= predictor.batch_size * predictor.tile_area
 
 
 MAX_WRITERS = 8  # each holds ~0.7 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core
@@ -468,7 +478,9 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
     """Predict ``files`` into ``run``; each image's files are written by writer processes
     (``NUCLEUS.PREDICT.WRITERS``) while the next images are predicted.
 
-    Small images go through the model whole, a batch of same-size images at a time. Large ones are tiled, and
+    Images up to ``ONE_PASS_TILES`` tiles on a side go through the model whole, as ``NucleusPredictor`` sends
+    them (same-size images together, ``BATCH_SIZE`` tiles' worth of pixels per forward; a 1024 px image in one
+    pass is ~2.3x fewer model pixels than its nine overlapping 512 px tiles). Larger ones are tiled, and
     tiles of consecutive images share batches (:class:`TileBatcher`); their stitching is left to the writer
     processes, so this process only reads (a thread reads and normalises the next files ahead) and feeds the
     model. An image of more than ``BATCHED_TILES`` batches of tiles is predicted alone, stitched as it goes.
@@ -508,7 +520,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
                 raw, norm = loaded
                 if norm is None:
                     pending.append((f, raw))
-                    if len(pending) >= predictor.batch_size:
+                    if _fills_a_forward(pending, predictor):
                         deliver(batcher.drain())  # this thread runs the model next
                         _predict_small(predictor, writer, pending)
                         bar.update(len(pending))

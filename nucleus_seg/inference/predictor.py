@@ -39,10 +39,11 @@ from ..config import check_predict_settings, predict_batch_size, predict_streams
 from ..data.io import check_image_shape, normalize_from_cfg
 from ..modeling.compile import compile_backbone
 from ..modeling.cuda_graphs import graph_backbone_at_inference
-from ..modeling.fast_inference import final_box_predictor, speed_up_inference
+from ..modeling.fast_inference import speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
+from .model_settings import apply_settings, read_settings, wanted_settings
 from .postprocess import finish_detections, finish_labels, needs_image
 from .scale import Diameter, ScaleChoice, choose_scale, diameter_to_scale, image_diameter, parse_diameter
 from .significance import significant_detections
@@ -219,7 +220,9 @@ class NucleusPredictor:
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
         self.streams = predict_streams(self.cfg, self.device.type)
-        self._floor_lock, self._floor_users, self._floor_saved = threading.Lock(), 0, 0.0
+        self.tile_area = int(pred.TILE_SIZE) ** 2  # the area the config's proposal and detection caps are for
+        self._settings_free = threading.Condition()
+        self._settings_users, self._settings_base, self._settings_held = 0, {}, {}
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN_BENCHMARK)
         if use_channels_last(channels_last, self.device, self.amp, built_here=model is None):
@@ -426,6 +429,11 @@ class NucleusPredictor:
         value = parse_diameter(self.cfg.NUCLEUS.PREDICT.DIAMETER if diameter is None else diameter)
         return None if value is None else diameter_to_scale(value, self.train_diameter)
 
+    def images_per_forward(self, size: tuple[int, int]) -> int:
+        """How many model inputs of ``size`` go through one forward: ``BATCH_SIZE`` tiles' worth of pixels, at
+        most ``BATCH_SIZE`` images (a batch of 16 images of 1024 px would hold the activations of 64 tiles)."""
+        return max(1, min(self.batch_size, self.batch_size * self.tile_area // max(1, size[0] * size[1])))
+
     def _model_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
         if scale == 1.0 and self.aug is not None:  # DefaultPredictor's test-time resize
             return T.ResizeShortestEdge.get_output_shape(
@@ -449,7 +457,9 @@ class NucleusPredictor:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(tuple(np.shape(image)[:2]), []).append(i)
-        chunks = [c for group in by_shape.values() for c in _chunks(group, self.batch_size)]
+        at = 1.0 if scale is None else scale  # "auto" runs its first pass at scale 1
+        chunks = [c for shape, group in by_shape.items()
+                  for c in _chunks(group, self.images_per_forward(self._model_size(*shape, at)))]
         results: list[Detections | LabelPrediction | None] = [None] * len(images)
         self.last_scales: list[ScaleChoice | None] = [None] * len(images)
         norms: dict[int, np.ndarray] = {}
@@ -491,37 +501,43 @@ class NucleusPredictor:
             yield detections_from_outputs(raws, norm.shape[:2], score_thresh, frames=chunk), chunk
 
     @contextmanager
-    def _score_floor(self, score_thresh: float | None) -> Iterator[None]:
-        """Detections below ``score_thresh`` dropped before the mask head instead of after it.
+    def _model_settings(self, score_thresh: float | None, area: int) -> Iterator[None]:
+        """The model's score floor and detection caps for one forward, held while it runs.
 
-        Label outputs keep only scores >= the threshold. Greedy NMS never lets a lower-scoring box
-        suppress a higher one, so filtering first keeps exactly the same detections above it, and the
-        mask head (the costliest part at hundreds of detections) runs on those alone.
+        Score floor: detections below ``score_thresh`` dropped before the mask head instead of after it. Label
+        outputs keep only scores >= the threshold; greedy NMS never lets a lower-scoring box suppress a higher
+        one, so filtering first keeps exactly the same detections above it, and the mask head (the costliest part
+        at hundreds of detections) runs on those alone.
+
+        Detection caps (:func:`detection_caps`): an input of ``area`` model pixels larger than a tile gets the
+        config's proposal and detection counts in proportion to its area, as the tiles covering it would.
+
+        Forwards on several threads (TileBatcher streams) share the model: those asking for the same values run
+        together; one asking for others waits until the model is free.
         """
-        box_predictor = final_box_predictor(self.model)
-        if score_thresh is None or not hasattr(box_predictor, "test_score_thresh"):
-            yield
-            return
-        # detectron2 keeps scores > test_score_thresh; the label outputs keep scores >= score_thresh
-        just_below = float(np.nextafter(np.float32(score_thresh), np.float32(-np.inf)))
-        with self._floor_lock:  # forwards on several threads (TileBatcher streams) share the setting
-            if self._floor_users == 0:
-                self._floor_saved = box_predictor.test_score_thresh
-                box_predictor.test_score_thresh = max(self._floor_saved, just_below)
-            elif box_predictor.test_score_thresh != max(self._floor_saved, just_below):
-                raise RuntimeError("concurrent forwards asked for different score floors")
-            self._floor_users += 1
+        with self._settings_free:
+            while True:
+                base = self._settings_base if self._settings_users else read_settings(self.model)
+                wanted = wanted_settings(self.model, base, score_thresh, area / self.tile_area)
+                if not self._settings_users or wanted == self._settings_held:
+                    break
+                self._settings_free.wait()
+            if not self._settings_users:
+                self._settings_base, self._settings_held = base, wanted
+                apply_settings(wanted)
+            self._settings_users += 1
         try:
             yield
         finally:
-            with self._floor_lock:
-                self._floor_users -= 1
-                if self._floor_users == 0:
-                    box_predictor.test_score_thresh = self._floor_saved
+            with self._settings_free:
+                self._settings_users -= 1
+                if not self._settings_users:
+                    apply_settings(self._settings_base)
+                    self._settings_free.notify_all()
 
     def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None) -> list[Instances]:
         """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
-        ``score_thresh`` only detections scoring at least that (see ``_score_floor``)."""
+        ``score_thresh`` only detections scoring at least that (see ``_model_settings``)."""
         tensors: list[torch.Tensor]
         hosts = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         same_shape = len({h.shape for h in hosts}) == 1
@@ -542,11 +558,12 @@ class NucleusPredictor:
         # Nearly every weight is used once per forward, so the cache saved next to nothing.
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp
                     else nullcontext())
-        if self.tta:
-            with torch.no_grad(), autocast:
+        # detectron2 pads a batch to its largest height and width: that is the area its anchors cover
+        area = max(t.shape[1] for t in tensors) * max(t.shape[2] for t in tensors)
+        with torch.no_grad(), autocast, self._model_settings(None if self.tta else score_thresh, area):
+            if self.tta:
                 return forward_flips(self.model, tensors)
-        inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
-        with torch.no_grad(), autocast, self._score_floor(score_thresh):
+            inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
             return self.model.inference(inputs, do_postprocess=False)
 
 

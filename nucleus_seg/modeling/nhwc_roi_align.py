@@ -21,7 +21,7 @@ import torch
 
 from .triton_support import HALF_DTYPES, is_power_of_two, triton_runs_on
 
-__all__ = ["nhwc_roi_align", "nhwc_roi_align_usable"]
+__all__ = ["MAX_LEVELS", "nhwc_roi_align", "nhwc_roi_align_levels", "nhwc_roi_align_usable"]
 
 MAX_CHANNELS = 1024  # one program holds a sample point's C values per corner in registers
 
@@ -37,72 +37,22 @@ def nhwc_roi_align_usable(features: torch.Tensor) -> bool:
     return features.is_contiguous(memory_format=torch.channels_last) and _kernel() is not None
 
 
+MAX_LEVELS = 4  # FPN levels one call of the pooling kernel chooses between (detectron2's poolers use p2-p5)
+
+
 @functools.lru_cache(maxsize=1)
-def _kernel():
-    """The Triton kernel, made on first use (None without Triton)."""
+def _kernels():
+    """The Triton kernels (one level; up to ``MAX_LEVELS`` levels), imported on first use (None without Triton)."""
     try:
-        import triton
-        import triton.language as tl
+        from ._roi_align_kernels import roi_align_nhwc, roi_align_nhwc_levels
     except ImportError:
         return None
+    return roi_align_nhwc, roi_align_nhwc_levels
 
-    @triton.jit
-    def roi_align_nhwc(x_ptr, rois_ptr, out_ptr, height, width, spatial_scale, C: tl.constexpr, PH: tl.constexpr,
-                       PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr):
-        # one program per (ROI, output bin): torchvision's roi_align_forward_kernel_impl for all C channels
-        r = tl.program_id(0).to(tl.int64)
-        ph = tl.program_id(1) // PW
-        pw = tl.program_id(1) % PW
-        n = tl.load(rois_ptr + r * 5).to(tl.int64)
-        offset = 0.5 if ALIGNED else 0.0
-        start_w = tl.load(rois_ptr + r * 5 + 1) * spatial_scale - offset
-        start_h = tl.load(rois_ptr + r * 5 + 2) * spatial_scale - offset
-        roi_w = tl.load(rois_ptr + r * 5 + 3) * spatial_scale - offset - start_w
-        roi_h = tl.load(rois_ptr + r * 5 + 4) * spatial_scale - offset - start_h
-        if not ALIGNED:
-            roi_w = tl.maximum(roi_w, 1.0)
-            roi_h = tl.maximum(roi_h, 1.0)
-        bin_h = roi_h / PH
-        bin_w = roi_w / PW
-        if SAMPLING > 0:
-            grid_h = tl.full((), SAMPLING, tl.int32)
-            grid_w = tl.full((), SAMPLING, tl.int32)
-        else:
-            grid_h = tl.ceil(roi_h / PH).to(tl.int32)
-            grid_w = tl.ceil(roi_w / PW).to(tl.int32)
-        count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-        cols = tl.arange(0, C)
-        image = x_ptr + n * height * width * C
-        acc = tl.zeros((C,), tl.float32)
-        for iy in range(0, grid_h):
-            y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-            for ix in range(0, grid_w):
-                x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                inside = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width)
-                yc = tl.maximum(y, 0.0)
-                xc = tl.maximum(x, 0.0)
-                y_low = yc.to(tl.int32)
-                x_low = xc.to(tl.int32)
-                y_edge = y_low >= height - 1
-                x_edge = x_low >= width - 1
-                y_low = tl.where(y_edge, height - 1, y_low)
-                x_low = tl.where(x_edge, width - 1, x_low)
-                y_high = tl.where(y_edge, y_low, y_low + 1)
-                x_high = tl.where(x_edge, x_low, x_low + 1)
-                ly = tl.where(y_edge, 0.0, yc - y_low)
-                lx = tl.where(x_edge, 0.0, xc - x_low)
-                hy = 1.0 - ly
-                hx = 1.0 - lx
-                keep = tl.where(inside, 1.0, 0.0)
-                v1 = tl.load(image + (y_low * width + x_low).to(tl.int64) * C + cols).to(tl.float32)
-                v2 = tl.load(image + (y_low * width + x_high).to(tl.int64) * C + cols).to(tl.float32)
-                v3 = tl.load(image + (y_high * width + x_low).to(tl.int64) * C + cols).to(tl.float32)
-                v4 = tl.load(image + (y_high * width + x_high).to(tl.int64) * C + cols).to(tl.float32)
-                acc += keep * (hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4)
-        out = out_ptr + ((r * PH + ph) * PW + pw) * C + cols
-        tl.store(out, (acc / count).to(out_ptr.dtype.element_ty))
 
-    return roi_align_nhwc
+def _kernel():
+    found = _kernels()
+    return None if found is None else found[0]
 
 
 def nhwc_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[int, int],
@@ -119,4 +69,28 @@ def nhwc_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int 
         _kernel()[(len(rois), ph * pw)](features, rois, out, h, w, float(spatial_scale), C=c, PH=ph, PW=pw,
                                         SAMPLING=max(0, int(sampling_ratio)), ALIGNED=bool(aligned),
                                         num_warps=max(1, min(4, c // 256)))
+    return out
+
+
+def nhwc_roi_align_levels(levels: list[torch.Tensor], rois: torch.Tensor, level_of_roi: torch.Tensor,
+                          output_size: int | tuple[int, int], spatial_scales: list[float], sampling_ratio: int,
+                          aligned: bool) -> torch.Tensor:
+    """Each ROI pooled from its FPN level (``level_of_roi``, indices into ``levels``, up to ``MAX_LEVELS``) in one
+    kernel: what detectron2's ``ROIPooler`` computes with one ``roi_align`` per level, without its per-level
+    ``nonzero`` (a host sync each) and without scattering each level's result into the output (a copy of all
+    pooled features). Every level must pass :func:`nhwc_roi_align_usable`, with one dtype and channel count."""
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if not 1 <= len(levels) <= MAX_LEVELS:
+        raise ValueError(f"nhwc_roi_align_levels takes 1 to {MAX_LEVELS} levels, got {len(levels)}")
+    c = levels[0].shape[1]
+    rois = rois.float().contiguous()
+    out = torch.empty((len(rois), c, ph, pw), dtype=levels[0].dtype, device=levels[0].device,
+                      memory_format=torch.channels_last)
+    if len(rois):
+        padded = list(levels) + [levels[-1]] * (MAX_LEVELS - len(levels))  # never chosen: the levels are clamped
+        scales = [float(s) for s in spatial_scales] + [float(spatial_scales[-1])] * (MAX_LEVELS - len(levels))
+        _kernels()[1][(len(rois), ph * pw)](
+            *padded, *(f.shape[2] for f in padded), *(f.shape[3] for f in padded), *scales,
+            level_of_roi.to(torch.int32).contiguous(), rois, out, C=c, PH=ph, PW=pw,
+            SAMPLING=max(0, int(sampling_ratio)), ALIGNED=bool(aligned), num_warps=max(1, min(4, c // 256)))
     return out
