@@ -9,11 +9,15 @@ of 4 images (``--warm-up``: Triton's kernels compiled into its on-disk cache, as
   (lowest score first, so the highest wins), write it with tifffile;
 * ``nucleus-predict --formats labels,overlay,csv,submission,coco`` (every output), in this process.
 
-GPU busy: ``nvidia-smi --query-gpu=utilization.gpu -lms 100`` sampled beside each side; the figure is the mean
-utilization over that side's wall time (the share of 100 ms windows in which a kernel ran, as NVML counts
-it). Pace: ``first_output_s`` (start to the first label file: imports, model, writers, the first batches) and
-``steady_img_per_s`` (label files' modification times over the last three quarters of the images);
-``writer_wait_s``: how long ``nucleus-predict``'s predicting process waited for its writer processes (its log).
+GPU busy: ``nvidia-smi --query-gpu=utilization.gpu -lms 100`` sampled beside each side; ``gpu_busy_percent`` is
+the mean utilization over that side's wall time (the share of 100 ms windows in which a kernel ran, as NVML
+counts it), ``gpu_busy_steady_percent`` the mean over the steady window below. Pace: ``first_output_s`` (start to
+the first label file: imports, model, writers, the first batches) and ``steady_img_per_s`` (label files'
+modification times over the last three quarters of the images); ``writer_wait_s``: how long ``nucleus-predict``'s
+predicting process waited for its writer processes (its log).
+Images larger than a tile: ``nucleus-predict`` scales the config's detection caps with the image's area; the plain
+loop keeps them (a user's loop would), so on dense fields it keeps fewer nuclei (``images_at_detection_cap``) and
+does less work.
 Agreement: per image, the instance counts of the two label TIFFs and the mask IoU of matched nuclei.
 Fast-path agreement: ``NucleusPredictor``'s batched post-processing against detectron2's own on tile-sized crops.
 
@@ -32,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,27 +61,41 @@ def make_images(folder: Path, num: int, size: int, seed: int = 4321) -> list[Pat
 
 
 class GpuBusy:
-    """Mean GPU utilization while the ``with`` block runs, from nvidia-smi samples every 100 ms (None on CPU)."""
+    """GPU utilization while the ``with`` block runs, from nvidia-smi samples every 100 ms (None on CPU): the mean
+    over the block, and over a window of it (``mean_between``, e.g. the run's steady state)."""
 
     def __enter__(self):
-        self.samples: list[float] = []
-        self.proc = None
+        self.samples: list[tuple[float, float]] = []  # (time.time() when read, utilization %)
+        self.proc = self.reader = None
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(
                 ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
                  "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
                 stdout=subprocess.PIPE, text=True)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
         return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            value = line.strip()
+            if value.replace(".", "", 1).isdigit():
+                self.samples.append((time.time(), float(value)))
 
     def __exit__(self, *exc):
         if self.proc is not None:
             self.proc.terminate()
-            out, _ = self.proc.communicate()
-            self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+            self.proc.wait()
+            self.reader.join(5)
 
     @property
     def mean(self) -> float | None:
-        return round(float(np.mean(self.samples)), 1) if self.samples else None
+        return round(float(np.mean([v for _, v in self.samples])), 1) if self.samples else None
+
+    def mean_between(self, start: float, end: float) -> float | None:
+        """Mean utilization of the samples read between two ``time.time()`` s."""
+        inside = [v for t, v in self.samples if start <= t <= end]
+        return round(float(np.mean(inside)), 1) if inside else None
 
 
 def release_cached_memory() -> None:
@@ -93,8 +112,10 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def plain_loop(cfg, paths: list[Path], out: Path) -> None:
-    """What a user writes around detectron2: read, DefaultPredictor, paint, write."""
+def plain_loop(cfg, paths: list[Path], out: Path) -> int:
+    """What a user writes around detectron2: read, DefaultPredictor, paint, write. Returns how many images hit the
+    config's detection cap (``TEST.DETECTIONS_PER_IMAGE``, meant for one tile: nuclei past it are lost here, where
+    ``nucleus-predict`` scales the caps with the image's area)."""
     import tifffile
     from detectron2.engine import DefaultPredictor
 
@@ -103,15 +124,18 @@ def plain_loop(cfg, paths: list[Path], out: Path) -> None:
     predictor = DefaultPredictor(cfg)
     thresh = float(cfg.NUCLEUS.PREDICT.SCORE_THRESH)
     out.mkdir(parents=True, exist_ok=True)
+    capped = 0
     for path in paths:
         image = normalize_from_cfg(tifffile.imread(path), cfg)[..., ::-1]  # BGR, as DefaultPredictor wants
         instances = predictor(np.ascontiguousarray(image))["instances"].to("cpu")
+        capped += len(instances) >= cfg.TEST.DETECTIONS_PER_IMAGE
         keep = instances.scores >= thresh
         masks, scores = instances.pred_masks[keep].numpy(), instances.scores[keep].numpy()
         labels = np.zeros(image.shape[:2], np.uint16)
         for rank, k in enumerate(np.argsort(scores, kind="stable"), start=1):  # lowest first: highest on top
             labels[masks[k]] = rank
         tifffile.imwrite(out / f"{path.stem}_labels.tif", labels)
+    return capped
 
 
 def agreement(a: Path, b: Path, stems: list[str]) -> dict:
@@ -157,16 +181,20 @@ def fast_path_agreement(cfg, paths: list[Path], count: int = 32) -> dict:
             **instances_agreement(found[1], found[0])}
 
 
-def pace(folder: Path, start_wall: float) -> dict:
+def pace(folder: Path, start_wall: float, busy: GpuBusy | None = None) -> dict:
     """When the label files appeared: the first after ``start_wall`` (a ``time.time()``), and the rate over the
-    last three quarters of them (the run's steady state, its start-up left out)."""
+    last three quarters of them (the run's steady state, its start-up left out), with the GPU's utilization over
+    that window (``busy``)."""
     times = sorted(p.stat().st_mtime for p in folder.glob("*_labels.tif"))
     if not times:
         return {}
     first = len(times) // 4
     span = times[-1] - times[first]
-    return {"first_output_s": round(times[0] - start_wall, 2),
-            "steady_img_per_s": round((len(times) - 1 - first) / span, 3) if span > 0 else None}
+    found = {"first_output_s": round(times[0] - start_wall, 2),
+             "steady_img_per_s": round((len(times) - 1 - first) / span, 3) if span > 0 else None}
+    if busy is not None and span > 0:
+        found["gpu_busy_steady_percent"] = busy.mean_between(times[first], times[-1])
+    return found
 
 
 class WriterWait(logging.Handler):
@@ -257,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         with GpuBusy() as busy:
             start, start_wall = time.perf_counter(), time.time()
             if side == "plain_loop":
-                plain_loop(cfg, paths, folder)
+                at_cap = plain_loop(cfg, paths, folder)
             else:
                 argv_side = predict_argv(paths, folder, variants.get(side, []))
                 try:
@@ -274,9 +302,11 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
             seconds = time.perf_counter() - start
         sides[side] = {"seconds": round(seconds, 2), "img_per_s": round(len(paths) / seconds, 3),
-                       "gpu_busy_percent": busy.mean, **pace(folder, start_wall)}
+                       "gpu_busy_percent": busy.mean, **pace(folder, start_wall, busy)}
         if side != "plain_loop":
             sides[side]["writer_wait_s"] = round(waits.seconds, 2)
+        else:
+            sides[side]["images_at_detection_cap"] = at_cap
         print(json.dumps({"side": side, **sides[side]}), flush=True)  # kept in the log should a later step fail
     logging.getLogger("nucleus_seg").removeHandler(waits)
     release_cached_memory()
