@@ -869,3 +869,18 @@ def test_forwards_asking_for_other_caps_wait_for_the_model(cfg):
         assert box.test_topk_per_image == 4 * own and not seen
     thread.join(10)
     assert seen == [own] and box.test_topk_per_image == own
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a GPU")
+def test_a_pinned_batch_gives_the_same_outputs_as_copying_each_image(cfg):
+    from nucleus_seg.inference.predictor import pinned_batch
+
+    cfg.MODEL.DEVICE = "cuda"
+    predictor = NucleusPredictor(cfg)
+    arrays = [predictor.normalize(blobs((96, 128), np.uint16, seed=s)) for s in range(3)]
+    pinned = pinned_batch(arrays)
+    assert pinned.is_pinned() and pinned_batch(arrays + [arrays[0][:64]]) is None  # sizes differ: none
+    a, b = predictor._forward(arrays, 0.1, pinned), predictor._forward(arrays, 0.1)
+    assert [len(x) for x in a] == [len(x) for x in b] and sum(len(x) for x in a) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor) and torch.equal(x.scores, y.scores)

@@ -110,17 +110,38 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 PREPARE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _prefetched(chunks: Sequence[Sequence[Any]], prepare: Callable[[Any], Any]) -> Iterator[list[Any]]:
-    """Yield each chunk prepared, preparing the next one on threads while the caller uses this one."""
+def _prefetched(chunks: Sequence[Sequence[Any]], prepare: Callable[[Any], Any],
+                pack: Callable[[list[Any]], Any] | None = None) -> Iterator[tuple[list[Any], Any]]:
+    """Yield each chunk prepared, and ``pack`` of it (None without one), preparing and packing the next chunk on
+    threads while the caller uses this one."""
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=PREPARE_THREADS) as pool:
-        jobs = [pool.submit(prepare, x) for x in chunks[0]]
+
+        def submit(chunk: Sequence[Any]) -> tuple[list[Future], Future | None]:
+            jobs = [pool.submit(prepare, x) for x in chunk]
+            # queued after its chunk's jobs, so its waits never hold back a job it waits for
+            packing = None if pack is None else pool.submit(lambda: pack([job.result() for job in jobs]))
+            return jobs, packing
+
+        jobs, packing = submit(chunks[0])
         for k in range(len(chunks)):
             ready = [job.result() for job in jobs]
+            packed = None if packing is None else packing.result()
             if k + 1 < len(chunks):
-                jobs = [pool.submit(prepare, x) for x in chunks[k + 1]]
-            yield ready
+                jobs, packing = submit(chunks[k + 1])
+            yield ready, packed
+
+
+def pinned_batch(arrays: Sequence[np.ndarray]) -> torch.Tensor | None:
+    """Same-shape uint8 images stacked in page-locked host memory, for an asynchronous copy to the GPU; None when
+    they differ. Made on a prefetch thread: a copy from pageable memory holds the host until it is done, and with it
+    the GPU (~56 ms per 64 images of 512 px on an H200, in Cascade R-CNN's profile, session 25)."""
+    if not arrays or len({(a.shape, a.dtype) for a in arrays}) != 1 or arrays[0].dtype != np.uint8:
+        return None
+    batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8, pin_memory=True)
+    np.stack(arrays, out=batch.numpy())
+    return batch
 
 
 def _scaled_tiles(shape: tuple[int, int], tile: int, overlap: int, scale: float) -> list[Tile]:
@@ -466,8 +487,9 @@ class NucleusPredictor:
         # 'auto' passes keep what the diameter estimate needs as well as what the output keeps
         floor = score_thresh if scale is not None or score_thresh is None else min(
             score_thresh, self.diameter_score_thresh)
-        for chunk, prepared in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale))):
-            raws = self._forward([p[1] for p in prepared], floor)
+        pack = (lambda prepared: pinned_batch([p[1] for p in prepared])) if self.device.type == "cuda" else None
+        for chunk, (prepared, packed) in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale), pack)):
+            raws = self._forward([p[1] for p in prepared], floor, packed)
             dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
@@ -496,8 +518,9 @@ class NucleusPredictor:
                       score_thresh: float | None) -> Iterator[tuple[list[Detections], Sequence[Tile]]]:
         """Detections of each tile, in full-image coordinates, one batch of tiles at a time."""
         chunks = _chunks(tiles, self.batch_size)
-        for chunk, crops in zip(chunks, _prefetched(chunks, lambda t: _tile_crop(norm, t, scale))):
-            raws = self._forward(crops, score_thresh)
+        pack = pinned_batch if self.device.type == "cuda" else None
+        for chunk, (crops, packed) in zip(chunks, _prefetched(chunks, lambda t: _tile_crop(norm, t, scale), pack)):
+            raws = self._forward(crops, score_thresh, packed)
             yield detections_from_outputs(raws, norm.shape[:2], score_thresh, frames=chunk), chunk
 
     @contextmanager
@@ -535,13 +558,17 @@ class NucleusPredictor:
                     apply_settings(self._settings_base)
                     self._settings_free.notify_all()
 
-    def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None) -> list[Instances]:
+    def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None,
+                 pinned: torch.Tensor | None = None) -> list[Instances]:
         """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
-        ``score_thresh`` only detections scoring at least that (see ``_model_settings``)."""
+        ``score_thresh`` only detections scoring at least that (see ``_model_settings``). ``pinned``: the same
+        arrays as one :func:`pinned_batch`, copied to the GPU without holding the host."""
         tensors: list[torch.Tensor]
         hosts = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         same_shape = len({h.shape for h in hosts}) == 1
-        if same_shape and self.device.type == "cuda":  # each image copied into one device batch
+        if pinned is not None and self.device.type == "cuda":
+            tensors = list(pinned.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float())
+        elif same_shape and self.device.type == "cuda":  # each image copied into one device batch
             # not pinned: pinning a fresh batch cost ~17 ms on an H200 host; and not stacked on the host first:
             # np.stack of 32 images took ~23 ms of the GPU's idle time there
             batch = torch.empty((len(hosts), *hosts[0].shape), device=self.device, dtype=hosts[0].dtype)
