@@ -259,3 +259,23 @@ def test_runner_auto_scale_is_not_clipped_silently():
     assert runner.auto_scale([], 40.0) == 1.0
     with pytest.warns(UserWarning, match="diameter 'auto' found 2.0 px"):
         assert runner.auto_scale([disc(2.0)], 40.0) == 1.0
+
+
+def test_the_runner_names_a_pass_whose_nuclei_fill_the_graphs_cap():
+    """The exported graph keeps at most TEST.DETECTIONS_PER_IMAGE whatever the image's size: a pass at that cap with
+    every detection above the threshold may have lost nuclei, and says so (the graph's own outputs, not a model)."""
+    import warnings
+
+    segmenter = object.__new__(runner.Segmenter)
+    segmenter.meta = {"detections_per_image": 3}
+    boxes = np.array([[2, 2, 10, 10], [20, 20, 30, 30], [40, 5, 50, 15]], dtype=np.float32)
+    masks = np.ones((3, 1, 28, 28), dtype=np.float32)
+    norm = np.zeros((64, 64, 3), dtype=np.uint8)
+    for scores, warned in (([0.9, 0.8, 0.7], True), ([0.9, 0.8, 0.3], False)):
+        segmenter.net = lambda x, s=scores: [boxes, np.array(s, np.float32), np.zeros(3, np.int64), masks]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            windows, kept = segmenter.detect(norm, 1.0, 0.5)
+        assert any("the most the exported graph keeps (TEST.DETECTIONS_PER_IMAGE 3)" in str(w.message)
+                   for w in caught) == warned
+        assert len(windows) == len(kept) == (3 if warned else 2)

@@ -221,7 +221,7 @@ def test_auto_diameter_without_confident_nuclei_keeps_the_first_pass(cfg):
         auto = predictor(image, diameter=-1)["instances"]
     # nothing at the input scale: tried at the scale the image's own blobs suggest, then gave up, saying so
     blob = predictor.last_scales[0].image_diameter
-    assert blob and "found nothing, nothing" in str(caught[0].message)
+    assert blob and any("found nothing, nothing" in str(w.message) for w in caught)
     expected = round(64 * predictor.train_diameter / blob)
     assert sizes == [(64, 64), (expected, expected)]
     assert not predictor.last_scales[0].sure and predictor.last_scales[0].scale == 1.0
@@ -884,3 +884,21 @@ def test_a_pinned_batch_gives_the_same_outputs_as_copying_each_image(cfg):
     assert [len(x) for x in a] == [len(x) for x in b] and sum(len(x) for x in a) > 0
     for x, y in zip(a, b):
         assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor) and torch.equal(x.scores, y.scores)
+
+
+def test_an_input_whose_nuclei_fill_the_cap_is_named_in_a_warning(cfg):
+    """Detections at the cap, all scoring above the output threshold: nuclei past it were cut, silently until now."""
+    import warnings
+
+    cfg.TEST.DETECTIONS_PER_IMAGE = 3
+    predictor = NucleusPredictor(cfg)
+    image = blobs((96, 128), np.uint16, seed=7)
+    with pytest.warns(UserWarning, match=r"dense\.tif: 3 nuclei scoring >= 0\.1, the most one pass keeps"):
+        labels = predictor.predict_labels([image], diameter=0, names=["dense.tif"])[0]
+    assert labels.labels.max() > 0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 1000  # past the 100 proposals: never reached
+    roomy = NucleusPredictor(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(roomy.predict_labels([image], diameter=0, names=["dense.tif"])[0]) > 3
+    assert not [w for w in caught if "the most one pass keeps" in str(w.message)]  # under the cap: no warning

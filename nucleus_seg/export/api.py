@@ -57,6 +57,7 @@ def runner_metadata(cfg, score_floor: float) -> dict:
         "min_significance": float(pred.MIN_SIGNIFICANCE),
         "min_edge_significance": float(pred.MIN_EDGE_SIGNIFICANCE),
         "boundary_level": float(pred.BOUNDARY_LEVEL),
+        "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),  # the graph's cap, whatever the image size
     }
 
 

@@ -124,6 +124,11 @@ class Segmenter:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         chw = np.ascontiguousarray(resize(norm, *size).transpose(2, 0, 1), dtype=np.float32)
         boxes, scores, _, masks = self.net(chw)
+        cap = self.meta.get("detections_per_image", -1)
+        if 0 < cap <= len(scores) and float(scores.min()) >= thresh:
+            warnings.warn(f"{len(scores)} nuclei scoring >= {thresh:g} in a {size[0]}x{size[1]} px pass, the most "
+                          f"the exported graph keeps (TEST.DETECTIONS_PER_IMAGE {cap}): more may be missing; split the "
+                          "image or export with a larger TEST.DETECTIONS_PER_IMAGE", UserWarning, stacklevel=3)
         boxes = boxes * np.array([width / size[1], height / size[0]] * 2, dtype=np.float32)
         boxes = np.clip(boxes, 0, np.array([width, height, width, height], dtype=np.float32))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (scores >= thresh)

@@ -43,7 +43,7 @@ from ..modeling.fast_inference import speed_up_inference
 from ..modeling.precision import inference_amp_dtype
 from ..utils.env import usable_device
 from .masks import Detections, detections_from_outputs, keep_scores, windows_to_label, windows_to_masks
-from .model_settings import apply_settings, read_settings, wanted_settings
+from .model_settings import apply_settings, read_settings, scaled_cap, wanted_settings
 from .postprocess import finish_detections, finish_labels, needs_image
 from .scale import Diameter, ScaleChoice, choose_scale, diameter_to_scale, image_diameter, parse_diameter
 from .significance import significant_detections
@@ -241,7 +241,9 @@ class NucleusPredictor:
         self.train_diameter = float(pred.TRAIN_DIAMETER)
         self.tta = bool(pred.TTA)
         self.streams = predict_streams(self.cfg, self.device.type)
-        self.tile_area = int(pred.TILE_SIZE) ** 2  # the area the config's proposal and detection caps are for
+        self.tile_side = int(pred.TILE_SIZE)
+        self.tile_area = self.tile_side ** 2  # the area the config's proposal and detection caps are for
+        self.detections_per_image = int(self.cfg.TEST.DETECTIONS_PER_IMAGE)
         self._settings_free = threading.Condition()
         self._settings_users, self._settings_base, self._settings_held = 0, {}, {}
         if self.device.type == "cuda":
@@ -489,7 +491,7 @@ class NucleusPredictor:
             score_thresh, self.diameter_score_thresh)
         pack = (lambda prepared: pinned_batch([p[1] for p in prepared])) if self.device.type == "cuda" else None
         for chunk, (prepared, packed) in zip(chunks, _prefetched(chunks, lambda i: prepare(images[i], scale), pack)):
-            raws = self._forward([p[1] for p in prepared], floor, packed)
+            raws = self._forward([p[1] for p in prepared], floor, packed, [names[i] for i in chunk])
             dets = detections_from_outputs(raws, prepared[0][0].shape[:2], floor)
             for i, (norm, _), det in zip(chunk, prepared, dets):
                 results[i] = det
@@ -559,10 +561,11 @@ class NucleusPredictor:
                     self._settings_free.notify_all()
 
     def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None,
-                 pinned: torch.Tensor | None = None) -> list[Instances]:
+                 pinned: torch.Tensor | None = None, names: Sequence[str] | None = None) -> list[Instances]:
         """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
         ``score_thresh`` only detections scoring at least that (see ``_model_settings``). ``pinned``: the same
-        arrays as one :func:`pinned_batch`, copied to the GPU without holding the host."""
+        arrays as one :func:`pinned_batch`, copied to the GPU without holding the host. ``names``: what a warning
+        about an input calls it."""
         tensors: list[torch.Tensor]
         hosts = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         same_shape = len({h.shape for h in hosts}) == 1
@@ -589,9 +592,27 @@ class NucleusPredictor:
         area = max(t.shape[1] for t in tensors) * max(t.shape[2] for t in tensors)
         with torch.no_grad(), autocast, self._model_settings(None if self.tta else score_thresh, area):
             if self.tta:
-                return forward_flips(self.model, tensors)
-            inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
-            return self.model.inference(inputs, do_postprocess=False)
+                outputs = forward_flips(self.model, tensors)
+            else:
+                inputs = [{"image": t, "height": t.shape[1], "width": t.shape[2]} for t in tensors]
+                outputs = self.model.inference(inputs, do_postprocess=False)
+        self._warn_if_capped(outputs, area, score_thresh, names)
+        return outputs
+
+    def _warn_if_capped(self, outputs: list[Instances], area: int, score_thresh: float | None,
+                        names: Sequence[str] | None) -> None:
+        """A warning naming each input whose detections filled the cap with nuclei the output keeps: more may have
+        been cut (the length is known on the host; the scores are read only for an input at the cap)."""
+        cap = scaled_cap(self.detections_per_image, area / self.tile_area)
+        shown = self.score_thresh if score_thresh is None else score_thresh
+        for k, found in enumerate(outputs):
+            if 0 < cap <= len(found) and float(found.scores.min()) >= shown:
+                name = names[k] if names is not None else f"an input of {found.image_size[0]}x{found.image_size[1]} px"
+                warnings.warn(
+                    f"{name}: {len(found)} nuclei scoring >= {shown:g}, the most one pass keeps (TEST."
+                    f"DETECTIONS_PER_IMAGE {self.detections_per_image} per {self.tile_side} px tile, {cap} at this "
+                    "size): more may be missing; raise TEST.DETECTIONS_PER_IMAGE and MODEL.RPN.POST_NMS_TOPK_TEST",
+                    UserWarning, stacklevel=4)
 
 
 @dataclass
@@ -705,7 +726,8 @@ class TileBatcher:
                  stream) -> dict[tuple[Any, int], TileInstances]:
         """Each tile's detections on the host (runs on a stream thread when ``streams`` > 1)."""
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            raws = self.predictor._forward(crops, self.score_thresh)
+            raws = self.predictor._forward(crops, self.score_thresh,
+                                           names=[f"{key} (tile {index + 1})" for key, index in items])
             found = {}
             for key, (shape, tiles) in frames.items():
                 mine = [k for k, (owner, _) in enumerate(items) if owner == key]
