@@ -7,6 +7,9 @@
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
 # stages: install smoke ablation accuracy train profile profile_infer infer predict large scaling adapt (default:
 # all but predict and adapt). JSON lines go to OUT_DIR/results.jsonl.
+# The speed issue's three ratios in one run (one GPU, ~15 min): stages "install train infer predict" (training
+# like for like against vanilla with 16 loader workers; inference on the standard and the recipe config; nucleus-predict
+# on 256 TIFFs of 1024 px against a plain DefaultPredictor loop, with the training benchmark's weights).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARBALL=$1; OUT=$2; shift 2
@@ -85,12 +88,16 @@ infer_stages() {
   fi
   if has infer; then
     # INFER_CONFIGS: more configs to time; one other than the weights' config runs on random (seeded) weights
-    for config in "$INFER_CONFIG" ${INFER_CONFIGS:-}; do
+    # by default both configs of the speed issue: the standard (scratch) one and the recipe's Cascade R-CNN; 128
+    # images at batch 64 (two batches: the second one's images are prepared while the first runs)
+    other=configs/nucleus_R101_FPN_synth_h100.yaml
+    [ "$INFER_CONFIG" = "$other" ] && other=configs/nucleus_R101_FPN_scratch.yaml
+    for config in "$INFER_CONFIG" ${INFER_CONFIGS-$other}; do
       w=$WEIGHTS; [ "$config" = "$INFER_CONFIG" ] || w=""
       log "inference throughput on GPU $INFER_GPU ($config, weights: ${w:-random init})"
       CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --config-file "$config" \
-        ${w:+--weights "$w"} --num-images 64 \
-        --variants "${INFER_VARIANTS:-}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+        ${w:+--weights "$w"} --num-images "${INFER_IMAGES:-128}" --batch "${INFER_BATCH:-64}" \
+        --variants "${INFER_VARIANTS-64+cl}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
     done
   fi
   if has predict && [ -z "$WEIGHTS" ]; then
@@ -100,10 +107,10 @@ infer_stages() {
   elif has predict; then
     # PREDICT_VARIANTS: "NAME:KEY=VALUE,KEY=VALUE NAME2:..." more nucleus-predict sides in the same run
     variant_args=()
-    # by default also at batch 8 (the default before session 14; 16 on a GPU now), with tiles of 576 px (a 1024 px
-    # image is 4 tiles instead of 9; less accurate on synthetic fields, so not the default) and with one tile
-    # batch in flight (STREAMS 1; the GPU default is 2)
-    for v in ${PREDICT_VARIANTS-batch8:NUCLEUS.PREDICT.BATCH_SIZE=8 tile576:NUCLEUS.PREDICT.TILE_SIZE=576 streams1:NUCLEUS.PREDICT.STREAMS=1}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
+    # by default also tiled (tiles of 448 px: a 1024 px image is then past two tiles on a side, 9 tiles; with the
+    # default 512 it goes through the model whole), with the backbone as CUDA graphs, and at batch 32 (8 whole
+    # 1024 px images per forward instead of 4)
+    for v in ${PREDICT_VARIANTS-tiles448:NUCLEUS.PREDICT.TILE_SIZE=448 graphs:NUCLEUS.PREDICT.CUDA_GRAPHS=True batch32:NUCLEUS.PREDICT.BATCH_SIZE=32}; do pairs=${v#*:}; variant_args+=(--variant "${v%%:*}" ${pairs//,/ }); done
     log "nucleus-predict end to end vs a plain DefaultPredictor loop on GPU $INFER_GPU (weights: $WEIGHTS)"
     CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/predict_throughput.py --config-file "$INFER_CONFIG" \
       ${WEIGHTS:+--weights "$WEIGHTS"} --num-images "${PREDICT_IMAGES:-256}" "${variant_args[@]}" \
@@ -115,7 +122,8 @@ if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi
 if has train; then
   log "train throughput on GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --iters ${TRAIN_ITERS:-120} --warmup 30 \
-    --variants ${TRAIN_VARIANTS:-1x8,2x8} --vanilla-workers ${VANILLA_WORKERS:-4} --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+    --variants ${TRAIN_VARIANTS:-1x16+fp16+d2aug,1x24+fp16+d2aug} --vanilla-workers ${VANILLA_WORKERS:-16} \
+    --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
 fi
 if has profile; then
   log "profile of NucleusTrainer on GPU 0"

@@ -902,3 +902,30 @@ def test_an_input_whose_nuclei_fill_the_cap_is_named_in_a_warning(cfg):
         warnings.simplefilter("always")
         assert len(roomy.predict_labels([image], diameter=0, names=["dense.tif"])[0]) > 3
     assert not [w for w in caught if "the most one pass keeps" in str(w.message)]  # under the cap: no warning
+
+
+def test_an_input_k_tiles_large_equals_default_predictor_with_k_times_the_caps(cfg, tmp_path):
+    """What the caps in proportion mean, exactly: in fp32 an input of four tiles' area gives DefaultPredictor's
+    result with four times the proposal and detection counts (with the config's own it keeps fewer nuclei)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import DefaultPredictor
+
+    cfg.INPUT.NORMALIZE.METHOD = "none"
+    cfg.INPUT.NORMALIZE.GRAY = False
+    cfg.INPUT.NORMALIZE.INVERT = "never"
+    cfg.NUCLEUS.PREDICT.TILE_SIZE, cfg.NUCLEUS.PREDICT.TILE_OVERLAP = 64, 16
+    theirs = DefaultPredictor(cfg)
+    DetectionCheckpointer(theirs.model, save_dir=str(tmp_path)).save("weights")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "weights.pth")
+    ours = NucleusPredictor(cfg)
+    wide = cfg.clone()
+    wide.MODEL.RPN.PRE_NMS_TOPK_TEST *= 4
+    wide.MODEL.RPN.POST_NMS_TOPK_TEST *= 4
+    wide.TEST.DETECTIONS_PER_IMAGE *= 4
+    theirs_wide = DefaultPredictor(wide)
+    rgb = np.ascontiguousarray(np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    a = ours(rgb, diameter=0)["instances"]
+    b = theirs_wide(rgb[..., ::-1].copy())["instances"]
+    assert len(a) == len(b) > len(theirs(rgb[..., ::-1].copy())["instances"])
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
+    assert torch.equal(a.pred_masks, b.pred_masks)
