@@ -6,11 +6,11 @@ what a user gets (label pixels, scores, CSV columns, RLE, COCO entries) fails he
 for an intended change of output, and say so in the commit.
 
 The model is the real R101-FPN of the CPU demo config with seeded random weights, in fp32 (bfloat16
-kernels differ between CPUs), all three images with ``--diameter auto`` and ``--tile 224``: the 512 px sample
-is tiled by the batched tile path (its tiles stitched by the writers), the 256x320 crop, which "auto" scales
-past one pass, is stitched by the predictor, and the 160 px crop goes through the model whole. Regenerated when
-an image up to two tiles on a side went whole through ``nucleus-predict`` with detection caps in proportion to
-its area (the 512 px sample was tiled at ``--tile 384`` before). fp32 convolutions may still round differently
+kernels differ between CPUs), all three images with ``--diameter auto`` and ``--tile 160``: the 512 px sample
+(x0.75) is tiled by the batched tile path (its tiles stitched by the writers), the 256x320 crop, which "auto"
+scales past one pass, is stitched by the predictor, and the 160 px crop goes through the model whole. Regenerated
+when an image up to two tiles on a side went whole through ``nucleus-predict`` with detection caps in proportion
+to its area (the 512 px sample was tiled at ``--tile 384`` before). fp32 convolutions may still round differently
 on another instruction set, so the reference records the CPU capability it was made on and the comparison is
 skipped elsewhere. On the
 same instruction set another vendor's CPU (AMD vs the reference's Intel, both AVX512) gives the same label
@@ -89,7 +89,7 @@ def run_reference(out: Path) -> None:
     torch.save({"model": model.state_dict()}, work / "random.pth")
     status = main([
         "--config-file", "configs/nucleus_R101_FPN_cpu_demo.yaml", "--input", str(work / "images"),
-        "--output", str(out), "--diameter", "auto", "--tile", "224",
+        "--output", str(out), "--diameter", "auto", "--tile", "160",
         "MODEL.WEIGHTS", str(work / "random.pth"), "NUCLEUS.PREDICT.AMP", "False",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "300", "TEST.DETECTIONS_PER_IMAGE", "100",
     ])

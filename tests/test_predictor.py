@@ -929,3 +929,28 @@ def test_an_input_k_tiles_large_equals_default_predictor_with_k_times_the_caps(c
     assert len(a) == len(b) > len(theirs(rgb[..., ::-1].copy())["instances"])
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
     assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_one_pass_batcher_sends_small_images_whole_by_pixels_and_equals_predict_labels(cfg, streams):
+    """nucleus-predict's batcher: an image up to two tiles on a side is one tile, the whole image, and a forward
+    holds BATCH_SIZE tiles' worth of pixels (a 100x120 image is ~2.9 tiles of 64 px: one per forward at batch 4);
+    stitched, each equals predict_labels; a larger image is still tiled."""
+    cfg.NUCLEUS.PREDICT.TILE_SIZE, cfg.NUCLEUS.PREDICT.TILE_OVERLAP = 64, 16
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 4
+    cfg.NUCLEUS.PREDICT.STREAMS = streams
+    predictor = NucleusPredictor(cfg)
+    images = [blobs((100, 120), seed=2), blobs((100, 120), seed=3), blobs((40, 50), seed=4)]
+    expected = predictor.predict_labels(images, diameter=0)
+    batches = record_batches(predictor)
+    batcher = predictor.tile_batcher(one_pass=True)
+    done = batch_tiles(predictor, batcher, images)
+    assert len(batcher.tiles_for((100, 140), 1.0)) == 6  # past 128 px: tiled
+    batcher.close()
+    assert sorted(batches) == sorted([[(100, 120, 3)], [(100, 120, 3)], [(40, 50, 3)]])
+    assert sorted(key for key, _ in done) == [0, 1, 2]
+    for key, tiled in done:
+        pred, _ = tiled.stitch()
+        assert len(pred) > 0
+        np.testing.assert_array_equal(pred.labels, expected[key].labels)
+        np.testing.assert_allclose(pred.scores, expected[key].scores, rtol=1e-5)

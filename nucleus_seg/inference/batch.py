@@ -480,7 +480,8 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
 
     Images up to ``ONE_PASS_TILES`` tiles on a side go through the model whole, as ``NucleusPredictor`` sends
     them (same-size images together, ``BATCH_SIZE`` tiles' worth of pixels per forward; a 1024 px image in one
-    pass is ~2.3x fewer model pixels than its nine overlapping 512 px tiles). Larger ones are tiled, and
+    pass is ~2.3x fewer model pixels than its nine overlapping 512 px tiles); with a known diameter they go
+    through the :class:`TileBatcher` as one tile each, painted by the writers. Larger ones are tiled, and
     tiles of consecutive images share batches (:class:`TileBatcher`); their stitching is left to the writer
     processes, so this process only reads (a thread reads and normalises the next files ahead) and feeds the
     model. An image of more than ``BATCHED_TILES`` batches of tiles is predicted alone, stitched as it goes.
@@ -492,15 +493,19 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
         writer.start()  # the writers start up while the model is built
         predictor = NucleusPredictor(on_device)  # device resolved once: one fallback warning, not two
         tile = int(cfg.NUCLEUS.PREDICT.TILE_SIZE)
-        batcher = predictor.tile_batcher()
+        batcher = predictor.tile_batcher(one_pass=True)
         fixed_scale = predictor.input_scale()  # None: "auto", estimated per image
+        # with a known scale every image goes through the batcher, whole or in tiles: two batches in flight, the
+        # painting left to the writers; "auto" (and a test-time resize) sends small images to predict_labels
+        every_image_batched = fixed_scale is not None and predictor.aug is None
         raws: dict[Path, np.ndarray] = {}
         pending: list[tuple[Path, np.ndarray]] = []
         bar = tqdm(total=len(files), desc="nucleus-predict", unit="img")
 
         def load(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             raw = read_image(path)
-            return raw, predictor.normalize(raw) if _is_large(raw.shape, predictor, tile) else None
+            batched = every_image_batched or _is_large(raw.shape, predictor, tile)
+            return raw, predictor.normalize(raw) if batched else None
 
         def deliver(done: list[tuple[Path, Any]]) -> None:
             for path, result in done:

@@ -156,6 +156,11 @@ def _tile_crop(norm: np.ndarray, t: Tile, scale: float) -> np.ndarray:
     return _resize(crop, (max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))))
 
 
+def _model_pixels(t: Tile, scale: float) -> int:
+    """Model-input pixels of tile ``t`` at ``scale`` (as ``_tile_crop`` sizes it)."""
+    return max(1, round((t.y1 - t.y0) * scale)) * max(1, round((t.x1 - t.x0) * scale))
+
+
 def _edge_margin(scale: float) -> float:
     """How close to a tile edge (original px) a box counts as cut: one model pixel, at least one pixel."""
     return max(1.0, 1.0 / scale)
@@ -357,12 +362,14 @@ class NucleusPredictor:
                             image_diameter(norm), name, self._noise_share(norm))[0]
 
     def tile_batcher(self, tile: int | None = None, overlap: int | None = None,
-                     score_thresh: float | None = None) -> TileBatcher:
-        """A :class:`TileBatcher` over this model (tile, overlap and threshold default to the config's)."""
+                     score_thresh: float | None = None, one_pass: bool = False) -> TileBatcher:
+        """A :class:`TileBatcher` over this model (tile, overlap and threshold default to the config's);
+        ``one_pass``: images up to ``ONE_PASS_TILES`` tiles on a side go whole."""
         pred = self.cfg.NUCLEUS.PREDICT
         return TileBatcher(self, int(pred.TILE_SIZE if tile is None else tile),
                            int(pred.TILE_OVERLAP if overlap is None else overlap),
-                           self.score_thresh if score_thresh is None else float(score_thresh), self.streams)
+                           self.score_thresh if score_thresh is None else float(score_thresh), self.streams,
+                           one_pass)
 
     def _noise_share(self, norm: np.ndarray) -> Callable[[list[Detections]], float] | None:
         """For "auto": the share of a pass's confident instances (``DIAMETER_SCORE_THRESH``) that
@@ -636,10 +643,15 @@ class TileBatcher:
     """
 
     def __init__(self, predictor: NucleusPredictor, tile: int, overlap: int, score_thresh: float,
-                 streams: int = 1):
+                 streams: int = 1, one_pass: bool = False):
         self.predictor, self.tile, self.overlap, self.score_thresh = predictor, tile, overlap, score_thresh
+        # one_pass: an image up to ONE_PASS_TILES tiles on a side is one tile, the whole image, as predict_labels
+        # sends it (nucleus-predict: its detections are painted by a writer process, and the next batch runs
+        # while this one's are brought to the host)
+        self.one_pass = one_pass
         self._images: dict[Any, _TiledImage] = {}
         self._queue: deque[tuple[Any, int]] = deque()  # (image key, tile index), in input order
+        self._queued_pixels = 0  # model pixels of the queued tiles: a batch holds BATCH_SIZE tiles' worth
         # streams > 1: that many batches in flight, each forward on its own thread (and CUDA stream), so one
         # batch's host work (detectron2's Python, its syncs) overlaps another's kernels
         self.streams = max(1, int(streams))
@@ -651,6 +663,8 @@ class TileBatcher:
 
     def tiles_for(self, shape: tuple[int, int], scale: float) -> list[Tile]:
         """The tiles an image of ``shape`` (original px) is cut into at model scale ``scale``."""
+        if self.one_pass and max(shape) * scale <= ONE_PASS_TILES * self.tile:
+            return make_tiles(shape, max(shape), 0)  # one tile: the whole image
         return _scaled_tiles(shape, self.tile, self.overlap, scale)
 
     def add(self, key: Any, norm: np.ndarray, scale: float) -> list[tuple[Any, TiledDetections | Exception]]:
@@ -662,7 +676,9 @@ class TileBatcher:
         tiles = self.tiles_for(norm.shape[:2], scale)
         self._images[key] = _TiledImage(norm, scale, tiles, [None] * len(tiles))
         self._queue.extend((key, i) for i in range(len(tiles)))
-        return self._run(lambda: len(self._queue) >= self.predictor.batch_size)
+        self._queued_pixels += sum(_model_pixels(t, scale) for t in tiles)
+        budget = self.predictor.batch_size * self.predictor.tile_area
+        return self._run(lambda: len(self._queue) >= self.predictor.batch_size or self._queued_pixels >= budget)
 
     def flush(self) -> list[tuple[Any, TiledDetections | Exception]]:
         """Run what is queued; every image added so far is returned by now."""
@@ -711,7 +727,7 @@ class TileBatcher:
         """The next batch: up to ``batch_size`` queued tiles of one model-input shape, their crops, and each
         image's (shape, tiles) for the detections (taken here: a stream thread never reads ``_images``)."""
         items, crops = [], []
-        while self._queue and len(items) < self.predictor.batch_size:
+        while self._queue and (not crops or len(items) < self.predictor.images_per_forward(crops[0].shape[:2])):
             key, index = self._queue[0]
             image = self._images[key]
             crop = _tile_crop(image.norm, image.tiles[index], image.scale)
@@ -719,6 +735,7 @@ class TileBatcher:
                 break  # another model-input shape: next batch
             items.append(self._queue.popleft())
             crops.append(crop)
+            self._queued_pixels -= crop.shape[0] * crop.shape[1]
         frames = {key: (self._images[key].norm.shape[:2], self._images[key].tiles) for key, _ in items}
         return items, crops, frames
 
@@ -742,6 +759,9 @@ class TileBatcher:
         """Record a batch's detections; the images it completed (or failed) come back."""
         keys = [key for key in dict.fromkeys(key for key, _ in items) if key in self._images]  # not failed yet
         if isinstance(found, Exception):
+            dropped = [(key, index) for key, index in self._queue if key in keys]
+            self._queued_pixels -= sum(_model_pixels(self._images[key].tiles[index], self._images[key].scale)
+                                       for key, index in dropped)
             for key in keys:
                 del self._images[key]
             self._queue = deque(item for item in self._queue if item[0] not in keys)
