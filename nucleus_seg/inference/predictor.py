@@ -609,11 +609,17 @@ class NucleusPredictor:
     def _warn_if_capped(self, outputs: list[Instances], area: int, score_thresh: float | None,
                         names: Sequence[str] | None) -> None:
         """A warning naming each input whose detections filled the cap with nuclei the output keeps: more may have
-        been cut (the length is known on the host; the scores are read only for an input at the cap)."""
+        been cut (the lengths are known on the host; the lowest scores of the inputs at the cap come back in one
+        copy, after the forward's work)."""
         cap = scaled_cap(self.detections_per_image, area / self.tile_area)
+        full = [k for k, found in enumerate(outputs) if 0 < cap <= len(found)]
+        if not full:
+            return
         shown = self.score_thresh if score_thresh is None else score_thresh
-        for k, found in enumerate(outputs):
-            if 0 < cap <= len(found) and float(found.scores.min()) >= shown:
+        lowest = torch.stack([outputs[k].scores.min() for k in full]).tolist()
+        for k, low in zip(full, lowest):
+            found = outputs[k]
+            if low >= shown:
                 name = names[k] if names is not None else f"an input of {found.image_size[0]}x{found.image_size[1]} px"
                 warnings.warn(
                     f"{name}: {len(found)} nuclei scoring >= {shown:g}, the most one pass keeps (TEST."
