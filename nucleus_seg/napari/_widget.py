@@ -1,9 +1,9 @@
 """The "Segment nuclei" dock widget: NucleusPredictor on an image layer, in a worker thread.
 
 The model (config + weights) is remembered between napari runs in ``$XDG_CONFIG_HOME/nucleus_seg/napari.json``
-(``~/.config`` by default). Prediction runs in napari's ``thread_worker``: an image larger than the tile
-goes tile batch by tile batch (``predict_large_steps``), so the progress bar moves and Cancel stops between
-batches; an image that fits in one tile is one step, as in nucleus-predict. The result is a Labels layer
+(``~/.config`` by default). Prediction runs in napari's ``thread_worker``: an image more than two tiles on a
+side goes tile batch by tile batch (``predict_large_steps``), so the progress bar moves and Cancel stops between
+batches; a smaller image is one step, as in nucleus-predict. The result is a Labels layer
 whose ``features`` and the table below hold the columns of nucleus-predict's ``_measurements.csv``.
 """
 
@@ -34,7 +34,7 @@ from napari.qt.threading import thread_worker
 from ..config import get_nucleus_cfg
 from ..inference import scale
 from ..inference.outputs import measure
-from ..inference.predictor import NucleusPredictor
+from ..inference.predictor import ONE_PASS_TILES, NucleusPredictor
 from ..inference.tiling import LabelPrediction
 from ..utils.files import atomic_write
 
@@ -75,11 +75,11 @@ def segment_steps(predictor: NucleusPredictor, image: np.ndarray, diameter: floa
                   tile: int) -> Generator[tuple[int, int], None, LabelPrediction]:
     """Yields (done, total) between the steps a worker may stop at; returns the label prediction.
 
-    As nucleus-predict: an image that fits in one tile (after the diameter rescale) in one pass,
-    a larger one tile batch by tile batch.
+    As nucleus-predict: an image up to ``ONE_PASS_TILES`` tiles on a side (after the diameter rescale) in one
+    pass, a larger one tile batch by tile batch.
     """
     scale = predictor.input_scale(diameter)
-    if max(image.shape[:2]) * (1.0 if scale is None else scale) <= tile:
+    if max(image.shape[:2]) * (1.0 if scale is None else scale) <= ONE_PASS_TILES * tile:
         yield 0, 1
         return predictor.predict_labels([image], diameter=diameter, score_thresh=score_thresh)[0]
     overlap = min(int(predictor.cfg.NUCLEUS.PREDICT.TILE_OVERLAP), tile // 2)  # a small tile keeps a core
@@ -124,7 +124,7 @@ class SegmentNucleiWidget(Container):
         self._score = FloatSpinBox(label="score threshold", min=0.0, max=1.0, step=0.05,
                                    value=float(saved.get("score_thresh", 0.5)))
         self._tile = SpinBox(label="tile size", min=128, max=8192, step=64, value=int(saved.get("tile", 512)),
-                             tooltip="images larger than this (model px) are predicted tile by tile")
+                             tooltip="images over two tiles on a side (model px) are predicted tile by tile")
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
