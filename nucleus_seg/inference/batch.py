@@ -49,7 +49,7 @@ from .outputs import (
     write_submission_csv,
 )
 from .postprocess import finish_labels, needs_image
-from .predictor import ONE_PASS_TILES, NucleusPredictor
+from .predictor import NucleusPredictor, fits_one_pass
 from .tiling import LabelPrediction, TiledDetections, seam_warning
 
 __all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
@@ -232,7 +232,7 @@ def _is_large(shape: tuple[int, ...], predictor: NucleusPredictor, tile: int) ->
     """Whether an image is tiled: past what ``NucleusPredictor`` sends through the model whole (up to
     ``ONE_PASS_TILES`` tiles on a side, with caps in proportion to its area)."""
     scale = predictor.input_scale()  # from NUCLEUS.PREDICT.DIAMETER; "auto" decides at scale 1
-    return max(shape[:2]) * (1.0 if scale is None else scale) > ONE_PASS_TILES * tile
+    return not fits_one_pass(shape, 1.0 if scale is None else scale, tile)
 
 
 def _fills_a_forward(pending: list[tuple[Path, np.ndarray]], predictor: NucleusPredictor) -> bool:
@@ -240,7 +240,7 @@ def _fills_a_forward(pending: list[tuple[Path, np.ndarray]], predictor: NucleusP
     tiles' worth of model pixels (``NucleusPredictor.images_per_forward``)."""
     scale = predictor.input_scale() or 1.0  # "auto" decides per image; at scale 1 until then
     pixels = sum(raw.shape[0] * raw.shape[1] for _, raw in pending) * scale * scale
-    return len(pending) >= predictor.batch_size or pixels >= predictor.batch_size * predictor.tile_area
+    return len(pending) >= predictor.batch_size or pixels >= predictor.pixels_per_forward
 
 
 MAX_WRITERS = 8  # each holds ~0.7 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core

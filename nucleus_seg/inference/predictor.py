@@ -93,6 +93,13 @@ logger = logging.getLogger(__name__)
 ONE_PASS_TILES = 2  # an image up to this many tiles on a side goes through the model whole
 
 
+def fits_one_pass(shape: Sequence[int], scale: float, tile: int) -> bool:
+    """Whether an image of ``shape`` (original px) at model scale ``scale`` goes through the model whole: up to
+    ``ONE_PASS_TILES`` tiles of ``tile`` model px on a side (larger: tile by tile). The one rule for the
+    predictor, its tile batcher, ``nucleus-predict`` and the napari widget."""
+    return max(shape[:2]) * scale <= ONE_PASS_TILES * tile
+
+
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize with detectron2's own transform (what DefaultPredictor resizes with)."""
     height, width = image.shape[:2]
@@ -408,7 +415,7 @@ class NucleusPredictor:
     def _fits_one_pass(self, shape: tuple[int, int], scale: float) -> bool:
         """Whether the image at ``scale`` goes through the model whole (else tile by tile: an image that
         "auto" upscales 5x must not be sent whole)."""
-        return max(shape) * scale <= ONE_PASS_TILES * self.cfg.NUCLEUS.PREDICT.TILE_SIZE
+        return fits_one_pass(shape, scale, self.tile_side)
 
     def _auto_pass(self, norm: np.ndarray, floor: float, tile: int | None = None, overlap: int | None = None,
                    ) -> Callable[[float], list[Detections]]:
@@ -462,7 +469,12 @@ class NucleusPredictor:
     def images_per_forward(self, size: tuple[int, int]) -> int:
         """How many model inputs of ``size`` go through one forward: ``BATCH_SIZE`` tiles' worth of pixels, at
         most ``BATCH_SIZE`` images (a batch of 16 images of 1024 px would hold the activations of 64 tiles)."""
-        return max(1, min(self.batch_size, self.batch_size * self.tile_area // max(1, size[0] * size[1])))
+        return max(1, min(self.batch_size, self.pixels_per_forward // max(1, size[0] * size[1])))
+
+    @property
+    def pixels_per_forward(self) -> int:
+        """Model pixels one forward holds: ``BATCH_SIZE`` tiles' worth."""
+        return self.batch_size * self.tile_area
 
     def _model_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
         if scale == 1.0 and self.aug is not None:  # DefaultPredictor's test-time resize
@@ -541,7 +553,7 @@ class NucleusPredictor:
         one, so filtering first keeps exactly the same detections above it, and the mask head (the costliest part
         at hundreds of detections) runs on those alone.
 
-        Detection caps (:func:`detection_caps`): an input of ``area`` model pixels larger than a tile gets the
+        Detection caps (:mod:`.model_settings`): an input of ``area`` model pixels larger than a tile gets the
         config's proposal and detection counts in proportion to its area, as the tiles covering it would.
 
         Forwards on several threads (TileBatcher streams) share the model: those asking for the same values run
@@ -567,28 +579,31 @@ class NucleusPredictor:
                     apply_settings(self._settings_base)
                     self._settings_free.notify_all()
 
+    def _device_tensors(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 HxWx3 arrays as float CHW tensors on the model's device."""
+        hosts = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        same_shape = len({h.shape for h in hosts}) == 1
+        if same_shape and self.device.type == "cuda":  # each image copied into one device batch
+            # pinning and stacking here, on the thread that feeds the GPU, cost ~17 and ~23 ms of its idle time on
+            # an H200 host: prediction batches come pinned from the prefetch threads instead (pinned_batch)
+            batch = torch.empty((len(hosts), *hosts[0].shape), device=self.device, dtype=hosts[0].dtype)
+            for slot, host in zip(batch, hosts):
+                slot.copy_(host, non_blocking=True)
+            return list(batch.permute(0, 3, 1, 2).float())
+        if same_shape:  # one copy for the whole batch
+            return list(torch.stack(hosts).to(self.device).permute(0, 3, 1, 2).float())
+        return [host.to(self.device).permute(2, 0, 1).float() for host in hosts]
+
     def _forward(self, arrays: Sequence[np.ndarray], score_thresh: float | None = None,
                  pinned: torch.Tensor | None = None, names: Sequence[str] | None = None) -> list[Instances]:
         """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
         ``score_thresh`` only detections scoring at least that (see ``_model_settings``). ``pinned``: the same
         arrays as one :func:`pinned_batch`, copied to the GPU without holding the host. ``names``: what a warning
         about an input calls it."""
-        tensors: list[torch.Tensor]
-        hosts = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-        same_shape = len({h.shape for h in hosts}) == 1
         if pinned is not None and self.device.type == "cuda":
             tensors = list(pinned.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float())
-        elif same_shape and self.device.type == "cuda":  # each image copied into one device batch
-            # not pinned: pinning a fresh batch cost ~17 ms on an H200 host; and not stacked on the host first:
-            # np.stack of 32 images took ~23 ms of the GPU's idle time there
-            batch = torch.empty((len(hosts), *hosts[0].shape), device=self.device, dtype=hosts[0].dtype)
-            for slot, host in zip(batch, hosts):
-                slot.copy_(host, non_blocking=True)
-            tensors = list(batch.permute(0, 3, 1, 2).float())
-        elif same_shape:  # one copy for the whole batch
-            tensors = list(torch.stack(hosts).to(self.device).permute(0, 3, 1, 2).float())
         else:
-            tensors = [host.to(self.device).permute(2, 0, 1).float() for host in hosts]
+            tensors = self._device_tensors(arrays)
         # no weight-cast cache: PyTorch keeps one cache for all threads (it empties it when any thread leaves
         # autocast), so with two tile batches in flight (STREAMS 2, each on its own CUDA stream) one forward could
         # use half-precision weights cast on the other's stream, unsynchronised, or freed and reused meanwhile.
@@ -669,7 +684,7 @@ class TileBatcher:
 
     def tiles_for(self, shape: tuple[int, int], scale: float) -> list[Tile]:
         """The tiles an image of ``shape`` (original px) is cut into at model scale ``scale``."""
-        if self.one_pass and max(shape) * scale <= ONE_PASS_TILES * self.tile:
+        if self.one_pass and fits_one_pass(shape, scale, self.tile):
             return make_tiles(shape, max(shape), 0)  # one tile: the whole image
         return _scaled_tiles(shape, self.tile, self.overlap, scale)
 
@@ -683,8 +698,8 @@ class TileBatcher:
         self._images[key] = _TiledImage(norm, scale, tiles, [None] * len(tiles))
         self._queue.extend((key, i) for i in range(len(tiles)))
         self._queued_pixels += sum(_model_pixels(t, scale) for t in tiles)
-        budget = self.predictor.batch_size * self.predictor.tile_area
-        return self._run(lambda: len(self._queue) >= self.predictor.batch_size or self._queued_pixels >= budget)
+        return self._run(lambda: len(self._queue) >= self.predictor.batch_size
+                         or self._queued_pixels >= self.predictor.pixels_per_forward)
 
     def flush(self) -> list[tuple[Any, TiledDetections | Exception]]:
         """Run what is queued; every image added so far is returned by now."""

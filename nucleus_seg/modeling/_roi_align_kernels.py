@@ -59,6 +59,7 @@ def pooled_bin(x_ptr, height, width, spatial_scale, rois_ptr, r, ph, pw, C: tl.c
             acc += keep * (hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4)
     return acc / count
 
+
 @triton.jit
 def roi_align_nhwc(x_ptr, rois_ptr, out_ptr, height, width, spatial_scale, C: tl.constexpr, PH: tl.constexpr,
                    PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr):
@@ -69,6 +70,7 @@ def roi_align_nhwc(x_ptr, rois_ptr, out_ptr, height, width, spatial_scale, C: tl
     value = pooled_bin(x_ptr, height, width, spatial_scale, rois_ptr, r, ph, pw, C, PH, PW, SAMPLING, ALIGNED)
     out = out_ptr + ((r * PH + ph) * PW + pw) * C + tl.arange(0, C)
     tl.store(out, value.to(out_ptr.dtype.element_ty))
+
 
 @triton.jit
 def roi_align_nhwc_levels(x0, x1, x2, x3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, levels_ptr, rois_ptr,

@@ -34,7 +34,7 @@ from napari.qt.threading import thread_worker
 from ..config import get_nucleus_cfg
 from ..inference import scale
 from ..inference.outputs import measure
-from ..inference.predictor import ONE_PASS_TILES, NucleusPredictor
+from ..inference.predictor import NucleusPredictor, fits_one_pass
 from ..inference.tiling import LabelPrediction
 from ..utils.files import atomic_write
 
@@ -79,7 +79,7 @@ def segment_steps(predictor: NucleusPredictor, image: np.ndarray, diameter: floa
     pass, a larger one tile batch by tile batch.
     """
     scale = predictor.input_scale(diameter)
-    if max(image.shape[:2]) * (1.0 if scale is None else scale) <= ONE_PASS_TILES * tile:
+    if fits_one_pass(image.shape, 1.0 if scale is None else scale, tile):
         yield 0, 1
         return predictor.predict_labels([image], diameter=diameter, score_thresh=score_thresh)[0]
     overlap = min(int(predictor.cfg.NUCLEUS.PREDICT.TILE_OVERLAP), tile // 2)  # a small tile keeps a core
