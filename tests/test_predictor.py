@@ -954,3 +954,21 @@ def test_a_one_pass_batcher_sends_small_images_whole_by_pixels_and_equals_predic
         assert len(pred) > 0
         np.testing.assert_array_equal(pred.labels, expected[key].labels)
         np.testing.assert_allclose(pred.scores, expected[key].scores, rtol=1e-5)
+
+
+def test_a_read_only_image_is_read_without_a_warning_or_a_copy():
+    """A memory-mapped or cached image is read-only: torch's 'not writable' warning would only alarm the user (the
+    tensor is only read). Run in a fresh interpreter: torch gives that warning once per process."""
+    import subprocess
+    import sys
+
+    setup = ("import numpy as np, torch; from nucleus_seg.inference.predictor import host_tensor\n"
+             "a = np.arange(12, dtype=np.uint8).reshape(2, 2, 3); a.setflags(write=False)\n")
+    helped = subprocess.run([sys.executable, "-W", "error", "-c", setup + (
+        "t = host_tensor(a); assert t.data_ptr() == a.ctypes.data and t.tolist() == a.tolist()\n"
+        "assert host_tensor(a[:, ::-1]).tolist() == a[:, ::-1].tolist()\n")], capture_output=True, text=True)
+    assert helped.returncode == 0, helped.stderr
+    # the warning kept quiet (the same interpreter without the helper fails on it)
+    bare = subprocess.run([sys.executable, "-W", "error", "-c", setup + "torch.from_numpy(a)\n"],
+                          capture_output=True, text=True)
+    assert bare.returncode != 0 and "not writable" in bare.stderr

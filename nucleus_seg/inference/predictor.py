@@ -140,6 +140,15 @@ def _prefetched(chunks: Sequence[Sequence[Any]], prepare: Callable[[Any], Any],
             yield ready, packed
 
 
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a CPU tensor sharing its memory (copied only if not contiguous). A read-only array (a memory
+    map, a cached dataset image) is fine: the tensor is only read, so torch's warning that it could be written
+    would only alarm the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def pinned_batch(arrays: Sequence[np.ndarray]) -> torch.Tensor | None:
     """Same-shape uint8 images stacked in page-locked host memory, for an asynchronous copy to the GPU; None when
     they differ. Made on a prefetch thread: a copy from pageable memory holds the host until it is done, and with it
@@ -581,7 +590,7 @@ class NucleusPredictor:
 
     def _device_tensors(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """uint8 HxWx3 arrays as float CHW tensors on the model's device."""
-        hosts = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        hosts = [host_tensor(a) for a in arrays]
         same_shape = len({h.shape for h in hosts}) == 1
         if same_shape and self.device.type == "cuda":  # each image copied into one device batch
             # pinning and stacking here, on the thread that feeds the GPU, cost ~17 and ~23 ms of its idle time on
