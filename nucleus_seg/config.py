@@ -28,6 +28,10 @@ def add_nucleus_config(cfg: CN) -> None:
     # the background (median) is brighter than the objects would be, so one model serves both.
     cfg.INPUT.NORMALIZE.INVERT = "auto"  # "auto" | "never" | "always"
     cfg.INPUT.NORMALIZE.GRAY = True  # collapse colour to one channel (replicated to 3)
+    # Which channel of a multi-channel image holds the nuclei (0-based; nucleus-predict --channel): -1 takes
+    # the brightest of the colour channels at each pixel, right for one stain or RGB, wrong for a composite of
+    # a nuclear stain with a cytoplasm or membrane marker, whose signal would then be read as nuclei.
+    cfg.INPUT.NORMALIZE.CHANNEL = -1
 
     cfg.INPUT.NUCLEUS = CN()
     cfg.INPUT.NUCLEUS.CROP_SIZE = 512  # square training crop (padded when the image is smaller)

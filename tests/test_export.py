@@ -85,13 +85,26 @@ def test_runner_normalisation_is_the_package_one():
     images = [read_image(SAMPLE / "image.tif"), rng.normal(100, 30, (64, 80)).astype(np.float32),
               rng.integers(0, 255, (50, 60, 3), dtype=np.uint8), rng.integers(0, 4000, (40, 40, 4), dtype=np.uint16),
               255 - rng.integers(0, 60, (30, 30), dtype=np.uint8)]
-    settings = [dict(), dict(method="minmax"), dict(gray=False, invert="never"), dict(invert="always", low=2, high=98)]
+    settings = [dict(), dict(method="minmax"), dict(gray=False, invert="never"), dict(invert="always", low=2, high=98),
+                dict(channel=0), dict(channel=2), dict(channel=3, gray=False)]
     for image in images:
         for s in settings:
             n = {"METHOD": s.get("method", "percentile"), "LOW": s.get("low", 1.0), "HIGH": s.get("high", 99.8),
-                 "INVERT": s.get("invert", "auto"), "GRAY": s.get("gray", True)}
-            want = normalize_image(image, n["METHOD"], n["LOW"], n["HIGH"], n["INVERT"], n["GRAY"])
+                 "INVERT": s.get("invert", "auto"), "GRAY": s.get("gray", True), "CHANNEL": s.get("channel", -1)}
+            channels = 1 if image.ndim == 2 else image.shape[2]
+            if n["CHANNEL"] >= channels:  # both refuse an image without the nuclear channel, naming the count
+                refused = f"has {channels} channel.*no channel {n['CHANNEL']}"
+                with pytest.raises(ValueError, match=refused):
+                    normalize_image(image, channel=n["CHANNEL"])
+                with pytest.raises(ValueError, match=refused):
+                    runner.normalize(image, n)
+                continue
+            want = normalize_image(image, n["METHOD"], n["LOW"], n["HIGH"], n["INVERT"], n["GRAY"], n["CHANNEL"])
             np.testing.assert_array_equal(runner.normalize(image, n), want, err_msg=f"{image.dtype} {s}")
+            if n["CHANNEL"] >= 0:  # that channel alone, as a one-channel image would be
+                alone = image if image.ndim == 2 else image[..., n["CHANNEL"]]
+                np.testing.assert_array_equal(want, normalize_image(alone, n["METHOD"], n["LOW"], n["HIGH"],
+                                                                    n["INVERT"], n["GRAY"]))
     assert np.array_equal(runner.normalize(images[2], {"METHOD": "none", "LOW": 1, "HIGH": 99, "INVERT": "auto",
                                                        "GRAY": True}), normalize_image(images[2], "none"))
 

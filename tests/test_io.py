@@ -47,8 +47,48 @@ def test_read_image_errors_name_the_file(tmp_path):
         io.read_image(bad)
     with pytest.raises(io.ImageReadError, match="missing.tif"):
         io.read_image(tmp_path / "missing.tif")
-    with pytest.raises(io.ImageReadError, match="z-stacks"):
+    with pytest.raises(io.ImageReadError, match=r"stack\.tif.*split a stack of planes"):
         io.check_image_shape(np.zeros((5, 16, 16, 2)), "stack.tif")
+
+
+def test_tiff_metadata_says_which_axis_is_channels_and_a_stack_is_refused_by_what_it_holds(tmp_path):
+    """An ImageJ or OME composite stores its channels first, (C, Y, X): with two channels it was refused as a
+    z-stack. A real stack is still refused, saying what its planes are."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    planes = rng.integers(0, 4000, (2, 24, 32), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "composite.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "one_slice.tif", planes[None], imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "composite.ome.tif", planes, metadata={"axes": "CYX"})
+    for name in ("composite.tif", "one_slice.tif", "composite.ome.tif"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), np.moveaxis(planes, 0, -1), err_msg=name)
+    tifffile.imwrite(tmp_path / "zstack.tif", np.zeros((5, 2, 24, 32), np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    with pytest.raises(ImageReadError, match=r"zstack\.tif: a stack of 2-D images \(5 z-slices; axes ZCYX"):
+        read_image(tmp_path / "zstack.tif")
+    tifffile.imwrite(tmp_path / "movie.tif", np.zeros((3, 24, 32), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    with pytest.raises(ImageReadError, match=r"movie\.tif: a stack of 2-D images \(3 time points"):
+        read_image(tmp_path / "movie.tif")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((24, 32, 3), np.uint8))  # samples last: as before
+    assert read_image(tmp_path / "rgb.tif").shape == (24, 32, 3)
+
+
+def test_the_nuclear_channel_of_a_composite_is_read_alone():
+    """A nuclear stain with a cytoplasm marker: every channel at once reads the cytoplasm as nuclei too; the
+    chosen channel is normalised exactly as that channel saved on its own."""
+    yy, xx = np.mgrid[:64, :64]
+    nuclei = np.where((yy - 20) ** 2 + (xx - 20) ** 2 < 36, 3000, 200).astype(np.uint16)
+    cytoplasm = np.where((yy - 40) ** 2 + (xx - 44) ** 2 < 300, 5000, 100).astype(np.uint16)
+    composite = np.stack([cytoplasm, nuclei], axis=-1)
+    np.testing.assert_array_equal(normalize_image(composite, channel=1), normalize_image(nuclei))
+    assert normalize_image(composite)[44, 44, 0] == 255  # every channel: the cytoplasm is as bright as nuclei
+    assert normalize_image(composite, channel=1)[44, 44, 0] == 0
+    with pytest.raises(ValueError, match=r"has 2 channels \(0-1\): it has no channel 2"):
+        normalize_image(composite, channel=2)
+    with pytest.raises(ValueError, match=r"has 1 channel \(0-0\): it has no channel 1"):
+        normalize_image(nuclei, channel=1)
+    np.testing.assert_array_equal(normalize_image(nuclei, channel=0), normalize_image(nuclei))
 
 
 

@@ -551,3 +551,36 @@ def test_an_image_up_to_two_tiles_on_a_side_gets_the_labels_of_the_python_api(cl
     assert any(e.labels.max() > 0 for e in expected)
     for (name, _), want in zip(images.items(), expected):
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / f"{name}_labels.tif"), want.labels)
+
+
+def test_channel_picks_the_nuclear_stain_of_an_imagej_composite(cli_cfg, tmp_path, capsys):
+    """``--channel 1`` on a two-channel ImageJ composite (stored channels first) gives the labels of that channel
+    saved alone; the measurements keep one intensity column per channel; an image without the channel fails by
+    name while the others are written."""
+    from test_predictor import blobs
+
+    weights = random_weights(cli_cfg, tmp_path)
+    nuclei, cytoplasm = blobs((96, 112), np.uint16, seed=3), blobs((96, 112), np.uint16, seed=8)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "composite.tif", np.stack([cytoplasm, nuclei]), imagej=True,
+                     metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "in" / "nuclei.tif", np.stack([nuclei, nuclei], axis=-1))
+    tifffile.imwrite(tmp_path / "in" / "gray.tif", nuclei)  # one channel: it has no channel 1
+    out = tmp_path / "out"
+    argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--output", str(out), "--channel", "1",
+            "--formats", "labels,csv", "MODEL.WEIGHTS", str(weights), "NUCLEUS.PREDICT.DIAMETER", "0.0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"gray\.tif: the image has 1 channel \(0-0\): it has no channel 1", err), err
+    labels = tifffile.imread(out / "composite_labels.tif")
+    np.testing.assert_array_equal(labels, tifffile.imread(out / "nuclei_labels.tif"))
+    assert labels.max() > 0
+    rows = read_csv(out / "composite_measurements.csv")
+    assert {"mean_intensity_c0", "mean_intensity_c1"} <= set(rows[0])
+    # the intensities are each channel's own: channel 1 is the nuclear stain the labels came from
+    first = labels == 1
+    assert float(rows[0]["mean_intensity_c1"]) == pytest.approx(nuclei[first].mean(), rel=1e-6)
+    assert float(rows[0]["mean_intensity_c0"]) == pytest.approx(cytoplasm[first].mean(), rel=1e-6)
+    with pytest.raises(SystemExit) as exc:
+        main(argv[:-4] + ["--channel", "-2"])
+    assert exc.value.code == 2 and "--channel -2" in capsys.readouterr().err

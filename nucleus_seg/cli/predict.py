@@ -1,7 +1,7 @@
 """``nucleus-predict``: segment nuclei in image files and write label images, overlays and tables.
 
     nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto]
-                    [--tile N] [--overlap N] [--batch N] [--score-thresh S]
+                    [--tile N] [--overlap N] [--batch N] [--score-thresh S] [--channel C]
                     [--formats labels,overlay,csv,submission,coco] [--resume] [KEY VALUE ...]
 
 Per image: ``OUT/<stem>_labels.tif`` (uint16 ImageJ TIFF; uint32 past 65535 nuclei),
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 16 on a GPU, 8 on the CPU)")
     parser.add_argument("--score-thresh", type=float, help="keep nuclei scoring at least this "
                         "(NUCLEUS.PREDICT.SCORE_THRESH)")
+    parser.add_argument("--channel", type=int, help="the channel holding the nuclei in multi-channel images, from "
+                        "0 (INPUT.NORMALIZE.CHANNEL; default -1: the brightest colour channel at each pixel, wrong "
+                        "for a composite with a cytoplasm or membrane stain)")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     parser.add_argument("--resume", action="store_true",
                         help="skip images whose outputs exist (per-run files are still rebuilt from all)")
@@ -68,6 +71,10 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
         except ValueError as exc:
             parser.error(f"--diameter: {exc}")
         pred_cfg.DIAMETER = -1.0 if diameter is None else diameter
+    if args.channel is not None:
+        if args.channel < -1:
+            parser.error(f"--channel {args.channel}: a channel index from 0, or -1 for every channel")
+        cfg.INPUT.NORMALIZE.CHANNEL = args.channel
     for value, key in ((args.tile, "TILE_SIZE"), (args.overlap, "TILE_OVERLAP"), (args.batch, "BATCH_SIZE"),
                        (args.score_thresh, "SCORE_THRESH")):
         if value is not None:

@@ -34,12 +34,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: no such file")
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            image = tifffile.imread(str(path))
+            image = _read_tiff(path)
         else:
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if image is not None and image.ndim == 3:
                 code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
                 image = cv2.cvtColor(image, code)
+    except ImageReadError:
+        raise
     except Exception as exc:  # tifffile/cv2 raise many types for corrupt files
         raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
     if image is None or image.size == 0:
@@ -57,6 +59,29 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
+AXIS_NAMES = {"Z": "z-slices", "T": "time points", "C": "channels", "S": "samples", "I": "planes", "Q": "planes"}
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF's first series, channels last where its metadata (ImageJ, OME) names a channel axis, so a
+    two-channel ImageJ composite (C, Y, X) reads as HxWx2. A stack of several 2-D planes (z-slices, time
+    points) is refused with what its axes are: each plane is an image of its own."""
+    with tifffile.TiffFile(str(path)) as tif:
+        series = tif.series[0]
+        image, axes = series.asarray(), series.axes
+    kept = [k for k, size in enumerate(image.shape) if size > 1 or axes[k] in "YX"]
+    image, axes = image.reshape([image.shape[k] for k in kept]), "".join(axes[k] for k in kept)
+    if axes == "CYX":
+        return np.moveaxis(image, 0, -1)
+    planes = [(axis, size) for axis, size in zip(axes, image.shape) if axis in "ZTI"]
+    if planes:
+        what = ", ".join(f"{size} {AXIS_NAMES[axis]}" for axis, size in planes)
+        raise ImageReadError(f"{path}: a stack of 2-D images ({what}; axes {axes}, shape {tuple(image.shape)}), "
+                             "not one image: save each plane as an image of its own (Fiji: Image > Stacks > "
+                             "Stack to Images) and give those")
+    return image
+
+
 def check_image_shape(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
     """Accept HxW or HxWxC with C<=4 (and drop singleton leading axes); refuse stacks."""
     while image.ndim > 2 and image.shape[0] == 1:
@@ -66,8 +91,8 @@ def check_image_shape(image: np.ndarray, source: str | os.PathLike = "<array>") 
     if image.ndim == 2 or (image.ndim == 3 and 1 <= image.shape[2] <= 4):
         return image
     raise ImageReadError(
-        f"{source}: shape {image.shape} is not a 2-D image (HxW or HxWxC with C<=4); "
-        "z-stacks and time series must be split into 2-D planes first"
+        f"{source}: shape {image.shape} is not a 2-D image (HxW or HxWxC with C<=4): split a stack of planes "
+        "(z-slices, time points) into 2-D images, and save channels last or as an ImageJ composite"
     )
 
 
@@ -95,6 +120,17 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     # uint32 ids above 2**31 would wrap negative in int32
     wide = label.dtype.itemsize > 4 or (label.dtype.kind == "u" and label.dtype.itemsize == 4)
     return label.astype(np.int64 if wide else np.int32, copy=False)
+
+
+def select_channel(image: np.ndarray, channel: int) -> np.ndarray:
+    """Channel ``channel`` of an HxW or HxWxC image as HxW (the image itself for -1, every channel)."""
+    if channel < 0:
+        return image
+    count = 1 if image.ndim == 2 else image.shape[2]
+    if channel >= count:
+        raise ValueError(f"the image has {count} channel{'s' if count > 1 else ''} (0-{count - 1}): it has no "
+                         f"channel {channel} (INPUT.NORMALIZE.CHANNEL, nucleus-predict --channel)")
+    return image if image.ndim == 2 else np.ascontiguousarray(image[..., channel])
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -148,15 +184,17 @@ def normalize_image(
     high: float = 99.8,
     invert: str = "auto",
     gray: bool = True,
+    channel: int = -1,
 ) -> np.ndarray:
     """Map any microscopy image to HxWx3 uint8, nuclei bright on dark.
 
     Percentile stretching makes 8-, 12- and 16-bit data and different exposures look alike, which is
     what lets one model serve them all. ``invert="auto"`` flips images whose background is brighter
     than their foreground (brightfield, H&E), judged by the median lying in the upper half. NaN/Inf
-    pixels of float images are left out of the stretch and come out as background (0).
+    pixels of float images are left out of the stretch and come out as background (0). ``channel`` >= 0:
+    only that channel is read (the nuclear stain of a composite); a ``ValueError`` if the image lacks it.
     """
-    image = check_image_shape(np.asarray(image))
+    image = select_channel(check_image_shape(np.asarray(image)), channel)
     bad = None
     if method == "none":
         if image.dtype != np.uint8:
@@ -213,7 +251,7 @@ def normalize_image(
 def normalize_from_cfg(image: np.ndarray, cfg) -> np.ndarray:
     """``normalize_image`` with the settings of ``cfg.INPUT.NORMALIZE``."""
     n = cfg.INPUT.NORMALIZE
-    return normalize_image(image, n.METHOD, n.LOW, n.HIGH, n.INVERT, n.GRAY)
+    return normalize_image(image, n.METHOD, n.LOW, n.HIGH, n.INVERT, n.GRAY, n.CHANNEL)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

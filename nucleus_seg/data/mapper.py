@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from ..modeling.ignore import IGNORE_CLASS
 from ..structures import LabelMasks, valid_polygons
-from .io import normalize_image, read_image
+from .io import ImageReadError, normalize_image, read_image
 from .transforms import build_nucleus_augmentation, median_diameter
 
 __all__ = ["NucleusDatasetMapper", "instance_label_layers", "AnnotationError"]
@@ -335,7 +335,7 @@ class NucleusDatasetMapper:
             "augmentations": build_nucleus_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "normalize": {"method": n.METHOD, "low": n.LOW, "high": n.HIGH, "invert": n.INVERT,
-                          "gray": n.GRAY},
+                          "gray": n.GRAY, "channel": n.CHANNEL},
             "use_instance_mask": cfg.MODEL.MASK_ON,
             "min_instance_area": cfg.INPUT.NUCLEUS.MIN_INSTANCE_AREA,
             "crowd_as_ignore": cfg.INPUT.NUCLEUS.CROWD_AS_IGNORE,
@@ -344,7 +344,12 @@ class NucleusDatasetMapper:
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = dict(dataset_dict)  # shallow: nested annotations are read, never modified
         file_name = dataset_dict["file_name"]
-        image = normalize_image(read_image(file_name), **self.normalize)
+        try:
+            image = normalize_image(read_image(file_name), **self.normalize)
+        except ImageReadError:
+            raise
+        except ValueError as exc:  # e.g. no INPUT.NORMALIZE.CHANNEL in this image: say which image
+            raise ImageReadError(f"{file_name}: {exc}") from exc
         height, width = image.shape[:2]
         claimed = (dataset_dict.get("height", height), dataset_dict.get("width", width))
         if claimed != (height, width):

@@ -47,7 +47,7 @@ def runner_metadata(cfg, score_floor: float) -> dict:
     return {
         "nucleus_seg": __version__,
         "normalize": {"METHOD": norm.METHOD, "LOW": float(norm.LOW), "HIGH": float(norm.HIGH),
-                      "INVERT": norm.INVERT, "GRAY": bool(norm.GRAY)},
+                      "INVERT": norm.INVERT, "GRAY": bool(norm.GRAY), "CHANNEL": int(norm.CHANNEL)},
         "input_format": cfg.INPUT.FORMAT,
         "score_thresh": max(float(pred.SCORE_THRESH), score_floor),
         "score_floor": score_floor,

@@ -28,6 +28,18 @@ from pathlib import Path
 import numpy as np
 
 
+def read_tiff(path: str) -> np.ndarray:
+    """A TIFF's first series, channels last where ImageJ or OME metadata names a channel axis (nucleus_seg's
+    ``read_image``: a two-channel composite is (C, Y, X) on disk)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        image, axes = tif.series[0].asarray(), tif.series[0].axes
+    kept = [k for k, size in enumerate(image.shape) if size > 1 or axes[k] in "YX"]
+    image, axes = image.reshape([image.shape[k] for k in kept]), "".join(axes[k] for k in kept)
+    return np.moveaxis(image, 0, -1) if axes == "CYX" else image
+
+
 def normalize(image: np.ndarray, n: dict) -> np.ndarray:
     """HxWx3 uint8, nuclei bright on dark: nucleus_seg's ``normalize_image`` (same arithmetic)."""
     image = np.asarray(image)
@@ -35,6 +47,13 @@ def normalize(image: np.ndarray, n: dict) -> np.ndarray:
         image = image[0]
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] > 4:
         image = np.moveaxis(image, 0, -1)
+    channel = int(n.get("CHANNEL", -1))  # the nuclear stain of a composite (models exported before it: all)
+    if channel >= 0:
+        count = 1 if image.ndim == 2 else image.shape[2]
+        if channel >= count:
+            raise ValueError(f"the image has {count} channel{'s' if count > 1 else ''} (0-{count - 1}): it has no "
+                             f"channel {channel} (the model's normalize.CHANNEL)")
+        image = image if image.ndim == 2 else image[..., channel]
     gray = (lambda a: a if a.ndim == 2 else a[..., 0] if a.shape[2] == 1 else a[..., :3].max(axis=2))
     if n["METHOD"] == "none":
         out = image[..., None] if image.ndim == 2 else image[..., :3]
@@ -330,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     tiff = (lambda p: Path(p).suffix.lower() in (".tif", ".tiff"))
     if tiff(args.image) or tiff(args.out):
         import tifffile  # only for TIFF files
-    image = tifffile.imread(args.image) if tiff(args.image) else np.load(args.image)
+    image = read_tiff(args.image) if tiff(args.image) else np.load(args.image)
     labels, scores = Segmenter(args.model_dir, args.backend)(image, args.score_thresh, args.diameter)
     labels = labels.astype(np.uint16 if labels.max(initial=0) < 65536 else np.uint32)
     tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")  # written whole, then moved into place
