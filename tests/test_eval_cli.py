@@ -209,8 +209,10 @@ def test_match_key_drops_tool_suffixes(name, key):
     assert match_key(name) == key
 
 
-def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys):
-    """``--baseline watershed`` runs the classical pipeline over a dataset and writes the same outputs."""
+@pytest.mark.parametrize("composite", [False, True])
+def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys, composite):
+    """``--baseline watershed`` runs the classical pipeline over a dataset and writes the same outputs; on
+    composites of a cytoplasm marker and the nuclei, INPUT.NORMALIZE.CHANNEL gives it the nuclei alone."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     yy, xx = np.mgrid[:64, :80]
@@ -221,7 +223,12 @@ def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys):
             label[((yy - cy) ** 2 + (xx - cx) ** 2 <= 81) & (label == 0)] = k
         image = ((label > 0) * 160 + 30).astype(np.uint8)
         path = tmp_path / f"img{i}.png"
-        cv2.imwrite(str(path), image)
+        if composite:  # a bright cell body around no nucleus in channel 0, the nuclei in channel 1
+            cytoplasm = np.where((yy - 50) ** 2 + (xx - 15) ** 2 <= 120, 220, 20).astype(np.uint8)
+            path = path.with_suffix(".tif")
+            tifffile.imwrite(path, np.stack([cytoplasm, image]), imagej=True, metadata={"axes": "CYX"})
+        else:
+            cv2.imwrite(str(path), image)
         dicts.append({"file_name": str(path), "image_id": i, "height": 64, "width": 80,
                       "annotations": label_image_to_annotations(label)})
     name = f"nucleus_cli_test_{uuid.uuid4().hex[:8]}"
@@ -229,10 +236,11 @@ def test_baseline_mode_on_a_registered_dataset(tmp_path, capsys):
     MetadataCatalog.get(name).set(thing_classes=["nucleus"])
     try:
         out = tmp_path / "out"
-        assert (
-            main(["--baseline", "watershed", "--dataset", name, "--output", str(out), "--num-worst", "1"])
-            == 0
-        )
+        argv = ["--baseline", "watershed", "--dataset", name, "--output", str(out), "--num-worst", "1"]
+        if composite:  # every channel at once: the cell body is found as a nucleus too
+            assert main(argv + ["INPUT.NORMALIZE.CHANNEL", "-1"]) == 0
+            assert json.loads((out / name / "metrics.json").read_text())["fp50"] > 0
+        assert main(argv + (["INPUT.NORMALIZE.CHANNEL", "1"] if composite else [])) == 0
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

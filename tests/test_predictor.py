@@ -231,7 +231,7 @@ def test_auto_diameter_without_confident_nuclei_keeps_the_first_pass(cfg):
 
 def test_bad_input_is_refused_clearly(cfg):
     predictor = NucleusPredictor(cfg)
-    with pytest.raises(ImageReadError, match="z-stacks"):
+    with pytest.raises(ImageReadError, match="split a stack of planes"):
         predictor(np.zeros((5, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="diameter"):
         predictor(np.zeros((32, 32), np.uint8), diameter="big")

@@ -13,6 +13,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from detectron2.utils import comm
 
 from ..config import predict_batch_size
 from ..data.catalog import dataset_dirname, register_datasets_from_cfg
-from ..data.io import read_image, read_label_image
+from ..data.io import read_image, read_label_image, select_channel
 from ..inference.baseline import watershed_segment
 from ..inference.predictor import NucleusPredictor
 from ..structures import gt_label_image, label_image_to_masks
@@ -176,9 +177,11 @@ def label_to_instances(label: np.ndarray) -> Instances:
     return instances
 
 
-def watershed_model(inputs: list[dict]) -> list[dict]:
-    """The classical baseline as a detectron2-style model: raw image files in, Instances out."""
-    return [{"instances": label_to_instances(watershed_segment(read_image(inp["file_name"])))} for inp in inputs]
+def watershed_model(inputs: list[dict], channel: int = -1) -> list[dict]:
+    """The classical baseline as a detectron2-style model: raw image files in (their nuclear ``channel``, as
+    INPUT.NORMALIZE.CHANNEL gives the model), Instances out."""
+    return [{"instances": label_to_instances(watershed_segment(select_channel(read_image(inp["file_name"]), channel)))}
+            for inp in inputs]
 
 
 def predictor_model(cfg, model: torch.nn.Module | None = None) -> Model:
@@ -224,7 +227,9 @@ def evaluate_datasets(
     if output is not None and comm.is_main_process():
         check_writable(output)
     register_eval_datasets(cfg, datasets)
-    run_model = watershed_model if baseline == "watershed" else predictor_model(cfg, model)
+    channel = int(cfg.INPUT.NORMALIZE.CHANNEL)
+    run_model = (partial(watershed_model, channel=channel) if baseline == "watershed"
+                 else predictor_model(cfg, model))
     batch = predict_batch_size(cfg) if baseline is None else 1
     evaluations = {}
     for name in datasets:
@@ -237,19 +242,20 @@ def evaluate_datasets(
             if baseline:
                 report["baseline"] = baseline
             if out_dir is not None:
-                write_figures(report, out_dir, _dataset_loader(evaluator), num_worst)
+                write_figures(report, out_dir, _dataset_loader(evaluator, channel), num_worst)
         evaluations[name] = DatasetEvaluation(results, report)
     return evaluations
 
 
-def _dataset_loader(evaluator: NucleusEvaluator) -> Callable[[dict], tuple]:
-    """``load(row) -> (gt, pred, image)`` of an evaluated dataset's per-image row, for the figures."""
+def _dataset_loader(evaluator: NucleusEvaluator, channel: int = -1) -> Callable[[dict], tuple]:
+    """``load(row) -> (gt, pred, image)`` of an evaluated dataset's per-image row, for the figures (the image as
+    the model saw it: the nuclear ``channel`` of a composite)."""
     records = {r["image_id"]: r for r in evaluator.records}
 
     def load(row: dict):
         record = evaluator.gt_by_id[row["image_id"]]
         pred = prediction_label_image(records[row["image_id"]], evaluator.score_thresh)
-        return gt_label_image(record), pred, read_image(record["file_name"])
+        return gt_label_image(record), pred, select_channel(read_image(record["file_name"]), channel)
 
     return load
 
