@@ -265,6 +265,8 @@ def write_figures(report: dict, out_dir: Path, load: Callable, num_worst: int) -
     """curves.png and overlays of the ``num_worst`` lowest-DSB images (``load(row) -> gt, pred, image``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(report, out_dir / "curves.png")
+    for old in out_dir.glob("worst_[0-9][0-9]_*.png"):  # an earlier run's worst images, replaced as metrics.json is
+        old.unlink()
     for rank, row in enumerate(worst_rows(report, num_worst), start=1):
         gt, pred, image = load(row)
         stem = safe_name(Path(str(row["file_name"])).stem, max_length=80)
