@@ -59,7 +59,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
-AXIS_NAMES = {"Z": "z-slices", "T": "time points", "C": "channels", "S": "samples", "I": "planes", "Q": "planes"}
+PLANE_AXES = {"Z": "z-slices", "T": "time points", "I": "planes"}  # tifffile's letters for a stack's planes
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -73,9 +73,9 @@ def _read_tiff(path: Path) -> np.ndarray:
     image, axes = image.reshape([image.shape[k] for k in kept]), "".join(axes[k] for k in kept)
     if axes == "CYX":
         return np.moveaxis(image, 0, -1)
-    planes = [(axis, size) for axis, size in zip(axes, image.shape) if axis in "ZTI"]
+    planes = [(axis, size) for axis, size in zip(axes, image.shape) if axis in PLANE_AXES]
     if planes:
-        what = ", ".join(f"{size} {AXIS_NAMES[axis]}" for axis, size in planes)
+        what = ", ".join(f"{size} {PLANE_AXES[axis]}" for axis, size in planes)
         raise ImageReadError(f"{path}: a stack of 2-D images ({what}; axes {axes}, shape {tuple(image.shape)}), "
                              "not one image: save each plane as an image of its own (Fiji: Image > Stacks > "
                              "Stack to Images) and give those")

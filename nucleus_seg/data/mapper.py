@@ -344,10 +344,9 @@ class NucleusDatasetMapper:
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = dict(dataset_dict)  # shallow: nested annotations are read, never modified
         file_name = dataset_dict["file_name"]
+        image = read_image(file_name)  # its errors name the file
         try:
-            image = normalize_image(read_image(file_name), **self.normalize)
-        except ImageReadError:
-            raise
+            image = normalize_image(image, **self.normalize)
         except ValueError as exc:  # e.g. no INPUT.NORMALIZE.CHANNEL in this image: say which image
             raise ImageReadError(f"{file_name}: {exc}") from exc
         height, width = image.shape[:2]
