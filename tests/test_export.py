@@ -23,7 +23,7 @@ from detectron2.modeling import build_model
 
 from nucleus_seg.cli.export import main as export_main
 from nucleus_seg.config import get_nucleus_cfg
-from nucleus_seg.data.io import normalize_image, read_image, read_label_image
+from nucleus_seg.data.io import check_image_shape, normalize_image, read_image, read_label_image
 from nucleus_seg.evaluation.matching import dsb_score, label_overlap
 from nucleus_seg.export import runner
 from nucleus_seg.inference.masks import paste_mask_windows
@@ -84,14 +84,15 @@ def test_runner_normalisation_is_the_package_one():
     rng = np.random.default_rng(0)
     images = [read_image(SAMPLE / "image.tif"), rng.normal(100, 30, (64, 80)).astype(np.float32),
               rng.integers(0, 255, (50, 60, 3), dtype=np.uint8), rng.integers(0, 4000, (40, 40, 4), dtype=np.uint16),
-              255 - rng.integers(0, 60, (30, 30), dtype=np.uint8)]
+              255 - rng.integers(0, 60, (30, 30), dtype=np.uint8),
+              np.dstack([rng.integers(0, 4000, (40, 40, 3), dtype=np.uint16), np.full((40, 40), 65535, np.uint16)])]
     settings = [dict(), dict(method="minmax"), dict(gray=False, invert="never"), dict(invert="always", low=2, high=98),
                 dict(channel=0), dict(channel=2), dict(channel=3, gray=False)]
     for image in images:
         for s in settings:
             n = {"METHOD": s.get("method", "percentile"), "LOW": s.get("low", 1.0), "HIGH": s.get("high", 99.8),
                  "INVERT": s.get("invert", "auto"), "GRAY": s.get("gray", True), "CHANNEL": s.get("channel", -1)}
-            channels = 1 if image.ndim == 2 else image.shape[2]
+            channels = 1 if image.ndim == 2 else check_image_shape(image).shape[2]  # an opaque alpha is not one
             if n["CHANNEL"] >= channels:  # both refuse an image without the nuclear channel, naming the count
                 refused = f"has {channels} channel.*no channel {n['CHANNEL']}"
                 with pytest.raises(ValueError, match=refused):
@@ -105,8 +106,9 @@ def test_runner_normalisation_is_the_package_one():
                 alone = image if image.ndim == 2 else image[..., n["CHANNEL"]]
                 np.testing.assert_array_equal(want, normalize_image(alone, n["METHOD"], n["LOW"], n["HIGH"],
                                                                     n["INVERT"], n["GRAY"]))
-    assert np.array_equal(runner.normalize(images[2], {"METHOD": "none", "LOW": 1, "HIGH": 99, "INVERT": "auto",
-                                                       "GRAY": True}), normalize_image(images[2], "none"))
+    for image in (images[2], rng.integers(0, 255, (30, 30, 4), dtype=np.uint8)):  # every channel in the max
+        assert np.array_equal(runner.normalize(image, {"METHOD": "none", "LOW": 1, "HIGH": 99, "INVERT": "auto",
+                                                       "GRAY": True}), normalize_image(image, "none"))
 
 
 def test_runner_resize_is_detectron2s_within_a_grey_level():

@@ -92,6 +92,51 @@ def test_the_nuclear_channel_of_a_composite_is_read_alone():
 
 
 
+def test_a_fourth_channel_is_data_unless_it_is_an_opaque_alpha(tmp_path, caplog):
+    """A four-channel composite with the nuclear stain last: the default max over channels reads it (the first
+    three alone missed it), and the measurements get four intensity columns. An opaque alpha (constant) is
+    dropped wherever the image comes from; a PNG's alpha always; a TIFF's alpha-tagged 4th channel that varies is
+    kept, with a warning (tifffile tags any 4-channel array as RGBA)."""
+    import logging
+
+    import cv2
+    import tifffile
+
+    from nucleus_seg.inference.outputs import measure
+
+    yy, xx = np.mgrid[:48, :48]
+    nuclei = np.where((yy - 20) ** 2 + (xx - 20) ** 2 < 36, 3000, 200).astype(np.uint16)
+    markers = [np.full_like(nuclei, 300) for _ in range(3)]
+    composite = np.stack([*markers, nuclei], axis=-1)
+    assert normalize_image(composite)[20, 20, 0] == 255 and normalize_image(composite)[40, 40, 0] < 128
+    np.testing.assert_array_equal(normalize_image(composite, channel=3), normalize_image(nuclei))
+    labels = ((yy - 20) ** 2 + (xx - 20) ** 2 < 36).astype(np.int32)
+    header, rows = measure(labels, composite, [0.9])
+    assert [h for h in header if h.startswith("mean_intensity")] == [f"mean_intensity_c{c}" for c in range(4)]
+    assert rows[0][header.index("mean_intensity_c3")] == 3000
+
+    opaque = np.dstack([nuclei, nuclei, nuclei, np.full_like(nuclei, 65535)])
+    assert io.check_image_shape(opaque).shape == (48, 48, 3)
+    np.testing.assert_array_equal(normalize_image(opaque), normalize_image(nuclei))
+    assert len(measure(labels, opaque, [0.9])[0]) == len(measure(labels, composite[..., :3], [0.9])[0])
+
+    png = tmp_path / "rgba.png"
+    alpha = np.where(xx < 24, 255, 128).astype(np.uint8)  # a PNG's alpha, varying: transparency, never a stain
+    cv2.imwrite(str(png), np.dstack([np.full((48, 48, 3), 9, np.uint8), alpha]))
+    assert read_image(png).shape == (48, 48, 3) and (read_image(png) == 9).all()
+
+    tagged, imagej = tmp_path / "tagged.tif", tmp_path / "imagej.tif"
+    tifffile.imwrite(tagged, composite)  # photometric RGB, 4th sample tagged as alpha
+    tifffile.imwrite(imagej, np.moveaxis(composite, -1, 0), imagej=True, metadata={"axes": "CYX"})
+    for path, warned in ((tagged, True), (imagej, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nucleus_seg.data.io"):
+            np.testing.assert_array_equal(read_image(path), composite)
+        assert (f"{path}: its 4th channel is tagged as alpha but varies" in caplog.text) is warned
+    tifffile.imwrite(tagged, opaque)
+    np.testing.assert_array_equal(read_image(tagged), opaque[..., :3])
+
+
 def test_nan_and_inf_pixels_are_left_out_not_blanking_the_image(tmp_path, caplog):
     """The sample as float32 with 5 NaN/Inf pixels of 262,144: the normalisation ignores them (it turned the
     whole image into NaN, and nucleus-predict found 0 nuclei instead of 97)."""

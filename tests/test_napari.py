@@ -21,7 +21,13 @@ from nucleus_seg.data.io import read_image, read_label_image
 from nucleus_seg.inference.outputs import measure
 from nucleus_seg.inference.predictor import NucleusPredictor
 from nucleus_seg.napari._reader import napari_get_reader
-from nucleus_seg.napari._widget import SegmentNucleiWidget, parse_diameter, settings_path
+from nucleus_seg.napari._widget import (
+    SegmentNucleiWidget,
+    layer_image,
+    load_predictor,
+    parse_diameter,
+    settings_path,
+)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "nucleus_seg" / "data" / "sample"
 OPTS = ["NUCLEUS.PREDICT.AMP", "False", "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "TEST.DETECTIONS_PER_IMAGE", "60",
@@ -110,6 +116,25 @@ def test_widget_reports_bad_input_on_its_status_line(viewer_with_widget):
     widget._run.native.click()
     assert widget.worker is None and widget._status.value.startswith("diameter must be a number of pixels")
     assert parse_diameter(" Auto ") == "auto" and parse_diameter("17.5") == 17.5
+
+
+def test_a_one_channel_layer_is_the_nuclear_channel_whatever_number_the_config_gives_it(model_files, tmp_path):
+    """napari opens a composite as one layer per channel: a model whose config names channel 2 segments the
+    2-D layer the user picked (it failed with "the image has 1 channel"), and reads channel 2 of an RGB layer."""
+    config = tmp_path / "channel2.yaml"
+    cfg = get_nucleus_cfg(model_files[0], ["INPUT.NORMALIZE.CHANNEL", "2"])
+    config.write_text(cfg.dump())
+    predictor, channel = load_predictor(str(config), model_files[1])
+    assert channel == 2 and predictor.cfg.INPUT.NORMALIZE.CHANNEL == -1
+    image = read_image(SAMPLE / "image.tif")[:128, :128]
+    gray = image if image.ndim == 2 else image[..., 0]
+    assert layer_image(gray, channel) is gray
+    rgb = np.dstack([np.zeros_like(gray), np.zeros_like(gray), gray])
+    np.testing.assert_array_equal(layer_image(rgb, channel), gray)
+    got = predictor.predict_labels([layer_image(gray, channel)], diameter=0, score_thresh=0.3)[0]
+    want = predictor.predict_labels([layer_image(rgb, channel)], diameter=0, score_thresh=0.3)[0]
+    assert got.labels.max() > 0
+    np.testing.assert_array_equal(got.labels, want.labels)
 
 
 def test_label_tiffs_open_as_labels_and_labels_layers_save_as_label_tiffs(make_napari_viewer, tmp_path):

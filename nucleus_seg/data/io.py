@@ -25,9 +25,10 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as stored: HxW or HxWxC (C in 1-4), any integer or float dtype.
+    """Read an image as stored: HxW or HxWxC (C in 1-4), any integer or float dtype, without alpha.
 
-    PNG/JPEG/BMP via OpenCV (unchanged depth, RGB(A) channel order), TIFF via tifffile.
+    PNG/JPEG/BMP via OpenCV (unchanged depth, RGB channel order, alpha dropped), TIFF via tifffile (a fourth
+    channel kept unless it is constant: see ``drop_opaque_alpha``).
     """
     path = Path(path)
     if not path.is_file():
@@ -38,7 +39,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         else:
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if image is not None and image.ndim == 3:
-                code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+                # four channels from PNG/BMP are always colour and alpha (gray + alpha too, as OpenCV reads it)
+                code = cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
                 image = cv2.cvtColor(image, code)
     except ImageReadError:
         raise
@@ -69,6 +71,11 @@ def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(str(path)) as tif:
         series = tif.series[0]
         image, axes = series.asarray(), series.axes
+        alpha_tag = bool(series.keyframe.extrasamples) and series.keyframe.extrasamples[-1] in (1, 2)
+    if alpha_tag and image.ndim == 3 and image.shape[-1] == 4 and drop_opaque_alpha(image).shape[-1] == 4:
+        logger.warning("%s: its 4th channel is tagged as alpha but varies, so it is read as a 4th image channel "
+                       "(tifffile tags any 4-channel array so); if it is transparency, save the image without it",
+                       path)
     kept = [k for k, size in enumerate(image.shape) if size > 1 or axes[k] in "YX"]
     image, axes = image.reshape([image.shape[k] for k in kept]), "".join(axes[k] for k in kept)
     if axes == "CYX":
@@ -83,17 +90,30 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 
 def check_image_shape(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
-    """Accept HxW or HxWxC with C<=4 (and drop singleton leading axes); refuse stacks."""
+    """Accept HxW or HxWxC with C<=4 (and drop singleton leading axes and an opaque alpha); refuse stacks."""
     while image.ndim > 2 and image.shape[0] == 1:
         image = image[0]
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] > 4:
         image = np.moveaxis(image, 0, -1)  # channel-first TIFF
     if image.ndim == 2 or (image.ndim == 3 and 1 <= image.shape[2] <= 4):
-        return image
+        return drop_opaque_alpha(image)
     raise ImageReadError(
         f"{source}: shape {image.shape} is not a 2-D image (HxW or HxWxC with C<=4): split a stack of planes "
         "(z-slices, time points) into 2-D images, and save channels last or as an ImageJ composite"
     )
+
+
+def drop_opaque_alpha(image: np.ndarray) -> np.ndarray:
+    """An HxWx4 image whose 4th channel is constant (an opaque alpha) as HxWx3, others unchanged.
+
+    A constant channel carries no signal, and an alpha at its maximum would hide every nucleus under the
+    max over channels; a 4th channel that varies is data (a four-channel composite) and is kept.
+    """
+    if image.ndim == 3 and image.shape[2] == 4:
+        fourth = image[..., 3]
+        if fourth.min() == fourth.max():
+            return image[..., :3]
+    return image
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
@@ -134,16 +154,14 @@ def select_channel(image: np.ndarray, channel: int) -> np.ndarray:
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
-    """Collapse colour (and drop alpha) to one channel, in the input's dtype.
+    """Collapse every channel to one, in the input's dtype (an opaque alpha is dropped earlier).
 
     Max over channels, not luminance: a nucleus stain in any one channel stays bright.
     """
     if image.ndim == 2:
         return image
-    if image.shape[2] == 1:
-        return image[..., 0]
     out = image[..., 0]
-    for c in range(1, min(image.shape[2], 3)):
+    for c in range(1, image.shape[2]):
         out = np.maximum(out, image[..., c])
     return out
 
@@ -200,9 +218,7 @@ def normalize_image(
         if image.dtype != np.uint8:
             raise ValueError(f"normalisation 'none' needs uint8 input, got {image.dtype}")
         out = image if image.ndim == 3 else image[..., None]
-        out = out[..., :3]
-        if gray:
-            out = to_gray(out).astype(np.uint8)[..., None]
+        out = to_gray(out)[..., None] if gray else out[..., :3]
     else:
         data = to_gray(image) if gray else (image[..., :3] if image.ndim == 3 else image)
         # integer data of up to 16 bits: percentiles from a histogram and the stretch as a lookup table

@@ -47,6 +47,8 @@ def normalize(image: np.ndarray, n: dict) -> np.ndarray:
         image = image[0]
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] > 4:
         image = np.moveaxis(image, 0, -1)
+    if image.ndim == 3 and image.shape[2] == 4 and image[..., 3].min() == image[..., 3].max():
+        image = image[..., :3]  # an opaque alpha (a 4th channel that varies is data)
     channel = int(n.get("CHANNEL", -1))  # the nuclear stain of a composite (models exported before it: all)
     if channel >= 0:
         count = 1 if image.ndim == 2 else image.shape[2]
@@ -54,10 +56,10 @@ def normalize(image: np.ndarray, n: dict) -> np.ndarray:
             raise ValueError(f"the image has {count} channel{'s' if count > 1 else ''} (0-{count - 1}): it has no "
                              f"channel {channel} (the model's normalize.CHANNEL)")
         image = image if image.ndim == 2 else image[..., channel]
-    gray = (lambda a: a if a.ndim == 2 else a[..., 0] if a.shape[2] == 1 else a[..., :3].max(axis=2))
+    gray = (lambda a: a if a.ndim == 2 else a.max(axis=2))
     if n["METHOD"] == "none":
-        out = image[..., None] if image.ndim == 2 else image[..., :3]
-        out = gray(out)[..., None] if n["GRAY"] else out
+        out = image[..., None] if image.ndim == 2 else image
+        out = gray(out)[..., None] if n["GRAY"] else out[..., :3]
     else:
         data = gray(image) if n["GRAY"] else (image[..., :3] if image.ndim == 3 else image)
         small_int = data.dtype.kind in "ui" and data.dtype.itemsize <= 2

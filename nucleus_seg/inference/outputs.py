@@ -20,7 +20,7 @@ import tifffile
 from pycocotools import mask as mask_util
 from skimage.measure import regionprops_table
 
-from ..data.io import ImageReadError
+from ..data.io import ImageReadError, drop_opaque_alpha
 from ..structures import inner_boundaries
 from ..utils.files import atomic_path, atomic_write
 from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
@@ -167,11 +167,12 @@ def measure(labels: np.ndarray, raw_image: np.ndarray,
             scores: Sequence[float]) -> tuple[list[str], list[list]]:
     """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
 
-    Colour images get one intensity column per channel (alpha dropped); ``scores[k]`` is id k+1's.
+    Images of several channels get one intensity column per channel (an opaque alpha dropped: it is
+    constant); ``scores[k]`` is id k+1's.
     """
-    raw = np.asarray(raw_image)
-    if raw.ndim == 3:
-        raw = raw[..., 0] if raw.shape[2] == 1 else raw[..., :3]
+    raw = drop_opaque_alpha(np.asarray(raw_image))
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[..., 0]
     if raw.shape[:2] != labels.shape:
         raise ValueError(f"raw image {raw.shape[:2]} and labels {labels.shape} differ in size")
     props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max")

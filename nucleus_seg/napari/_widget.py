@@ -32,6 +32,7 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 
 from ..config import get_nucleus_cfg
+from ..data.io import select_channel
 from ..inference import scale
 from ..inference.outputs import measure
 from ..inference.predictor import NucleusPredictor, fits_one_pass
@@ -66,9 +67,26 @@ def parse_diameter(text: str) -> float | str:
     return "auto" if value is None else value
 
 
-def load_predictor(config: str, weights: str) -> NucleusPredictor:
+LoadedModel = tuple[NucleusPredictor, int]  # load_predictor's (predictor, the config's nuclear channel)
+
+
+def load_predictor(config: str, weights: str) -> LoadedModel:
+    """The predictor, and the nuclear channel its config names (INPUT.NORMALIZE.CHANNEL), which the widget
+    applies itself (:func:`layer_image`): the predictor is built to read every channel of what it gets."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return NucleusPredictor(get_nucleus_cfg(config, ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device]))
+    cfg = get_nucleus_cfg(config, ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device])
+    channel = int(cfg.INPUT.NORMALIZE.CHANNEL)
+    cfg.defrost()
+    cfg.INPUT.NORMALIZE.CHANNEL = -1
+    cfg.freeze()
+    return NucleusPredictor(cfg), channel
+
+
+def layer_image(image: np.ndarray, channel: int) -> np.ndarray:
+    """What a layer gives the model. napari opens a composite as one layer per channel, so a one-channel (2-D)
+    layer is the channel the user picked, whatever number the config gives the nuclear stain; of an RGB layer,
+    that channel is read (all for -1)."""
+    return image if image.ndim == 2 or channel < 0 else select_channel(image, channel)
 
 
 def segment_steps(predictor: NucleusPredictor, image: np.ndarray, diameter: float | str, score_thresh: float,
@@ -91,15 +109,18 @@ def segment_steps(predictor: NucleusPredictor, image: np.ndarray, diameter: floa
     raise RuntimeError("predict_large_steps ended without a result")
 
 
-def run_segmentation(predictor: NucleusPredictor | None, config: str, weights: str, image: np.ndarray,
-                     diameter: float | str, score_thresh: float,
-                     tile: int) -> Generator[tuple[int, int], None, tuple[NucleusPredictor, LabelPrediction]]:
-    """The worker's body: load the model if it changed, then :func:`segment_steps`."""
-    if predictor is None:
+def run_segmentation(
+    model: LoadedModel | None, config: str, weights: str, image: np.ndarray, diameter: float | str,
+    score_thresh: float, tile: int,
+) -> Generator[tuple[int, int], None, tuple[LoadedModel, LabelPrediction]]:
+    """The worker's body: load the model (:func:`load_predictor`) if it changed, then :func:`segment_steps`
+    on the layer's image (:func:`layer_image`)."""
+    if model is None:
         yield 0, 1
-        predictor = load_predictor(config, weights)
-    result = yield from segment_steps(predictor, image, diameter, score_thresh, tile)
-    return predictor, result
+        model = load_predictor(config, weights)
+    predictor, channel = model
+    result = yield from segment_steps(predictor, layer_image(image, channel), diameter, score_thresh, tile)
+    return model, result
 
 
 def _path_text(edit: FileEdit) -> str:
@@ -134,8 +155,8 @@ class SegmentNucleiWidget(Container):
                      self._run, self._cancel, self._progress, self._status, self._table])
         self._run.changed.connect(self.start)
         self._cancel.changed.connect(self.cancel)
-        self._predictor: NucleusPredictor | None = None
-        self._predictor_key: tuple[str, str] | None = None
+        self._model: LoadedModel | None = None
+        self._model_key: tuple[str, str] | None = None
         self.worker = None
 
     def start(self) -> None:
@@ -148,6 +169,8 @@ class SegmentNucleiWidget(Container):
             image = np.asarray(layer.data)
             if image.ndim != 2 and not (layer.rgb and image.ndim == 3):
                 raise ValueError(f"{layer.name}: a 2-D image (gray or RGB) is needed, got shape {image.shape}")
+            if image.ndim == 3 and image.shape[2] == 4:
+                image = image[..., :3]  # napari's RGBA: the alpha is neither a stain nor measured
             if not Path(config).is_file():
                 raise ValueError(f"config: no such file {config!r}")
             if not Path(weights).is_file():
@@ -159,8 +182,8 @@ class SegmentNucleiWidget(Container):
         save_settings({"config": config, "weights": weights, "diameter": self._diameter.value.strip(),
                        "score_thresh": float(self._score.value), "tile": int(self._tile.value)})
         key = (config, weights)
-        predictor = self._predictor if key == self._predictor_key else None
-        self.worker = thread_worker(run_segmentation)(predictor, config, weights, image, diameter,
+        model = self._model if key == self._model_key else None
+        self.worker = thread_worker(run_segmentation)(model, config, weights, image, diameter,
                                                       float(self._score.value), int(self._tile.value))
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(lambda value: self._on_done(value, key, layer, image))
@@ -181,9 +204,9 @@ class SegmentNucleiWidget(Container):
     def _on_progress(self, step: tuple[int, int]) -> None:
         self._progress.max, self._progress.value = max(1, step[1]), step[0]
 
-    def _on_done(self, value: tuple[NucleusPredictor, LabelPrediction], key: tuple[str, str], layer,
+    def _on_done(self, value: tuple[LoadedModel, LabelPrediction], key: tuple[str, str], layer,
                  image: np.ndarray) -> None:
-        self._predictor, self._predictor_key = value[0], key
+        self._model, self._model_key = value[0], key
         pred = value[1]
         header, rows = measure(pred.labels, image, pred.scores)
         name = f"{layer.name} nuclei"
