@@ -118,3 +118,27 @@ def test_a_channels_last_model_keeps_its_layout_through_group_norm_in_inference(
         err = float((y.float() - expected).abs().max())
         assert torch.allclose(y.float(), expected, atol=3e-2), err
     """)
+
+
+def test_a_compiled_backbone_gets_pytorch_group_norm_not_the_kernel():
+    """NUCLEUS.PREDICT.COMPILE: inductor fuses GroupNorm itself, and dynamo cannot trace these kernels (on the H200,
+    torch 2.11: "NameError: group_stats is not defined", the run crashed). Inside a compiled region the GN layer is
+    PyTorch's; outside it, the kernel."""
+    run_interpreted("""
+        import torch
+        from torch.nn import functional as F
+        from nucleus_seg.modeling.nhwc_group_norm import nhwc_group_norm_usable
+        from nucleus_seg.modeling.precision import use_half_group_norm
+        torch.manual_seed(0)
+        norm = torch.nn.GroupNorm(8, 64)
+        use_half_group_norm(norm)
+        x = torch.randn(2, 64, 6, 5).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        assert nhwc_group_norm_usable(x, 8)
+        compiled = torch.compile(norm, backend="eager", fullgraph=True)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got, eager = compiled(x), norm(x)
+        want = F.group_norm(x, 8, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+        assert torch.equal(got, want), (got - want).abs().max()
+        assert eager.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(eager.float(), want.float(), atol=0.05, rtol=0.02)
+    """)
