@@ -7,7 +7,7 @@
 # Usage: benchmarks/gpu_suite.sh WHEELHOUSE_TAR_XZ OUT_DIR [stages...]
 # stages: install smoke ablation accuracy train profile profile_infer infer predict large scaling adapt (default:
 # all but predict and adapt). JSON lines go to OUT_DIR/results.jsonl.
-# The speed issue's three ratios in one run (one GPU, ~15 min): stages "install train infer predict" (training
+# The speed issue's three ratios in one run (one GPU, ~10 min on an H200): stages "install train infer predict" (training
 # like for like against vanilla with 16 loader workers; inference on the standard and the recipe config; nucleus-predict
 # on 256 TIFFs of 1024 px against a plain DefaultPredictor loop, with the training benchmark's weights).
 set -uo pipefail
@@ -122,7 +122,7 @@ if [ "$INFER_GPU" != 0 ]; then infer_stages & SIDE_PID=$!; fi
 if has train; then
   log "train throughput on GPU 0"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --iters ${TRAIN_ITERS:-120} --warmup 30 \
-    --variants ${TRAIN_VARIANTS:-1x16+fp16+d2aug,1x24+fp16+d2aug} --vanilla-workers ${VANILLA_WORKERS:-16} \
+    --variants ${TRAIN_VARIANTS:-1x8+fp16+d2aug,1x16+fp16+d2aug,1x24+fp16+d2aug} --vanilla-workers ${VANILLA_WORKERS:-16} \
     --out-dir /tmp/train_bench --save "$OUT/results.jsonl" ${TRAIN_OPTS:-} 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
 fi
 if has profile; then
