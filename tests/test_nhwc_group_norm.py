@@ -142,3 +142,42 @@ def test_a_compiled_backbone_gets_pytorch_group_norm_not_the_kernel():
         assert eager.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(eager.float(), want.float(), atol=0.05, rtol=0.02)
     """)
+
+
+def test_the_heads_relu_runs_inside_the_group_norm_kernel():
+    """fuse_group_norm_relu: a Conv2d with GroupNorm and ReLU (the box and mask heads') gives the same values with
+    the ReLU inside the kernel; one without a ReLU (FPN, ResNet) keeps its forward; training is untouched."""
+    run_interpreted("""
+        import torch
+        from detectron2.layers import Conv2d
+        from torch import nn
+        import nucleus_seg.modeling.precision as precision
+        from nucleus_seg.modeling.precision import fuse_group_norm_relu, use_half_group_norm
+
+        def head():
+            torch.manual_seed(0)
+            m = nn.Sequential(Conv2d(32, 64, 3, padding=1, bias=False, norm=nn.GroupNorm(8, 64), activation=nn.ReLU()),
+                              Conv2d(64, 64, 3, padding=1, bias=False, norm=nn.GroupNorm(8, 64)))
+            for p in m.parameters():
+                p.data.normal_()
+            use_half_group_norm(m)
+            return m.eval()
+
+        plain, fused = head(), head()
+        fuse_group_norm_relu(fused)
+        assert "forward" in vars(fused[0]) and "forward" not in vars(fused[1])
+        relus = []
+        kernel = precision.nhwc_group_norm
+        precision.nhwc_group_norm = lambda *a, relu=False: relus.append(relu) or kernel(*a, relu=relu)
+        x = torch.randn(2, 32, 9, 7).to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = plain(x), fused(x)
+        assert relus == [False, False, True, False], relus
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+        relus.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients on: the module's own forward, no kernel
+            assert torch.equal(fused(x), plain(x)) and relus == []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # nor in training mode
+            assert torch.equal(fused.train()(x), plain.train()(x)) and True not in relus
+    """)

@@ -24,7 +24,7 @@ from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 
-from .precision import HALF_DTYPES, use_half_group_norm
+from .precision import HALF_DTYPES, fuse_group_norm_relu, use_half_group_norm
 from .roi_align import use_nucleus_roi_align
 
 __all__ = ["batch_rpn_proposals", "batched_fast_rcnn_inference", "batched_nms_keep", "final_box_predictor",
@@ -298,5 +298,6 @@ def speed_up_inference(model: torch.nn.Module, half_group_norm: bool = True) -> 
         box_predictor.inference = types.MethodType(_fast_box_inference, box_predictor)
     if half_group_norm:
         use_half_group_norm(model)
+        fuse_group_norm_relu(model)
     use_nucleus_roi_align(model)  # float32 boxes under autocast; fp32 inference is unchanged
 

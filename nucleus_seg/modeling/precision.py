@@ -7,13 +7,14 @@ import types
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.layers import Conv2d
 from torch.nn import functional as F
 
 from .nhwc_group_norm import nhwc_group_norm, nhwc_group_norm_usable
 from .triton_support import HALF_DTYPES
 
-__all__ = ["AMP_DTYPES", "HALF_DTYPES", "cpu_has_native_bfloat16", "inference_amp_dtype", "training_amp_dtype",
-           "training_precision", "use_half_group_norm"]
+__all__ = ["AMP_DTYPES", "HALF_DTYPES", "cpu_has_native_bfloat16", "fuse_group_norm_relu", "inference_amp_dtype",
+           "training_amp_dtype", "training_precision", "use_half_group_norm"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,32 @@ def use_half_group_norm(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module) is torch.nn.GroupNorm and module.affine:
             module.forward = types.MethodType(_half_group_norm, module)
+
+
+def _conv_group_norm_relu(self, x: torch.Tensor) -> torch.Tensor:
+    """detectron2 ``Conv2d`` (convolution, GroupNorm, ReLU) with the ReLU inside the GroupNorm kernel where the
+    kernel runs (channels-last half-precision inference), else the module's own forward.
+
+    The box and mask heads' separate ReLUs each read and wrote the whole activation again: 6% of the GPU time
+    of a Cascade R-CNN batch (64 images, 400 detections; H200 profile of 2026-12-05).
+    """
+    if self.training or torch.is_grad_enabled() or not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x)
+    x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    norm = self.norm
+    if x.dtype in HALF_DTYPES and nhwc_group_norm_usable(x, norm.num_groups):
+        return nhwc_group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, relu=True)
+    return self.activation(norm(x))
+
+
+def fuse_group_norm_relu(model: torch.nn.Module) -> None:
+    """Give each detectron2 ``Conv2d`` whose GroupNorm is followed by a ReLU (the box and mask heads') the fused path of
+    :func:`_conv_group_norm_relu` (inference only; training runs the module's own forward)."""
+    for module in model.modules():
+        if not (isinstance(module, Conv2d) and type(module.norm) is torch.nn.GroupNorm and module.norm.affine):
+            continue
+        if type(module.activation) is torch.nn.ReLU or module.activation in (F.relu, torch.relu):
+            module.forward = types.MethodType(_conv_group_norm_relu, module)
 
 
 def cpu_has_native_bfloat16() -> bool:
