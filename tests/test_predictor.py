@@ -310,6 +310,39 @@ def test_both_nms_paths_keep_what_torchvision_keeps(nms_path, groups_per_chunk, 
     assert keep[:4].sum() > 0 and keep[5:].sum(dim=1).min() > 0 and not keep[~valid].any()
 
 
+@pytest.mark.parametrize("threshold", [0.7, 0.5, 1 / 3])
+def test_nms_at_the_threshold_decides_as_torchvision(nms_path, threshold):
+    """IoUs one float32 step either side of a threshold that float32 cannot hold (0.7): the fixed point compares
+    float32 IoUs with the largest float32 at or below it, which decides as torchvision's float64 comparison."""
+    import torchvision
+
+    from nucleus_seg.modeling.fast_inference import batched_nms_keep
+
+    side = torch.tensor(threshold * 10, dtype=torch.float32)
+    heights = [side]
+    for _ in range(40):  # box j covers the first box but for its height: IoU = height / 10, steps apart
+        heights.append(torch.nextafter(heights[-1], torch.tensor(11.0)))
+        heights.insert(0, torch.nextafter(heights[0], torch.tensor(0.0)))
+    n = len(heights) + 1
+    boxes = torch.zeros(n, n, 4)  # group j: the reference box and box j (each pair alone)
+    scores = torch.zeros(n, n)
+    valid = torch.zeros(n, n, dtype=torch.bool)
+    for j, height in enumerate(heights, start=1):
+        boxes[j, 0] = torch.tensor([0.0, 0.0, 10.0, 10.0])
+        boxes[j, j] = torch.stack([torch.tensor(0.0), torch.tensor(0.0), torch.tensor(10.0), height])
+        scores[j, 0], scores[j, j] = 1.0, 0.5
+        valid[j, 0] = valid[j, j] = True
+    keep = batched_nms_keep(boxes, scores, valid, threshold)
+    outcomes = set()
+    for j in range(1, n):
+        idx = valid[j].nonzero().squeeze(1)
+        want = torch.zeros(n, dtype=torch.bool)
+        want[idx[torchvision.ops.nms(boxes[j, idx], scores[j, idx], threshold)]] = True
+        assert torch.equal(keep[j], want), (j, heights[j - 1].item())
+        outcomes.add(bool(want[j]))
+    assert outcomes == {True, False}  # the steps straddle the threshold
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("levels", [(150, 60, 20), (900, 700, 300)])  # torchvision's offset trick / per level
 def test_batched_rpn_proposals_equal_detectron2s(levels, training, nms_path):

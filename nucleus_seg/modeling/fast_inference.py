@@ -14,6 +14,7 @@ losses detectron2's own.
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 
@@ -78,7 +79,9 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
         inter = w.clamp(min=0) * h.clamp(min=0)
         iou = inter / (area[:, :, None] + area[:, None, :] - inter)
         del w, h
-        suppress = (iou.double() > iou_threshold) & later & ok[:, :, None] & ok[:, None, :]
+        # no mask of invalid boxes here: keep starts as ok and stays within it, so an invalid box neither
+        # suppresses nor is kept (two full-size ANDs fewer)
+        suppress = (iou > _below_or_at(iou_threshold, iou.dtype)) & later
         del iou, inter
         keep = ok
         for steps in range(1, n + 1):
@@ -90,6 +93,16 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
             keep = new
         keep_out[sl] = torch.zeros_like(keep).scatter_(1, order, keep)
     return keep_out
+
+
+@functools.lru_cache(maxsize=32)
+def _below_or_at(threshold: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` at or below ``threshold``: for x of that dtype, x > it exactly when
+    x > threshold in float64, torchvision's comparison (IoU > 0.7 needed a float64 copy of every IoU matrix)."""
+    t = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if t.double().item() > threshold:
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return t.item()
 
 
 def _clip(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
