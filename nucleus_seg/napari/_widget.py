@@ -85,7 +85,8 @@ def load_predictor(config: str, weights: str) -> LoadedModel:
 def layer_image(image: np.ndarray, channel: int) -> np.ndarray:
     """What a layer gives the model. napari opens a composite as one layer per channel, so a one-channel (2-D)
     layer is the channel the user picked, whatever number the config gives the nuclear stain; of an RGB layer,
-    that channel is read (all for -1)."""
+    that channel is read (all for -1). A four-channel layer is read as nucleus-predict reads its file: the fourth
+    channel is a stain unless constant (an opaque alpha)."""
     return image if image.ndim == 2 or channel < 0 else select_channel(image, channel)
 
 
@@ -169,8 +170,6 @@ class SegmentNucleiWidget(Container):
             image = np.asarray(layer.data)
             if image.ndim != 2 and not (layer.rgb and image.ndim == 3):
                 raise ValueError(f"{layer.name}: a 2-D image (gray or RGB) is needed, got shape {image.shape}")
-            if image.ndim == 3 and image.shape[2] == 4:
-                image = image[..., :3]  # napari's RGBA: the alpha is neither a stain nor measured
             if not Path(config).is_file():
                 raise ValueError(f"config: no such file {config!r}")
             if not Path(weights).is_file():
