@@ -39,7 +39,9 @@ NMS_CHUNK = 1 << 26  # IoU matrix entries per step (bounds temporary memory)
 # Devices where each group goes through torchvision's own serial kernel instead: on a CPU the fixed point
 # below costs n^2 work per step and took 45% of a 1024 px image's tiled inference (8.5 of 19 s, 2 cores)
 SERIAL_NMS_DEVICES = ("cpu",)
-CONVERGENCE_CHECK = 4  # parallel NMS steps between host syncs (most groups settle within 4-12 steps)
+# parallel NMS steps between host syncs (most groups settle within 4-12 steps): 8 since a step reads packed bits
+# (the syncs were nucleus-predict's largest host cost in the H200 profile of 2026-12-05: torch.equal, 1.6 s of 17)
+CONVERGENCE_CHECK = 8
 
 
 def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
