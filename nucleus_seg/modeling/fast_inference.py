@@ -70,6 +70,7 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
     # by[j, i]: box i comes before box j in the visiting order (IoUs are symmetric, so row j of the suppression
     # matrix lists the boxes that may suppress box j)
     by = torch.ones((n, n), dtype=torch.bool, device=scores.device).tril(-1)
+    bits = _bit_weights(scores.device)
     for lo in range(0, g, per_chunk):
         sl = slice(lo, min(g, lo + per_chunk))
         score = torch.where(valid[sl], scores[sl], float("-inf"))
@@ -85,12 +86,12 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
         del w, h
         # no mask of invalid boxes here: keep starts as ok and stays within it, so an invalid box neither
         # suppresses nor is kept (two full-size ANDs fewer)
-        suppressed_by = _pack_bits((iou > _below_or_at(iou_threshold, iou.dtype)) & by)
+        suppressed_by = _pack_bits((iou > _below_or_at(iou_threshold, iou.dtype)) & by, bits)
         del iou, inter
         keep = ok
         for steps in range(1, n + 1):
             # box j stays unless a kept box before it overlaps it: 8 boxes a byte (a bool per pair read 8x more)
-            new = ok & ~(suppressed_by & _pack_bits(keep)[:, None, :]).any(dim=2)
+            new = ok & ~(suppressed_by & _pack_bits(keep, bits)[:, None, :]).any(dim=2)
             # past the fixed point a step changes nothing, so convergence is checked (a host sync, which
             # stalls the GPU) only every CONVERGENCE_CHECK steps
             if steps % CONVERGENCE_CHECK == 0 and torch.equal(new, keep):
@@ -100,13 +101,19 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
     return keep_out
 
 
-def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
-    """(..., n) bool as (..., ceil(n / 8)) uint8, 8 flags a byte (the last dimension zero-padded)."""
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """1, 2, 4, ... 128 as uint8, made on ``device`` (from a Python list it was a host-to-device copy per step)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    return torch.ones_like(shifts) << shifts
+
+
+def _pack_bits(flags: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """(..., n) bool as (..., ceil(n / 8)) uint8, 8 flags a byte (the last dimension zero-padded); ``bits`` from
+    :func:`_bit_weights`."""
     n = flags.shape[-1]
     if n % 8:
         flags = torch.nn.functional.pad(flags, (0, 8 - n % 8))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flags.device)
-    return (flags.unflatten(-1, (-1, 8)).view(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return (flags.unflatten(-1, (-1, 8)).view(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
 
 
 @functools.lru_cache(maxsize=32)
