@@ -19,6 +19,13 @@ __all__ = ["AMP_DTYPES", "HALF_DTYPES", "cpu_has_native_bfloat16", "fuse_group_n
 logger = logging.getLogger(__name__)
 
 
+def _group_norm_kernel_applies(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether a GroupNorm of ``x`` goes through the Triton kernel: half-precision inference under autocast
+    (no gradients), channels-last (:func:`~.nhwc_group_norm.nhwc_group_norm_usable`)."""
+    return (x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type) and not torch.is_grad_enabled()
+            and nhwc_group_norm_usable(x, num_groups))
+
+
 def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm in the input's half precision under autocast (statistics still accumulate in fp32).
 
@@ -26,9 +33,9 @@ def _half_group_norm(self, x: torch.Tensor) -> torch.Tensor:
     back down; with ~120 GN layers that was as costly as the convolutions. In inference a channels-last
     input goes through :func:`~.nhwc_group_norm.nhwc_group_norm` and stays channels-last.
     """
+    if _group_norm_kernel_applies(x, self.num_groups):
+        return nhwc_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
     if x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
-        if not torch.is_grad_enabled() and nhwc_group_norm_usable(x, self.num_groups):  # channels-last inference
-            return nhwc_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
     return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -48,11 +55,11 @@ def _conv_group_norm_relu(self, x: torch.Tensor) -> torch.Tensor:
     The box and mask heads' separate ReLUs each read and wrote the whole activation again: 6% of the GPU time
     of a Cascade R-CNN batch (64 images, 400 detections; H200 profile of 2026-12-05).
     """
-    if self.training or torch.is_grad_enabled() or not torch.is_autocast_enabled(x.device.type):
+    if self.training:
         return type(self).forward(self, x)
     x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
     norm = self.norm
-    if x.dtype in HALF_DTYPES and nhwc_group_norm_usable(x, norm.num_groups):
+    if _group_norm_kernel_applies(x, norm.num_groups):
         return nhwc_group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, relu=True)
     return self.activation(norm(x))
 
