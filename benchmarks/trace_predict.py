@@ -5,17 +5,16 @@ thread was in during them.
 run's main stages are wrapped in ``record_function`` ranges from here (the package is not changed): reading ahead,
 taking a batch, the forward, the detections' post-processing, copies to the host, handing images to the writers.
 For every gap between GPU kernels/copies of at least ``--min-gap-us``, each host thread's innermost range (or
-aten op / CUDA runtime call) overlapping it is charged with the overlap. Prints a JSON line and a table; the
-Chrome trace (gzip) goes to ``--trace`` when given.
+the innermost aten op or CUDA runtime call) running then is charged with it (``profile_infer.py``'s
+timeline helpers, per thread). Prints one JSON line; the Chrome trace (gzip) goes to ``--trace`` when given.
 
     python benchmarks/trace_predict.py --config-file CFG --weights W [--num-images 64] [--trace OUT.json.gz]
-    python benchmarks/trace_predict.py --analyse OUT.json.gz      # the table again from a saved trace
+    python benchmarks/trace_predict.py --analyse OUT.json.gz      # the figures again from a saved trace
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import concurrent.futures
 import functools
 import gzip
@@ -29,10 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_facts, emit, weights_or_random_init  # noqa: E402
+from profile_infer import busy_intervals, charge_gaps, idle_intervals, innermost_segments  # noqa: E402
 
-GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
-HOST_CATEGORIES = {"cpu_op", "cuda_runtime", "cuda_driver", "user_annotation"}
-LONG_US = 50_000
+STAGE_PREFIX = "ns:"
 
 
 def _wrap(owner, name: str, label: str) -> None:
@@ -65,65 +63,36 @@ def annotate() -> None:
     _wrap(concurrent.futures.Future, "result", "ns:wait_future")
 
 
-def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([start, end])
-    return [(a, b) for a, b in out]
-
-
-def analyse(trace: dict, min_gap_us: float = 100.0, top: int = 25) -> dict:
-    """GPU busy share over the traced span, and the gaps' time charged to each thread's innermost host range."""
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-    gpu = merged([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_CATEGORIES])
-    host = [e for e in events if e.get("cat") in HOST_CATEGORIES]
-    if not gpu or not host:
+def analyse(events: list[dict], min_gap_us: float = 100.0, top: int = 20) -> dict:
+    """The GPU's busy share over the traced span and its idle gaps (of ``min_gap_us`` or more), charged on each
+    host thread to the innermost stage range and to the innermost operator or runtime call running then."""
+    events = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    busy = busy_intervals(events)
+    host = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation")]
+    if not busy or not host:
         return {"error": "no GPU or host events in the trace"}
-    span_start = min(min(e["ts"] for e in host), gpu[0][0])
-    span_end = max(max(e["ts"] + e["dur"] for e in host), gpu[-1][1])
-    busy = sum(b - a for a, b in gpu)
-    gaps = [(a, b) for a, b in zip([span_start] + [g[1] for g in gpu], [g[0] for g in gpu] + [span_end])
-            if b - a >= min_gap_us]
-    charged: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    by_thread: dict[tuple, list[dict]] = defaultdict(list)
+    start = min(min(e["ts"] for e in host), busy[0][0])
+    end = max(max(e["ts"] + e["dur"] for e in host), busy[-1][1])
+    gaps = [(a, b) for a, b in idle_intervals(busy, start, end) if b - a >= min_gap_us]
+    idle = sum(b - a for a, b in gaps)
+    threads: dict[tuple, list[dict]] = defaultdict(list)
     for e in host:
-        by_thread[(e.get("pid"), e.get("tid"))].append(e)
-    for thread, evs in by_thread.items():
-        # events over LONG_US are few (whole-run ranges) and always looked at; the others are found by start time
-        long = [e for e in evs if e["dur"] > LONG_US]
-        short = sorted((e for e in evs if e["dur"] <= LONG_US), key=lambda e: e["ts"])
-        starts = [e["ts"] for e in short]
-        # each gap split at the edges of the events inside it; a piece is charged to the innermost (shortest)
-        # event covering it and the innermost ns: range (events nest on a thread)
-        for a, b in gaps:
-            cuts = {a, b}
-            near = short[bisect.bisect_left(starts, a - LONG_US):bisect.bisect_left(starts, b)]
-            inside = [e for e in long + near if e["ts"] < b and e["ts"] + e["dur"] > a]
-            for e in inside:
-                cuts.add(max(a, e["ts"]))
-                cuts.add(min(b, e["ts"] + e["dur"]))
-            cuts = sorted(cuts)
-            for lo, hi in zip(cuts, cuts[1:]):
-                mid = (lo + hi) / 2
-                covering = [e for e in inside if e["ts"] <= mid < e["ts"] + e["dur"]]
-                name = min(covering, key=lambda e: e["dur"])["name"] if covering else "(idle thread)"
-                innermost_range = min((e for e in covering if e["name"].startswith("ns:")), key=lambda e: e["dur"],
-                                      default=None)
-                key = f"{innermost_range['name'] if innermost_range else '-'} > {name}"
-                charged[str(thread[1])][key] += hi - lo
-    total_gap = sum(b - a for a, b in gaps)
-    threads = {}
-    for tid, names in charged.items():
-        if sum(names.values()) - names.get("- > (idle thread)", 0.0) < 0.01 * total_gap:
-            continue  # a thread that was idle through the gaps
-        threads[tid] = [[k, round(v / 1000, 1)] for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:top]]
-    return {"span_ms": round((span_end - span_start) / 1000, 1), "gpu_busy_ms": round(busy / 1000, 1),
-            "gpu_busy_percent": round(100 * busy / (span_end - span_start), 1),
-            "gaps": len(gaps), "gap_ms": round(total_gap / 1000, 1), "min_gap_us": min_gap_us,
-            "gap_ms_by_thread_and_range": threads}
+        threads[(e["pid"], e["tid"])].append(e)
+    by_thread = {}
+    for (_, tid), evs in threads.items():
+        views = {}
+        for view, chosen in (("stage", [e for e in evs if e["name"].startswith(STAGE_PREFIX)]),
+                             ("op", [e for e in evs if e["cat"] != "user_annotation"])):
+            segments = innermost_segments([(e["ts"], e["ts"] + e["dur"], e["name"]) for e in chosen])
+            charged = charge_gaps(gaps, segments) if segments else {"(none)": idle}
+            views[view] = [[name, round(t / 1e3, 1)] for name, t in sorted(charged.items(), key=lambda kv: -kv[1])
+                           [:top]]
+        if sum(t for name, t in views["stage"] if name != "(none)") >= 0.01 * idle / 1e3:
+            by_thread[str(tid)] = views  # threads idle through the gaps are left out
+    return {"span_ms": round((end - start) / 1e3, 1), "gpu_busy_ms": round(sum(b - a for a, b in busy) / 1e3, 1),
+            "gpu_busy_percent": round(100 * sum(b - a for a, b in busy) / (end - start), 1),
+            "gaps": len(gaps), "gap_ms": round(idle / 1e3, 1), "min_gap_us": min_gap_us,
+            "gap_ms_by_thread": by_thread}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.analyse:
         with gzip.open(args.analyse, "rt") as f:
-            found = analyse(json.load(f), args.min_gap_us)
+            found = analyse(json.load(f)["traceEvents"], args.min_gap_us)
         print(json.dumps(found, indent=1))
         return found
 
@@ -186,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     found = {"benchmark": "trace_predict", **device_facts(), "config": args.config_file,
              "weights": args.weights or "random init (seeded)", "variant": "nucleus-predict under torch.profiler",
              "num_images": len(paths), "image_size": args.size, "traced_seconds": round(seconds, 2),
-             **analyse(trace, args.min_gap_us)}
+             **analyse(trace["traceEvents"], args.min_gap_us)}
     emit(found, args.save)
     return found
 

@@ -16,6 +16,7 @@ import infer_throughput  # noqa: E402
 import predict_stages  # noqa: E402
 import predict_throughput  # noqa: E402
 import profile_infer  # noqa: E402
+import trace_predict  # noqa: E402
 import train_throughput  # noqa: E402
 
 
@@ -104,6 +105,32 @@ def test_gpu_idle_time_is_charged_to_the_innermost_host_frame_running_then(tmp_p
     python = lines[lines.index("--- GPU idle time by innermost Python frame (ms, share of idle)") + 1:]
     assert [line.split()[:2] for line in python[:3]] == [["0.03", "60.0%"], ["0.01", "30.0%"], ["0.01", "10.0%"]]
     assert "_call_impl" in python[2]  # 75-80 inside forward: the torch frame is innermost there
+
+
+def test_nucleus_predicts_gpu_gaps_are_charged_to_each_threads_stage_and_op():
+    """Two host threads: the main one in a stage range (``ns:forward``, an op inside it), a stream thread waiting
+    in another; gaps under the floor are ignored, and a thread idle through every gap is left out."""
+
+    def event(cat, name, ts, dur, tid):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+    events = [
+        event("kernel", "k1", 0, 100, 7), event("kernel", "k2", 300, 100, 7),  # gap 100-300
+        event("kernel", "k3", 450, 50, 7), event("kernel", "k4", 520, 80, 7),  # gap 400-450; 500-520 too short
+        event("user_annotation", "ns:forward", 0, 600, 1),
+        event("cpu_op", "aten::nonzero", 150, 100, 1),  # inside the 100-300 gap: 100 us of it
+        event("user_annotation", "ns:wait_future", 90, 400, 2),
+        event("cpu_op", "aten::copy_", 0, 10, 3),  # a thread busy only while the GPU is
+    ]
+    found = trace_predict.analyse(events, min_gap_us=30)
+    assert found["gaps"] == 2 and found["gap_ms"] == 0.2 and found["gpu_busy_ms"] == 0.3
+    assert found["span_ms"] == 0.6 and found["gpu_busy_percent"] == 55.0
+    assert set(found["gap_ms_by_thread"]) == {"1", "2"}
+    main = found["gap_ms_by_thread"]["1"]
+    assert main["stage"] == [["ns:forward", 0.2]]
+    assert dict(main["op"]) == {"aten::nonzero": 0.1, "(none)": 0.1}
+    assert found["gap_ms_by_thread"]["2"]["stage"] == [["ns:wait_future", 0.2]]
+    assert "error" in trace_predict.analyse([e for e in events if e["cat"] != "kernel"])
 
 
 def test_speed_variants_name_what_they_change_and_typos_stop_before_any_timing():
