@@ -654,6 +654,31 @@ def test_weights_of_another_model_are_refused_naming_the_config_to_use(tmp_path)
     NucleusPredictor(get_nucleus_cfg(str(weights.parent / "config.yaml"), ["MODEL.WEIGHTS", str(weights)]))
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_the_checkpoint_sets_every_parameter_when_random_init_is_skipped(tmp_path, zip_format, monkeypatch):
+    """With MODEL.WEIGHTS the model is built without torch.nn.init's fills and the checkpoint read memory-mapped
+    (a legacy-format file read as before): every parameter and buffer is the checkpoint's, optimizer state
+    alongside is no obstacle, and torch.nn.init works again afterwards."""
+    from detectron2.modeling import build_model
+
+    init_fill = torch.nn.init.kaiming_uniform_
+    cfg = get_nucleus_cfg("configs/nucleus_R18_FPN_cpu_demo.yaml", ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(1)
+    state = build_model(cfg).state_dict()
+    weights = tmp_path / "model_final.pth"
+    torch.save({"model": state, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}}}, "iteration": 9},
+               weights, _use_new_zipfile_serialization=zip_format)
+    cfg.MODEL.WEIGHTS = str(weights)
+    fills = []
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda *a, **k: fills.append(1) or init_fill(*a, **k))
+    loaded = NucleusPredictor(cfg).model.state_dict()
+    assert fills == []  # the convolutions' default init was skipped
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.nn.Linear(4, 4)
+    assert fills == [1]  # and is back
+
+
 def test_a_few_nan_pixels_do_not_blank_the_prediction(tiny_cfg):
     raw = blobs((96, 96), np.uint16, seed=5).astype(np.float32) / 65535
     spoilt = raw.copy()
