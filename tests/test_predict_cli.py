@@ -16,8 +16,10 @@ import tifffile
 
 from nucleus_seg.cli.predict import main
 from nucleus_seg.inference.outputs import (
+    coco_fragment,
     coco_results,
     overlay_image,
+    submission_lines,
     submission_rows,
     write_coco_json,
     write_label_tiff,
@@ -86,8 +88,11 @@ def test_writers_agree_and_read_back(tmp_path):
     write_label_tiff(out / "a_labels.tif", labels)
     write_measurements_csv(out / "a_measurements.csv", labels, raw, scores)
     write_overlay_png(out / "a_overlay.png", np.zeros((40, 50, 3), np.uint8), labels)
-    write_submission_csv(out / "submission.csv", submission_rows("a", labels) + submission_rows("b", labels * 0))
-    write_coco_json(out / "coco_results.json", coco_results("a", labels, scores))
+    write_submission_csv(out / "submission.csv", [submission_lines(submission_rows("a", labels)),
+                                                  submission_lines(submission_rows("b", labels * 0))])
+    results = coco_results("a", labels, scores)
+    write_coco_json(out / "coco_results.json", [coco_fragment(results[:1]), "", coco_fragment(results[1:])])
+    assert (out / "coco_results.json").read_text() == json.dumps(results)  # the pieces join to the whole list
     submission = read_csv(out / "submission.csv")
     coco = json.loads((out / "coco_results.json").read_text())
     assert check_outputs_agree(out, "a", (40, 50), submission, coco, image_id="a") == 3

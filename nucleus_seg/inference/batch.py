@@ -37,10 +37,12 @@ from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
 from .outputs import (
+    coco_fragment,
     coco_results,
     read_json_list,
     read_scores_csv,
     read_submission_csv,
+    submission_lines,
     submission_rows,
     write_coco_json,
     write_label_tiff,
@@ -96,7 +98,9 @@ def expand_inputs(specs: Sequence[str], skip_dir: Path | None = None) -> tuple[l
     return unique, problems
 
 
-ImageEntries = tuple  # (submission rows or None, COCO results or None, COCO image entry or None)
+# (submission CSV lines or None, COCO results as a JSON fragment or None, COCO image entry without its id or None),
+# encoded by the writer process that made them: the per-run files are then joined, not formatted, at the run's end
+ImageEntries = tuple
 
 
 def output_path(out: Path, stem: str, fmt: str) -> Path:
@@ -105,18 +109,18 @@ def output_path(out: Path, stem: str, fmt: str) -> Path:
 
 
 def image_entries(formats: set[str], stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
-                  file_name: str) -> ImageEntries:
-    """An image's submission rows and COCO results (ids are given when the per-run files are written)."""
-    rows = submission_rows(stem, labels) if "submission" in formats else None
+                  file_name: str, image_id: int) -> ImageEntries:
+    """An image's submission rows and COCO results (``image_id``: its COCO id, given before the run), encoded."""
+    rows = submission_lines(submission_rows(stem, labels)) if "submission" in formats else None
     if "coco" not in formats:
         return rows, None, None
     image = {"file_name": file_name, "height": int(labels.shape[0]), "width": int(labels.shape[1])}
-    return rows, coco_results(0, labels, scores), image
+    return rows, coco_fragment(coco_results(image_id, labels, scores)), image
 
 
 def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarray, labels: np.ndarray,
                         scores: Sequence[float] | dict[int, float], cfg, norm: np.ndarray | None = None,
-                        ) -> ImageEntries:
+                        image_id: int = 0) -> ImageEntries:
     """One image's files (label TIFF, overlay, measurements) and its per-run entries; a plain function, so a
     writer process can run it. ``norm``: ``raw`` normalised already (else the overlay normalises it)."""
     stem = path.stem
@@ -127,11 +131,12 @@ def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarra
                           labels)
     if "csv" in formats:
         write_measurements_csv(output_path(out, stem, "csv"), labels, raw, scores)
-    return image_entries(formats, stem, labels, scores, path.name)
+    return image_entries(formats, stem, labels, scores, path.name, image_id)
 
 
 def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
-                     pred: LabelPrediction | TiledDetections, cfg) -> tuple[ImageEntries, str | None]:
+                     pred: LabelPrediction | TiledDetections, cfg, image_id: int = 0,
+                     ) -> tuple[ImageEntries, str | None]:
     """A writer task: stitch the image's tiles if that is still to do, write its files; returns its per-run
     entries and the seam warning, if any (logged by the predicting process, which has the user's log)."""
     warning = norm = None
@@ -144,7 +149,7 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
         if steps is not None and needs_image(*steps):  # as the predictor's own stitching
             norm = normalize_from_cfg(raw, cfg)  # the overlay reuses it
             pred = finish_labels(pred, norm, *steps)
-    return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg, norm), warning
+    return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg, norm, image_id), warning
 
 
 @dataclass
@@ -153,9 +158,10 @@ class PredictionRun:
 
     out: Path
     formats: set[str]
-    rows: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    coco: dict[str, list[dict]] = field(default_factory=dict)
-    images: dict[str, dict] = field(default_factory=dict)  # COCO image entries (no id yet), by stem
+    rows: dict[str, str] = field(default_factory=dict)  # submission CSV lines, by stem
+    coco: dict[str, str] = field(default_factory=dict)  # COCO results (JSON fragments), by stem
+    images: dict[str, dict] = field(default_factory=dict)  # COCO image entries (their ids in coco_ids), by stem
+    coco_ids: dict[str, int] = field(default_factory=dict)  # COCO image id of each input, given before the run
     failures: list[str] = field(default_factory=list)
     written: set[str] = field(default_factory=set)
 
@@ -173,7 +179,7 @@ class PredictionRun:
 
     def collect(self, stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
                 file_name: str) -> None:
-        self.add(stem, image_entries(self.formats, stem, labels, scores, file_name))
+        self.add(stem, image_entries(self.formats, stem, labels, scores, file_name, self.coco_ids.get(stem, 0)))
 
     def add(self, stem: str, entries: ImageEntries) -> None:
         """What an image contributes to the per-run files; its outputs are complete."""
@@ -185,7 +191,8 @@ class PredictionRun:
         self.written.add(stem)
 
     def write_image(self, path: Path, raw: np.ndarray, pred: LabelPrediction | TiledDetections, cfg) -> None:
-        self.add_written(path, stitch_and_write(self.out, self.formats, path, raw, pred, cfg))
+        self.add_written(path, stitch_and_write(self.out, self.formats, path, raw, pred, cfg,
+                                                self.coco_ids.get(path.stem, 0)))
 
     def add_written(self, path: Path, written: tuple[ImageEntries, str | None]) -> None:
         """What a writer task returned for ``path``: its entries, and the warning to show."""
@@ -387,7 +394,8 @@ class ImageWriter:
         self._wait_for_forks()
         if self.pool is not None:
             try:
-                future = self.pool.submit(stitch_and_write, run.out, run.formats, path, raw, pred, self.cfg)
+                future = self.pool.submit(stitch_and_write, run.out, run.formats, path, raw, pred, self.cfg,
+                                          run.coco_ids.get(path.stem, 0))
             except BrokenProcessPool:
                 logger.warning("the writer processes stopped: the remaining images are written here")
                 self.pool, self.workers = None, 0
@@ -559,7 +567,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
 def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> None:
     """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
     outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
-    mine = PredictionRun(run.out, run.formats)
+    mine = PredictionRun(run.out, run.formats, coco_ids=run.coco_ids)
     predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine, comm.get_world_size())
     parts = comm.gather(mine, dst=0)
     if comm.is_main_process():
@@ -589,8 +597,8 @@ class FolderFiles:
     """The per-folder files as they were before this run: entries by image stem, in their order."""
 
     order: list[str] = field(default_factory=list)
-    rows: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    coco: dict[str, list[dict]] = field(default_factory=dict)
+    rows: dict[str, str] = field(default_factory=dict)  # submission CSV lines, as PredictionRun's
+    coco: dict[str, str] = field(default_factory=dict)  # COCO results (JSON fragments), as PredictionRun's
     images: dict[str, dict] = field(default_factory=dict)  # with their ids
 
     @classmethod
@@ -598,10 +606,11 @@ class FolderFiles:
         """What ``out`` holds; an existing file that cannot be read is an error naming it (before compute)."""
         old = cls()
         if "submission" in formats and (out / SUBMISSION_NAME).is_file():
+            rows: dict[str, list[tuple[str, str]]] = {}
             for stem, rle in read_submission_csv(out / SUBMISSION_NAME):
-                old.rows.setdefault(stem, []).append((stem, rle))
-                if stem not in old.order:
-                    old.order.append(stem)
+                rows.setdefault(stem, []).append((stem, rle))
+            old.order = list(rows)
+            old.rows = {stem: submission_lines(r) for stem, r in rows.items()}
         results, images = out / COCO_NAME, out / COCO_IMAGES_NAME
         if "coco" in formats and (results.is_file() or images.is_file()):
             if not images.is_file():
@@ -611,35 +620,44 @@ class FolderFiles:
             for image in read_json_list(images, ("id", "file_name")):
                 stem_of[image["id"]] = Path(image["file_name"]).stem
                 old.images[stem_of[image["id"]]] = image
+            entries: dict[str, list[dict]] = {}
             for entry in (read_json_list(results, ("image_id",)) if results.is_file() else []):
                 if entry["image_id"] not in stem_of:
                     raise ValueError(f"{results}: image_id {entry['image_id']} is not in {images}")
-                old.coco.setdefault(stem_of[entry["image_id"]], []).append(entry)
+                entries.setdefault(stem_of[entry["image_id"]], []).append(entry)
+            old.coco = {stem: coco_fragment(e) for stem, e in entries.items()}
             old.order += [s for s in old.images if s not in old.order]
         return old
+
+    def coco_ids(self, stems: list[str]) -> dict[str, int]:
+        """COCO image ids for a run over ``stems``: an image already in the folder keeps its id, a new one takes
+        the next free id in the per-run files' order (an image that then fails leaves its id unused)."""
+        ids = {s: image["id"] for s, image in self.images.items()}
+        next_id = max(ids.values(), default=0) + 1
+        wanted = set(stems)
+        for stem in self.order + [s for s in stems if s not in self.order]:
+            if stem in wanted and stem not in ids:
+                ids[stem], next_id = next_id, next_id + 1
+        return {s: ids[s] for s in stems}
 
 
 def _write_folder_files(out: Path, run: PredictionRun, old: FolderFiles, stems: list[str]) -> None:
     """submission.csv / coco_results.json / coco_images.json: this run's images replace their earlier
-    entries, other images' entries are kept; new images follow in input order."""
+    entries, other images' entries are kept; new images follow in input order. The entries come encoded
+    (:data:`ImageEntries`): this is a join, done after the last image, while the GPU has nothing to do."""
     order = old.order + [s for s in stems if s not in old.order]
     if "submission" in run.formats:
-        write_submission_csv(out / SUBMISSION_NAME,
-                             [r for s in order for r in run.rows.get(s, old.rows.get(s, []))])
+        write_submission_csv(out / SUBMISSION_NAME, (run.rows.get(s, old.rows.get(s, "")) for s in order))
     if "coco" in run.formats:
-        ids = {s: image["id"] for s, image in old.images.items()}
-        next_id = max(ids.values(), default=0) + 1
-        images, results = [], []
+        images, fragments = [], []
         for stem in order:
             if stem in run.images:
-                if stem not in ids:
-                    ids[stem], next_id = next_id, next_id + 1
-                images.append({"id": ids[stem], **run.images[stem]})
-                results += [dict(r, image_id=ids[stem]) for r in run.coco[stem]]
+                images.append({"id": run.coco_ids[stem], **run.images[stem]})
+                fragments.append(run.coco[stem])
             elif stem in old.images:
                 images.append(old.images[stem])
-                results += old.coco.get(stem, [])
-        write_coco_json(out / COCO_NAME, results)
+                fragments.append(old.coco.get(stem, ""))
+        write_coco_json(out / COCO_NAME, fragments)
         write_json(out / COCO_IMAGES_NAME, sorted(images, key=lambda image: image["id"]))
 
 
@@ -664,6 +682,7 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
     if not files:
         return files, run  # nothing matched: the folder's files stay as they are
     old = FolderFiles.read(out, run.formats)
+    run.coco_ids = old.coco_ids([f.stem for f in files])
     todo = []
     for f in files:
         if resume and run.done(f.stem):

@@ -29,10 +29,11 @@ OUTLINE_RGB = (255, 255, 0)
 SUBMISSION_HEADER = ("ImageId", "EncodedPixels")
 
 
-def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+def _csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[object]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    if header is not None:
+        writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
 
@@ -225,9 +226,15 @@ def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
     return [(image_id, rle) for rle in encoded.values()]
 
 
-def write_submission_csv(path: str | os.PathLike, rows: Iterable[tuple[str, str]]) -> None:
-    """``ImageId,EncodedPixels`` CSV (column-major, 1-based run-length pairs)."""
-    atomic_write(path, _csv_text(SUBMISSION_HEADER, rows))
+def submission_lines(rows: Iterable[tuple[str, str]]) -> str:
+    """Submission rows as the CSV's lines, without its header: made per image (by a writer process), so the
+    per-run file is a join at the end of the run rather than 90k rows formatted then (~0.2 s)."""
+    return _csv_text(None, rows)
+
+
+def write_submission_csv(path: str | os.PathLike, lines: Iterable[str]) -> None:
+    """``ImageId,EncodedPixels`` CSV (column-major, 1-based run-length pairs) of :func:`submission_lines` chunks."""
+    atomic_write(path, _csv_text(SUBMISSION_HEADER, []) + "".join(lines))
 
 
 # ---- COCO results -------------------------------------------------------------------------------
@@ -257,9 +264,16 @@ def coco_results(image_id: str | int, labels: np.ndarray, scores: Sequence[float
     return out
 
 
-def write_coco_json(path: str | os.PathLike, results: list[dict]) -> None:
-    """A COCO results list (loadable by ``COCO.loadRes`` against ground truth with the same image ids)."""
-    atomic_write(path, json.dumps(results))
+def coco_fragment(results: Iterable[dict]) -> str:
+    """COCO results as a piece of the results list's JSON (``json.dumps(list)`` without its brackets): made per
+    image, so the per-run file is a join at the end of the run rather than ~90k entries encoded then."""
+    return ", ".join(json.dumps(result) for result in results)
+
+
+def write_coco_json(path: str | os.PathLike, fragments: Iterable[str]) -> None:
+    """A COCO results list (loadable by ``COCO.loadRes`` against ground truth with the same image ids), from
+    :func:`coco_fragment` pieces: the same bytes as ``json.dumps`` of the whole list."""
+    atomic_write(path, "[" + ", ".join(f for f in fragments if f) + "]")
 
 
 def read_submission_csv(path: str | os.PathLike) -> list[tuple[str, str]]:
