@@ -929,6 +929,32 @@ def test_forwards_asking_for_other_caps_wait_for_the_model(cfg):
     assert seen == [own] and box.test_topk_per_image == own
 
 
+def test_a_small_first_batch_gives_the_same_outputs(cfg, monkeypatch):
+    """On a GPU predict_batch's first forward takes a quarter of a batch (the GPU starts while the next, full one
+    is prepared): the same detections as full batches from the start, which the CPU keeps."""
+    from nucleus_seg.inference import predictor as module
+
+    cfg.NUCLEUS.PREDICT.AMP = False
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 8
+    predictor = NucleusPredictor(cfg)
+    images = [blobs((96, 128), np.uint16, seed=s) for s in range(11)]
+    sizes = []
+    forward = predictor._forward
+    monkeypatch.setattr(predictor, "_forward", lambda crops, *a, **k: sizes.append(len(crops)) or forward(crops, *a,
+                                                                                                          **k))
+    full = predictor.predict_batch(images, diameter=0)
+    monkeypatch.setattr(module, "SMALL_FIRST_BATCH_DEVICES", ("cpu",))
+    ramped = predictor.predict_batch(images, diameter=0)
+    assert sizes == [8, 3, 2, 8, 1]
+    assert sum(len(r["instances"]) for r in full) > 0
+    for a, b in zip(full, ramped):  # another batch size rounds differently (matrix blocking): equal to ~1e-5
+        a, b = a["instances"], b["instances"]
+        assert len(a) == len(b)
+        torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=1e-3, rtol=0)
+        torch.testing.assert_close(b.scores, a.scores, atol=1e-5, rtol=0)
+        assert (a.pred_masks != b.pred_masks).sum() <= 0.001 * a.pred_masks.sum()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a GPU")
 def test_a_pinned_batch_gives_the_same_outputs_as_copying_each_image(cfg):
     from nucleus_seg.inference.predictor import pinned_batch
