@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--gaps", type=int, default=0, metavar="N",
                         help="also a timeline profile: the N host frames where the GPU idles longest")
     parser.add_argument("--trace", default="", help="where to keep that timeline (chrome trace, .json.gz)")
+    parser.add_argument("--shapes", type=int, default=0, metavar="N",
+                        help="also the N costliest operators by input shape (which tensors the copies and "
+                        "elementwise kernels work on)")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
@@ -167,8 +170,8 @@ def main() -> None:
     predictor.predict_batch(images)
     sync()
     wall = time.perf_counter() - t0
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                record_shapes=args.shapes > 0) as prof:
         predictor.predict_batch(images)
         sync()
     averages = prof.key_averages()
@@ -178,6 +181,11 @@ def main() -> None:
     for key in ("self_device_time_total", "self_cpu_time_total", "cpu_time_total"):
         print(f"--- top by {key}")
         print(averages.table(sort_by=key, row_limit=25, max_name_column_width=70))
+    if args.shapes:
+        print("--- top by self_device_time_total, by input shape")
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_device_time_total", row_limit=args.shapes, max_name_column_width=40,
+            max_shapes_column_width=90))
     if args.gaps:
         trace = args.trace or os.path.join(tempfile.gettempdir(), "infer_trace.json.gz")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
