@@ -25,6 +25,7 @@ from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 
+from .nms_bits import suppression_bits, suppression_bits_usable
 from .precision import HALF_DTYPES, fuse_group_norm_relu, use_half_group_norm
 from .roi_align import use_nucleus_roi_align
 
@@ -66,10 +67,9 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
                     box, score = box.float(), score.float()
                 keep_out[i, idx[torchvision.ops.nms(box, score, iou_threshold)]] = True
         return keep_out
-    per_chunk = max(1, NMS_CHUNK // (n * n))  # groups whose n x n IoU matrices are built at once
-    # by[j, i]: box i comes before box j in the visiting order (IoUs are symmetric, so row j of the suppression
-    # matrix lists the boxes that may suppress box j)
-    by = torch.ones((n, n), dtype=torch.bool, device=scores.device).tril(-1)
+    # groups whose n x n suppression matrices are built at once: IoU matrices in PyTorch, 8x as many as bits
+    # from the kernel (the RPN of 64 images, 320 groups of 1000 boxes: one chunk, one fixed point, not five)
+    per_chunk = max(1, NMS_CHUNK * (8 if suppression_bits_usable(boxes) else 1) // (n * n))
     bits = _bit_weights(scores.device)
     for lo in range(0, g, per_chunk):
         sl = slice(lo, min(g, lo + per_chunk))
@@ -77,17 +77,9 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
         box = torch.gather(boxes[sl], 1, order[..., None].expand(-1, -1, 4))
         ok = torch.gather(valid[sl], 1, order)
-        x1, y1, x2, y2 = box.unbind(-1)
-        area = (x2 - x1) * (y2 - y1)
-        w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :]))
-        h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :]))
-        inter = w.clamp(min=0) * h.clamp(min=0)
-        iou = inter / (area[:, :, None] + area[:, None, :] - inter)
-        del w, h
-        # no mask of invalid boxes here: keep starts as ok and stays within it, so an invalid box neither
-        # suppresses nor is kept (two full-size ANDs fewer)
-        suppressed_by = _pack_bits((iou > _below_or_at(iou_threshold, iou.dtype)) & by, bits)
-        del iou, inter
+        # no mask of invalid boxes in the suppression matrix: keep starts as ok and stays within it, so an
+        # invalid box neither suppresses nor is kept
+        suppressed_by = _suppression_matrix(box, _below_or_at(iou_threshold, box.dtype), bits)
         keep = ok
         for steps in range(1, n + 1):
             # box j stays unless a kept box before it overlaps it: 8 boxes a byte (a bool per pair read 8x more)
@@ -99,6 +91,25 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
             keep = new
         keep_out[sl] = torch.zeros_like(keep).scatter_(1, order, keep)
     return keep_out
+
+
+def _suppression_matrix(box: torch.Tensor, threshold: float, bits: torch.Tensor) -> torch.Tensor:
+    """``(G, n, ceil(n / 8))`` uint8 for ``(G, n, 4)`` boxes in visiting order: row j lists, 8 a byte, the boxes
+    before box j whose IoU with it exceeds ``threshold`` (IoUs are symmetric, so these are the boxes that may
+    suppress it). One Triton kernel on a GPU (:mod:`.nms_bits`), else IoU matrices in PyTorch; the same bits."""
+    if suppression_bits_usable(box):
+        return suppression_bits(box, threshold)
+    n = box.shape[1]
+    x1, y1, x2, y2 = box.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :]))
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :]))
+    inter = w.clamp(min=0) * h.clamp(min=0)
+    del w, h
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    del inter
+    before = torch.ones((n, n), dtype=torch.bool, device=box.device).tril(-1)  # [j, i]: i before j
+    return _pack_bits((iou > threshold) & before, bits)
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
