@@ -43,7 +43,7 @@ def test_the_fixed_point_with_the_kernel_keeps_what_torchvision_keeps():
         from nucleus_seg.modeling import fast_inference
         from nucleus_seg.modeling.fast_inference import batched_nms_keep
         fast_inference.SERIAL_NMS_DEVICES = ()
-        fast_inference.NMS_CHUNK = 3 * 120 * 120 // 8  # 3 groups a chunk with the kernel
+        fast_inference.NMS_CHUNK = 3 * 120 * 120 // 32  # 3 groups a chunk with the kernel
         g = torch.Generator().manual_seed(3)
         groups, n = 8, 120
         xy = torch.rand(groups, n, 2, generator=g) * 100

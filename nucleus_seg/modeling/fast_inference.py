@@ -67,9 +67,10 @@ def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Ten
                     box, score = box.float(), score.float()
                 keep_out[i, idx[torchvision.ops.nms(box, score, iou_threshold)]] = True
         return keep_out
-    # groups whose n x n suppression matrices are built at once: IoU matrices in PyTorch, 8x as many as bits
-    # from the kernel (the RPN of 64 images, 320 groups of 1000 boxes: one chunk, one fixed point, not five)
-    per_chunk = max(1, NMS_CHUNK * (8 if suppression_bits_usable(boxes) else 1) // (n * n))
+    # groups whose n x n suppression matrices are built at once: IoU matrices in PyTorch (~16 bytes a pair in
+    # temporaries), 32x as many as bits from the kernel (1/4 byte a pair with the fixed point's AND): the RPN of 64
+    # images, 320 groups of 2000 boxes, is one chunk and one fixed point with its few syncs, instead of 20
+    per_chunk = max(1, NMS_CHUNK * (32 if suppression_bits_usable(boxes) else 1) // (n * n))
     bits = _bit_weights(scores.device)
     for lo in range(0, g, per_chunk):
         sl = slice(lo, min(g, lo + per_chunk))
