@@ -47,6 +47,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_facts, emit, weights_or_random_init  # noqa: E402
 
+# nucleus-predict's overrides for the comparison: no rescale (the plain loop has no diameter estimate), so the
+# models see the same pixels; no significance rule nor boundary step (the plain loop keeps every detection and mask
+# as made), so the same instances (a --variant may turn them on)
+AS_PLAIN_LOOP = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", "NUCLEUS.PREDICT.MIN_SIGNIFICANCE",
+                 "0.0", "NUCLEUS.PREDICT.BOUNDARY_LEVEL", "0.0"]
+
 
 def make_images(folder: Path, num: int, size: int, seed: int = 4321) -> list[Path]:
     """``num`` 16-bit synthetic fields as TIFFs (made once)."""
@@ -262,11 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--variant {name}: overrides are KEY=VALUE, got {pairs}")
         variants[f"nucleus_predict+{name}"] = [t for p in pairs for t in p.split("=", 1)]
 
-    # no rescale on either side (the plain loop has no diameter estimate): the models see the same pixels; nor the
-    # significance rule nor boundary step (the plain loop keeps every detection and mask as made): the same instances
-    # (a --variant may turn them on)
-    opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", "NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0",
-            "NUCLEUS.PREDICT.BOUNDARY_LEVEL", "0.0", *args.opts]
+    opts = [*AS_PLAIN_LOOP, *args.opts]
     cfg = get_nucleus_cfg(args.config_file, opts)
     weights = cfg.MODEL.WEIGHTS = weights_or_random_init(cfg, args.weights)
     paths = make_images(Path(args.data_root) / f"tiff16_{args.size}", args.num_images, args.size)

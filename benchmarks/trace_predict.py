@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "trace_predict"))
-    parser.add_argument("--trace", help="write the Chrome trace here (gzip)")
+    parser.add_argument("--trace", help="write the Chrome trace here (a .json.gz name)")
     parser.add_argument("--analyse", metavar="TRACE", help="only analyse a saved trace")
     parser.add_argument("--min-gap-us", type=float, default=100.0)
     parser.add_argument("--save")
@@ -118,13 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     import shutil
 
     import torch
-    from predict_throughput import make_images
+    from predict_throughput import AS_PLAIN_LOOP, make_images
 
     from nucleus_seg.cli.predict import main as nucleus_predict
     from nucleus_seg.config import get_nucleus_cfg
 
-    opts = ["NUCLEUS.PREDICT.DIAMETER", "0.0", "INPUT.MIN_SIZE_TEST", "0", "NUCLEUS.PREDICT.MIN_SIGNIFICANCE", "0.0",
-            "NUCLEUS.PREDICT.BOUNDARY_LEVEL", "0.0", *args.opts]
+    opts = [*AS_PLAIN_LOOP, *args.opts]  # the settings predict_throughput.py times
     cfg = get_nucleus_cfg(args.config_file, opts)
     weights = weights_or_random_init(cfg, args.weights)
     paths = make_images(Path(args.data_root) / f"tiff16_{args.size}", args.num_images, args.size)
@@ -146,12 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         run(paths, out / "traced")
     seconds = time.perf_counter() - start
-    raw = Path(tempfile.mkdtemp()) / "trace.json"
-    prof.export_chrome_trace(str(raw))
-    trace = json.loads(raw.read_text())
-    if args.trace:
-        with gzip.open(args.trace, "wt") as f:
-            json.dump(trace, f)
+    path = args.trace or str(Path(tempfile.mkdtemp()) / "trace.json.gz")
+    prof.export_chrome_trace(path)  # gzip-compressed, by its suffix
+    with gzip.open(path, "rt") as f:
+        trace = json.load(f)
     found = {"benchmark": "trace_predict", **device_facts(), "config": args.config_file,
              "weights": args.weights or "random init (seeded)", "variant": "nucleus-predict under torch.profiler",
              "num_images": len(paths), "image_size": args.size, "traced_seconds": round(seconds, 2),

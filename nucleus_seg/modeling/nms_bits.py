@@ -2,7 +2,7 @@
 
 ``batched_nms_keep`` builds, per group of ``n`` boxes in visiting order, which earlier boxes overlap each box
 past the threshold, 8 a byte. In PyTorch that is ~15 passes over float32 ``(G, n, n)`` IoU matrices (the RPN of
-64 images: 320 groups of 1000 boxes, 1.3 GB a pass), the largest share of the elementwise kernels in Cascade
+64 images: 320 groups of up to 2000 boxes, 5 GB a pass), the largest share of the elementwise kernels in Cascade
 R-CNN's H200 profile (session 29). Here each program computes a tile of IoUs in registers and writes only the
 bits, skipping tiles above the diagonal. Same arithmetic, so the same bits (tests under ``TRITON_INTERPRET=1``).
 """
