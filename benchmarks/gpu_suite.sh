@@ -87,7 +87,8 @@ infer_stages() {
       --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
   fi
   if has infer; then
-    # INFER_CONFIGS: more configs to time; one other than the weights' config runs on random (seeded) weights
+    # INFER_CONFIGS: more configs to time; one other than the weights' config runs on random (seeded) weights;
+    # INFER_ARGS: more options (e.g. "--score-thresh 0.9" with the recipe's weights, INFER_VARIANTS "64+cl,64+cl+allstages")
     # by default both configs of the speed issue: the standard (scratch) one and the recipe's Cascade R-CNN; 128
     # images at batch 64 (two batches: the second one's images are prepared while the first runs)
     other=configs/nucleus_R101_FPN_synth_h100.yaml
@@ -97,7 +98,7 @@ infer_stages() {
       log "inference throughput on GPU $INFER_GPU ($config, weights: ${w:-random init})"
       CUDA_VISIBLE_DEVICES=$INFER_GPU python3 benchmarks/infer_throughput.py --config-file "$config" \
         ${w:+--weights "$w"} --num-images "${INFER_IMAGES:-128}" --batch "${INFER_BATCH:-64}" \
-        --variants "${INFER_VARIANTS-64+cl}" --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
+        --variants "${INFER_VARIANTS-64+cl}" ${INFER_ARGS:-} --save "$OUT/results.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-3000
     done
   fi
   if has predict && [ -z "$WEIGHTS" ]; then

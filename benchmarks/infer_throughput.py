@@ -58,7 +58,7 @@ def instances_agreement(reference: list, ours: list) -> dict:
     }
 
 
-VARIANT_FLAGS = ("cl", "compile", "graphs")
+VARIANT_FLAGS = ("cl", "compile", "graphs", "allstages")
 
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="more of ours to time, e.g. 32,32+compile,16+cl (batch size, then flags: cl = "
                         "channels-last model, the GPU default; without it NCHW, compile = NUCLEUS.PREDICT.COMPILE, "
-                        "graphs = NUCLEUS.PREDICT.CUDA_GRAPHS)")
+                        "graphs = NUCLEUS.PREDICT.CUDA_GRAPHS, allstages = Cascade R-CNN's later stages on every "
+                        "proposal, as detectron2 runs them)")
+    parser.add_argument("--score-thresh", type=float, default=0.0,
+                        help="MODEL.ROI_HEADS.SCORE_THRESH_TEST of both sides (default 0: every side keeps "
+                        "--detections; with trained weights, e.g. the 0.9 nucleus-eval --tune picked)")
     parser.add_argument("--detections", type=int, default=400)
     parser.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "nucleus_bench"))
     parser.add_argument("--save", help="append the JSON line to benchmarks/results/<SAVE>")
@@ -92,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = inference_cfg(args.config_file, args.opts, args.detections, args.batch)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
     weights = cfg.MODEL.WEIGHTS = weights_or_random_init(cfg, args.weights)
 
     images = inference_images(Path(args.data_root), args.num_images)
@@ -108,7 +113,10 @@ def main() -> None:
         c.NUCLEUS.PREDICT.BATCH_SIZE = batch
         c.NUCLEUS.PREDICT.COMPILE = "compile" in flags
         c.NUCLEUS.PREDICT.CUDA_GRAPHS = "graphs" in flags
-        return NucleusPredictor(c, channels_last="cl" in flags)
+        predictor = NucleusPredictor(c, channels_last="cl" in flags)
+        if hasattr(predictor.model.roi_heads, "cascade_early_exit"):
+            predictor.model.roi_heads.cascade_early_exit = "allstages" not in flags
+        return predictor
 
     def sync():
         if torch.cuda.is_available():
@@ -155,6 +163,7 @@ def main() -> None:
         "num_images": len(images),
         "image_size": 512,
         "detections_per_image": args.detections,
+        "score_thresh": args.score_thresh,
         "batch": best_batch,
         "channels_last": "cl" in best_flags,
         "compile": "compile" in best_flags,

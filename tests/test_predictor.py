@@ -428,6 +428,54 @@ def test_cascade_proposals_of_a_batch_equal_detectron2s_per_image_clip(cfg):
         heads._create_proposals_from_boxes(boxes, sizes)
 
 
+def test_cascade_later_stages_skip_proposals_that_cannot_reach_the_threshold(cfg):
+    """Later stages run only on the proposals whose scores so far can still average above the final threshold
+    (stage two above 2/3, stage three above 1/3); the detections are those of every proposal through every
+    stage. At 1/3 or below every proposal goes through."""
+    cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    cfg.NUCLEUS.PREDICT.DIAMETER = 0.0  # one pass per batch
+    predictor = NucleusPredictor(cfg)
+    heads = predictor.model.roi_heads
+    images = [blobs((128, 128), np.uint16, seed=s) for s in (3, 4)]
+    logits = []  # random weights score ~0.5: spread each stage's scores over (0, 1), most of them high
+    hooks = [stage.cls_score.register_forward_hook(lambda module, args, out: logits.append(out[:, 0] - out[:, 1]))
+             for stage in heads.box_predictor]
+    predictor.predict_batch(images)
+    with torch.no_grad():
+        for stage, hook, logit in zip(heads.box_predictor, hooks, logits):
+            hook.remove()
+            spread = 3 / float(logit.std())
+            stage.cls_score.weight.mul_(spread)
+            stage.cls_score.bias.mul_(spread)
+            stage.cls_score.bias[0] += 2 - float(logit.median()) * spread
+    rois = []
+    for k, head in enumerate(heads.box_head):
+        head.register_forward_hook(lambda module, args, out, k=k: rois.append((k, out.shape[0])))
+
+    def detect(thresh: float, early_exit: bool) -> tuple[list, list]:
+        rois.clear()
+        heads.cascade_early_exit = early_exit
+        heads.box_predictor[-1].test_score_thresh = thresh  # what MODEL.ROI_HEADS.SCORE_THRESH_TEST sets
+        return [x["instances"] for x in predictor.predict_batch(images)], list(rois)
+
+    for thresh in (0.8, 0.95):
+        ours, seen = detect(thresh, True)
+        every, seen_every = detect(thresh, False)
+        assert [n for _, n in seen_every] == [seen_every[0][1]] * 3
+        assert seen[0] == seen_every[0] and seen[1][1] < seen[0][1] and seen[2][1] <= seen[1][1]
+        assert sum(len(x) for x in every) > 0
+        for a, b in zip(ours, every):
+            assert len(a) == len(b) and bool((a.scores > thresh).all())
+            assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-4)
+            assert torch.allclose(a.scores, b.scores, atol=1e-6)
+            assert torch.equal(a.pred_masks, b.pred_masks)
+    _, seen = detect(0.6, True)  # above 1/3: the third stage skips some
+    assert seen[1][1] == seen[0][1] > seen[2][1]
+    _, seen = detect(0.3, True)
+    assert [n for _, n in seen] == [seen[0][1]] * 3
+
+
 @pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])
 def test_fast_and_detectron2_inference_give_the_same_detections(cfg, heads, nms_path):
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000  # > 4000 box coordinates: torchvision's per-level branch

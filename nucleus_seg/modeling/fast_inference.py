@@ -43,6 +43,7 @@ SERIAL_NMS_DEVICES = ("cpu",)
 # parallel NMS steps between host syncs (most groups settle within 4-12 steps): 8 since a step reads packed bits
 # (the syncs were nucleus-predict's largest host cost in the H200 profile of 2026-12-05: torch.equal, 1.6 s of 17)
 CONVERGENCE_CHECK = 8
+EXIT_MARGIN = 1e-3  # far above the float32 rounding of a sum of three probabilities (~1e-7)
 
 
 def batched_nms_keep(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
@@ -275,23 +276,52 @@ def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_t
 def _fast_cascade_forward_box(self, features, proposals, targets=None):
     """Cascade R-CNN's ``_forward_box`` with the final NMS batched: detectron2's inference branch (stages in
     turn, scores averaged over stages, the last stage's boxes) with :func:`batched_fast_rcnn_inference` in
-    place of its per-image ``fast_rcnn_inference``."""
+    place of its per-image ``fast_rcnn_inference``, and proposals that can no longer reach the final score
+    threshold left out of the later stages (:func:`_drop_hopeless`)."""
     if self.training:
         return type(self)._forward_box(self, features, proposals, targets)
     features = [features[f] for f in self.box_in_features]
     image_sizes = [x.image_size for x in proposals]
-    scores_per_stage, boxes = [], None
-    for k in range(self.num_cascade_stages):
+    stages = self.num_cascade_stages
+    last = self.box_predictor[-1]
+    totals, boxes = None, None  # per image: each proposal's class probabilities summed over the stages so far
+    for k in range(stages):
         if k > 0:
+            if self.cascade_early_exit:
+                boxes, totals = _drop_hopeless(boxes, totals, stages - k, stages * last.test_score_thresh)
             proposals = self._create_proposals_from_boxes(boxes, image_sizes)
         predictions = self._run_stage(features, proposals, k)
         boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
-        scores_per_stage.append(self.box_predictor[k].predict_probs(predictions, proposals))
-    scores = [sum(list(per_image)) * (1.0 / self.num_cascade_stages) for per_image in zip(*scores_per_stage)]
-    last = self.box_predictor[-1]
+        probs = self.box_predictor[k].predict_probs(predictions, proposals)
+        # detectron2 adds the stages' probabilities in this order (``sum``): the same floats
+        totals = list(probs) if totals is None else [t + p for t, p in zip(totals, probs)]
+    scores = [t * (1.0 / stages) for t in totals]
     instances, _ = batched_fast_rcnn_inference(boxes, scores, image_sizes, last.test_score_thresh,
                                                last.test_nms_thresh, last.test_topk_per_image)
     return instances
+
+
+def _drop_hopeless(boxes: list[torch.Tensor], totals: list[torch.Tensor], stages_left: int,
+                   needed: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each image's proposals (``boxes``, ``totals`` of their probabilities so far) without those whose best
+    class cannot reach ``needed`` (stages x the final threshold) even if every one of the ``stages_left`` later
+    stages gives it probability 1: exact, since the final score is the mean over stages and a probability is
+    at most 1. Of three stages, at a threshold of 0.9 stage two runs only on what stage one scored >= 0.7 and
+    stage three on what the two scored >= 1.7 together; at 0.5 stage three on what they scored >= 0.5. A margin
+    (EXIT_MARGIN, or 16 rounding steps of the sums' precision) keeps their rounding on the safe side. Where
+    nothing can be left out (stage two at 2/3 or below) nothing is done; else one host sync for the batch."""
+    if not totals:
+        return boxes, totals
+    bound = needed - stages_left - max(EXIT_MARGIN, 16 * torch.finfo(totals[0].dtype).eps * needed)
+    if bound <= 0:
+        return boxes, totals
+    counts = [len(t) for t in totals]
+    keep = (torch.cat(totals)[:, :-1].amax(dim=1) >= bound).cpu()
+    kept = [int(part.sum()) for part in keep.split(counts)]
+    if sum(kept) == sum(counts):
+        return boxes, totals
+    index = torch.nonzero(keep).squeeze(1).to(totals[0].device, non_blocking=True)
+    return list(torch.cat(boxes)[index].split(kept)), list(torch.cat(totals)[index].split(kept))
 
 
 def _fast_create_proposals_from_boxes(self, boxes, image_sizes):
@@ -338,6 +368,10 @@ def speed_up_inference(model: torch.nn.Module, half_group_norm: bool = True) -> 
     if getattr(type(heads), "_forward_box", None) is CascadeROIHeads._forward_box:
         # the cascade runs its final NMS itself, never its stages' ``inference``
         heads._forward_box = types.MethodType(_fast_cascade_forward_box, heads)
+        # at a final score threshold above 1/3 (label outputs: NUCLEUS.PREDICT.SCORE_THRESH; nucleus-eval --tune
+        # picked 0.9 for the recipe's model) later stages skip proposals that cannot reach it (_drop_hopeless);
+        # False runs every proposal through every stage, as detectron2 does
+        heads.cascade_early_exit = True
         if type(heads)._create_proposals_from_boxes is CascadeROIHeads._create_proposals_from_boxes:
             heads._create_proposals_from_boxes = types.MethodType(_fast_create_proposals_from_boxes, heads)
     elif getattr(type(box_predictor), "inference", None) is FastRCNNOutputLayers.inference:
