@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -265,6 +266,38 @@ def test_cli_resume_redoes_only_missing_images_and_takes_globs_and_opts(cli_cfg,
     assert (out / "a_labels.tif").exists()
     rows = read_csv(out / "submission.csv")
     assert {r["ImageId"] for r in rows} == {"a", "b"}
+
+
+def test_cli_writes_outlines_for_fiji_and_qupath_on_request(cli_cfg, tmp_path):
+    """--formats rois,geojson: per image an ImageJ ROI set and a GeoJSON file whose outlines enclose exactly the
+    label image's nuclei, named by id, with the CSV's scores; the default formats write neither."""
+    from test_outlines import pixels_inside
+    from test_predictor import blobs
+
+    tifffile.imwrite(tmp_path / "cells.tif", blobs((96, 112), np.uint16, seed=0))
+    tifffile.imwrite(tmp_path / "blank.tif", np.zeros((64, 64), np.uint16))
+    out = tmp_path / "out"
+    argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "*.tif"), "--output", str(out),
+            "--formats", "labels,csv,rois,geojson", "--diameter", "0"]
+    assert main(argv) == 0
+    for stem in ("cells", "blank"):
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        ids = sorted(set(np.unique(labels).tolist()) - {0})
+        assert ids or stem == "blank"
+        scores = {int(r["id"]): float(r["score"]) for r in read_csv(out / f"{stem}_measurements.csv")}
+        archive = zipfile.ZipFile(out / f"{stem}_rois.zip")
+        assert archive.namelist() == [f"{i:04d}.roi" for i in ids]
+        features = json.loads((out / f"{stem}_nuclei.geojson").read_text())["features"]
+        assert [int(f["properties"]["name"]) for f in features] == ids
+        for feature, label in zip(features, ids):
+            geometry = feature["geometry"]
+            polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+            np.testing.assert_array_equal(pixels_inside(polygons, labels.shape), labels == label)
+            assert feature["properties"]["measurements"]["score"] == pytest.approx(scores[label], abs=1e-6)
+    default = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "blank.tif"), "--output", str(tmp_path / "d")]
+    assert main(default) == 0
+    assert sorted(p.name for p in (tmp_path / "d").glob("blank_*")) == [
+        "blank_labels.tif", "blank_measurements.csv", "blank_overlay.png"]
 
 
 def test_cli_bad_command_lines(cli_cfg, tmp_path, capsys):

@@ -2,10 +2,11 @@
 
     nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto]
                     [--tile N] [--overlap N] [--batch N] [--score-thresh S] [--channel C]
-                    [--formats labels,overlay,csv,submission,coco] [--resume] [KEY VALUE ...]
+                    [--formats labels,overlay,csv,rois,geojson,submission,coco] [--resume] [KEY VALUE ...]
 
 Per image: ``OUT/<stem>_labels.tif`` (uint16 ImageJ TIFF; uint32 past 65535 nuclei),
-``OUT/<stem>_overlay.png`` (outlines on the normalised image), ``OUT/<stem>_measurements.csv``.
+``OUT/<stem>_overlay.png`` (outlines on the normalised image), ``OUT/<stem>_measurements.csv``; on request
+``OUT/<stem>_rois.zip`` (ImageJ ROI set: Fiji's ROI Manager) and ``OUT/<stem>_nuclei.geojson`` (QuPath).
 Per run: ``OUT/submission.csv`` (Kaggle DSB-2018) and ``OUT/coco_results.json``, built from every
 image's label image, those skipped by ``--resume`` included. Images larger than the tile (after
 the diameter rescale) are predicted tile by tile. An unreadable image is reported and skipped; the
@@ -19,7 +20,7 @@ import sys
 import time
 
 from ..config import check_predict_settings
-from ..inference.batch import FORMATS, predict_to_folder
+from ..inference.batch import DEFAULT_FORMATS, FORMATS, predict_to_folder
 from ..inference.scale import parse_diameter
 from ..utils.logs import setup_logging
 from .common import console_parser, load_config, split_overrides
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channel", type=int, help="the channel holding the nuclei in multi-channel images, from "
                         "0 (INPUT.NORMALIZE.CHANNEL; default -1: the brightest colour channel at each pixel, wrong "
                         "for a composite with a cytoplasm or membrane stain)")
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma list of {', '.join(FORMATS)} (default: {','.join(DEFAULT_FORMATS)}; rois: an "
+                        "ImageJ ROI set for Fiji's ROI Manager, geojson: detections for QuPath)")
     parser.add_argument("--resume", action="store_true",
                         help="skip images whose outputs exist (per-run files are still rebuilt from all)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine; images are "

@@ -1,7 +1,8 @@
 """Predicting a folder of image files: input expansion, per-image outputs, per-run files, resume, sharding.
 
 What ``nucleus-predict`` does, as a library call (:func:`predict_to_folder`). Per image:
-``OUT/<stem>_labels.tif``, ``OUT/<stem>_overlay.png``, ``OUT/<stem>_measurements.csv``. Per folder:
+``OUT/<stem>_labels.tif``, ``OUT/<stem>_overlay.png``, ``OUT/<stem>_measurements.csv`` (on request
+``OUT/<stem>_rois.zip`` and ``OUT/<stem>_nuclei.geojson``, :mod:`.outlines`). Per folder:
 ``OUT/submission.csv``, ``OUT/coco_results.json`` and ``OUT/coco_images.json`` (the COCO ``images`` list:
 integer ids 1..N with their file names), built from every image's label image (those skipped by
 ``resume`` included) and merged with what the folder's files already hold for other images: a run on a
@@ -36,6 +37,7 @@ from ..data.io import normalize_from_cfg, read_image, read_label_image
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
+from .outlines import label_outlines
 from .outputs import (
     coco_fragment,
     coco_results,
@@ -45,6 +47,8 @@ from .outputs import (
     submission_lines,
     submission_rows,
     write_coco_json,
+    write_geojson,
+    write_imagej_rois,
     write_label_tiff,
     write_measurements_csv,
     write_overlay_png,
@@ -54,12 +58,14 @@ from .postprocess import finish_labels, needs_image
 from .predictor import NucleusPredictor, fits_one_pass
 from .tiling import LabelPrediction, TiledDetections, seam_warning
 
-__all__ = ["FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
+__all__ = ["DEFAULT_FORMATS", "FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("labels", "overlay", "csv", "submission", "coco")
-PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measurements.csv"}
+FORMATS = ("labels", "overlay", "csv", "rois", "geojson", "submission", "coco")
+DEFAULT_FORMATS = ("labels", "overlay", "csv", "submission", "coco")  # outlines for Fiji and QuPath on request
+PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measurements.csv", "rois": "_rois.zip",
+             "geojson": "_nuclei.geojson"}
 SUBMISSION_NAME = "submission.csv"
 COCO_NAME = "coco_results.json"
 COCO_IMAGES_NAME = "coco_images.json"
@@ -131,6 +137,12 @@ def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarra
                           labels)
     if "csv" in formats:
         write_measurements_csv(output_path(out, stem, "csv"), labels, raw, scores)
+    if "rois" in formats or "geojson" in formats:
+        outlines = label_outlines(labels)
+        if "rois" in formats:
+            write_imagej_rois(output_path(out, stem, "rois"), outlines)
+        if "geojson" in formats:
+            write_geojson(output_path(out, stem, "geojson"), outlines, scores)
     return image_entries(formats, stem, labels, scores, path.name, image_id)
 
 
@@ -661,7 +673,7 @@ def _write_folder_files(out: Path, run: PredictionRun, old: FolderFiles, stems: 
         write_json(out / COCO_IMAGES_NAME, sorted(images, key=lambda image: image["id"]))
 
 
-def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = FORMATS,
+def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = DEFAULT_FORMATS,
                       resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
                       dist_url: str = "auto") -> tuple[list[Path], PredictionRun]:
     """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``.

@@ -1,4 +1,5 @@
-"""Prediction outputs: label TIFF, overlay PNG, measurements CSV, Kaggle submission, COCO results.
+"""Prediction outputs: label TIFF, overlay PNG, measurements CSV, ImageJ ROIs and GeoJSON outlines (:mod:`.outlines`),
+Kaggle submission, COCO results.
 
 Everything is written atomically (:func:`nucleus_seg.utils.files.atomic_path`), so an interrupted run
 leaves either the old file or the new one, never half a file. All per-run formats
@@ -24,6 +25,7 @@ from ..data.io import ImageReadError, drop_opaque_alpha
 from ..structures import inner_boundaries
 from ..utils.files import atomic_path, atomic_write
 from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
+from .outlines import Piece, geojson_text, imagej_roi_zip
 
 OUTLINE_RGB = (255, 255, 0)
 SUBMISSION_HEADER = ("ImageId", "EncodedPixels")
@@ -80,6 +82,24 @@ def write_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.nda
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     atomic_write(path, buf.tobytes())
+
+
+# ---- outlines -----------------------------------------------------------------------------------
+
+def write_imagej_rois(path: str | os.PathLike, outlines: dict[int, list[Piece]]) -> None:
+    """The nuclei as an ImageJ ROI set (``.zip``: Fiji's ROI Manager opens it), from
+    :func:`~.outlines.label_outlines`."""
+    try:
+        data = imagej_roi_zip(outlines)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    atomic_write(path, data)
+
+
+def write_geojson(path: str | os.PathLike, outlines: dict[int, list[Piece]],
+                  scores: Sequence[float] | dict[int, float]) -> None:
+    """The nuclei as GeoJSON detections (QuPath: File > Import objects), from :func:`~.outlines.label_outlines`."""
+    atomic_write(path, geojson_text(outlines, scores))
 
 
 # ---- measurements -------------------------------------------------------------------------------
