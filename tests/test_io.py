@@ -159,3 +159,33 @@ def test_nan_and_inf_pixels_are_left_out_not_blanking_the_image(tmp_path, caplog
     tifffile.imwrite(path, np.full((8, 8), np.nan, np.float32))
     with pytest.raises(ImageReadError, match="every pixel is NaN"):
         read_image(path)
+
+
+def test_pixel_size_comes_from_imagej_or_ome_metadata_and_never_from_a_dpi(tmp_path):
+    import cv2
+    import tifffile
+
+    image = np.zeros((20, 30), np.uint16)
+    written = {
+        "micron.tif": dict(imagej=True, resolution=(1 / 0.1625, 1 / 0.1625), metadata={"unit": "micron"}),
+        "escaped.tif": dict(imagej=True, resolution=(1 / 0.5, 1 / 0.25), metadata={"unit": "\\u00B5m"}),
+        "nm.tif": dict(imagej=True, resolution=(1 / 325, 1 / 325), metadata={"unit": "nm"}),
+        "ome.ome.tif": dict(ome=True, metadata={"PhysicalSizeX": 0.65, "PhysicalSizeY": 0.7}),
+        "ome_nm.ome.tif": dict(ome=True, metadata={"PhysicalSizeX": 100, "PhysicalSizeXUnit": "nm",
+                                                   "PhysicalSizeY": 100, "PhysicalSizeYUnit": "nm"}),
+        "uncalibrated.tif": dict(imagej=True, resolution=(1, 1)),
+        "dpi.tif": dict(resolution=(72, 72), resolutionunit="INCH"),
+        "plain.tif": {},
+    }
+    for name, kwargs in written.items():
+        tifffile.imwrite(tmp_path / name, image, **kwargs)
+    cv2.imwrite(str(tmp_path / "image.png"), image)
+    found = {name: io.pixel_size_um(tmp_path / name) for name in [*written, "image.png"]}
+    assert found["micron.tif"] == pytest.approx((0.1625, 0.1625))
+    assert found["escaped.tif"] == pytest.approx((0.25, 0.5))  # (y, x): ImageJ's x resolution was 1 / 0.5
+    assert found["nm.tif"] == pytest.approx((0.325, 0.325))
+    assert found["ome.ome.tif"] == pytest.approx((0.7, 0.65))
+    assert found["ome_nm.ome.tif"] == pytest.approx((0.1, 0.1))
+    assert [found[n] for n in ("uncalibrated.tif", "dpi.tif", "plain.tif", "image.png")] == [None] * 4
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    assert io.pixel_size_um(tmp_path / "broken.tif") is None  # read_image is what reports a broken file

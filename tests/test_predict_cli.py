@@ -110,6 +110,25 @@ def test_writers_agree_and_read_back(tmp_path):
                                        "coco_results.json", "submission.csv"]  # no temp files left
 
 
+def test_a_calibrated_image_gets_a_calibrated_label_tiff_and_areas_in_square_micrometres(tmp_path):
+    from nucleus_seg.data.io import pixel_size_um
+
+    labels = np.zeros((40, 50), np.int32)
+    labels[2:10, 3:9] = 1
+    labels[20:30, 30:45] = 2
+    raw = np.full((40, 50), 100, np.uint16)
+    write_label_tiff(tmp_path / "a_labels.tif", labels, (0.5, 0.25))
+    assert pixel_size_um(tmp_path / "a_labels.tif") == pytest.approx((0.5, 0.25))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a_labels.tif"), labels)
+    write_measurements_csv(tmp_path / "a.csv", labels, raw, [0.9, 0.8], (0.5, 0.25))
+    write_measurements_csv(tmp_path / "b.csv", labels, raw, [0.9, 0.8])
+    calibrated, plain = read_csv(tmp_path / "a.csv"), read_csv(tmp_path / "b.csv")
+    assert [float(r["area_um2"]) for r in calibrated] == [48 * 0.125, 150 * 0.125]
+    assert float(calibrated[1]["diameter_um"]) == pytest.approx(2 * np.sqrt(150 * 0.125 / np.pi), rel=1e-5)
+    assert [{k: v for k, v in r.items() if not k.endswith("um2") and k != "diameter_um"} for r in calibrated] == plain
+    assert "area_um2" not in plain[0]
+
+
 def test_the_csvs_eccentricity_is_skimages_for_every_kind_of_region():
     """Ellipses at every angle, a line (1), a pixel (0), a square, a region in two parts, ids with gaps."""
     from skimage.measure import regionprops_table
@@ -270,11 +289,15 @@ def test_cli_resume_redoes_only_missing_images_and_takes_globs_and_opts(cli_cfg,
 
 def test_cli_writes_outlines_for_fiji_and_qupath_on_request(cli_cfg, tmp_path):
     """--formats rois,geojson: per image an ImageJ ROI set and a GeoJSON file whose outlines enclose exactly the
-    label image's nuclei, named by id, with the CSV's scores; the default formats write neither."""
+    label image's nuclei, named by id, with the CSV's scores; the default formats write neither. A calibrated
+    image (ImageJ metadata) gets a calibrated label TIFF and areas in square micrometres."""
     from test_outlines import pixels_inside
     from test_predictor import blobs
 
-    tifffile.imwrite(tmp_path / "cells.tif", blobs((96, 112), np.uint16, seed=0))
+    from nucleus_seg.data.io import pixel_size_um
+
+    tifffile.imwrite(tmp_path / "cells.tif", blobs((96, 112), np.uint16, seed=0), imagej=True,
+                     resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "micron"})  # as Fiji saves it
     tifffile.imwrite(tmp_path / "blank.tif", np.zeros((64, 64), np.uint16))
     out = tmp_path / "out"
     argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "*.tif"), "--output", str(out),
@@ -294,6 +317,12 @@ def test_cli_writes_outlines_for_fiji_and_qupath_on_request(cli_cfg, tmp_path):
             polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
             np.testing.assert_array_equal(pixels_inside(polygons, labels.shape), labels == label)
             assert feature["properties"]["measurements"]["score"] == pytest.approx(scores[label], abs=1e-6)
+    assert pixel_size_um(out / "cells_labels.tif") == pytest.approx((0.325, 0.325))  # Fiji opens it calibrated
+    rows = read_csv(out / "cells_measurements.csv")
+    assert [float(r["area_um2"]) for r in rows] == pytest.approx([int(r["area"]) * 0.325 ** 2 for r in rows],
+                                                                 rel=1e-5)  # 6 significant digits
+    assert pixel_size_um(out / "blank_labels.tif") is None and "area_um2" not in (out / "blank_measurements.csv"
+                                                                                  ).read_text()
     default = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "blank.tif"), "--output", str(tmp_path / "d")]
     assert main(default) == 0
     assert sorted(p.name for p in (tmp_path / "d").glob("blank_*")) == [

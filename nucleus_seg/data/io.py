@@ -89,6 +89,55 @@ def _read_tiff(path: Path) -> np.ndarray:
     return image
 
 
+# a length unit as ImageJ ("micron", "\\u00B5m") and OME ("µm", "nm") write it, in micrometres
+LENGTH_UNITS_UM = {"um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0,
+                   "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
+                   "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3}
+
+
+def pixel_size_um(path: str | os.PathLike) -> tuple[float, float] | None:
+    """A TIFF's (y, x) pixel size in micrometres, from its OME or ImageJ metadata (what Fiji's *Image > Properties*
+    and Bio-Formats write); None for any other file, a TIFF without them, an uncalibrated ("pixel") one, or a
+    plain TIFF's resolution tags alone (usually a scanner's or screenshot's DPI, not a microscope's)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                return _ome_pixel_size(tif.ome_metadata)
+            if tif.is_imagej:
+                unit = LENGTH_UNITS_UM.get(str((tif.imagej_metadata or {}).get("unit", "")).strip().lower())
+                tags = tif.pages.first.tags
+                if unit is None or "XResolution" not in tags or "YResolution" not in tags:
+                    return None
+                (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value
+                return _positive((unit * yd / yn, unit * xd / xn)) if xn and yn else None
+    except Exception:  # noqa: BLE001 - metadata is a bonus: unreadable metadata is no metadata
+        return None
+    return None
+
+
+def _ome_pixel_size(xml: str) -> tuple[float, float] | None:
+    import xml.etree.ElementTree as ET
+
+    pixels = next((e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    sizes = []
+    for axis in "YX":
+        value = pixels.attrib.get(f"PhysicalSize{axis}", pixels.attrib["PhysicalSizeX"])
+        unit = LENGTH_UNITS_UM.get(pixels.attrib.get(f"PhysicalSize{axis}Unit", "µm").strip().lower())
+        if unit is None:
+            return None
+        sizes.append(float(value) * unit)
+    return _positive(tuple(sizes))
+
+
+def _positive(sizes: tuple[float, ...]) -> tuple[float, float] | None:
+    return (float(sizes[0]), float(sizes[1])) if all(np.isfinite(sizes)) and min(sizes) > 0 else None
+
+
 def check_image_shape(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
     """Accept HxW or HxWxC with C<=4 (and drop singleton leading axes and an opaque alpha); refuse stacks."""
     while image.ndim > 2 and image.shape[0] == 1:

@@ -33,7 +33,7 @@ import numpy as np
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from ..data.io import normalize_from_cfg, read_image, read_label_image
+from ..data.io import normalize_from_cfg, pixel_size_um, read_image, read_label_image
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
@@ -130,13 +130,14 @@ def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarra
     """One image's files (label TIFF, overlay, measurements) and its per-run entries; a plain function, so a
     writer process can run it. ``norm``: ``raw`` normalised already (else the overlay normalises it)."""
     stem = path.stem
+    pixel_size = pixel_size_um(path) if "labels" in formats or "csv" in formats else None
     if "labels" in formats:
-        write_label_tiff(output_path(out, stem, "labels"), labels)
+        write_label_tiff(output_path(out, stem, "labels"), labels, pixel_size)
     if "overlay" in formats:
         write_overlay_png(output_path(out, stem, "overlay"), normalize_from_cfg(raw, cfg) if norm is None else norm,
                           labels)
     if "csv" in formats:
-        write_measurements_csv(output_path(out, stem, "csv"), labels, raw, scores)
+        write_measurements_csv(output_path(out, stem, "csv"), labels, raw, scores, pixel_size)
     if "rois" in formats or "geojson" in formats:
         outlines = label_outlines(labels)
         if "rois" in formats:

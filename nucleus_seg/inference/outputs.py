@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,8 +43,11 @@ def _csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[object]]) ->
 
 # ---- label image --------------------------------------------------------------------------------
 
-def write_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Label image as uint16 ImageJ TIFF (Fiji, napari), or uint32 plain TIFF past 65535 instances.
+def write_label_tiff(path: str | os.PathLike, labels: np.ndarray,
+                     pixel_size: tuple[float, float] | None = None) -> None:
+    """Label image as uint16 ImageJ TIFF (Fiji, napari), or uint32 plain TIFF past 65535 instances; with the
+    (y, x) ``pixel_size`` in micrometres of the image it labels (:func:`~nucleus_seg.data.io.pixel_size_um`), so
+    Fiji opens it calibrated as that image.
 
     ImageJ's format has no 32-bit integer type; Fiji and napari still open the uint32 file.
     """
@@ -55,10 +59,13 @@ def write_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> None:
         raise ValueError(f"{path}: label image holds negative ids")
     with atomic_path(path) as tmp:
         if top <= np.iinfo(np.uint16).max:
+            calibration = {} if pixel_size is None else {"resolution": (1 / pixel_size[1], 1 / pixel_size[0])}
             tifffile.imwrite(tmp, labels.astype(np.uint16), imagej=True, compression="zlib",
-                             metadata={"axes": "YX"})
+                             metadata={"axes": "YX", **({"unit": "um"} if pixel_size else {})}, **calibration)
         else:
-            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib")
+            calibration = {} if pixel_size is None else {  # pixels per centimetre
+                "resolution": (1e4 / pixel_size[1], 1e4 / pixel_size[0]), "resolutionunit": "CENTIMETER"}
+            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib", **calibration)
 
 
 # ---- overlay ------------------------------------------------------------------------------------
@@ -184,12 +191,13 @@ def convex_areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return areas
 
 
-def measure(labels: np.ndarray, raw_image: np.ndarray,
-            scores: Sequence[float]) -> tuple[list[str], list[list]]:
+def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
+            pixel_size: tuple[float, float] | None = None) -> tuple[list[str], list[list]]:
     """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
 
     Images of several channels get one intensity column per channel (an opaque alpha dropped: it is
-    constant); ``scores[k]`` is id k+1's.
+    constant); ``scores[k]`` is id k+1's. With the image's (y, x) ``pixel_size`` in micrometres, the area in
+    square micrometres and the diameter of the circle of that area follow the pixel area.
     """
     raw = drop_opaque_alpha(np.asarray(raw_image))
     if raw.ndim == 3 and raw.shape[2] == 1:
@@ -207,7 +215,8 @@ def measure(labels: np.ndarray, raw_image: np.ndarray,
               + ["eccentricity", "solidity"])
     header = (["id", "score", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]
               + [f"mean_intensity{c}" for c in channels] + [f"max_intensity{c}" for c in channels]
-              + ["eccentricity", "solidity"])
+              + ["eccentricity", "solidity"] + (["area_um2", "diameter_um"] if pixel_size else []))
+    pixel_area = pixel_size[0] * pixel_size[1] if pixel_size else 0.0
     scores = np.asarray(scores, dtype=np.float32)
     rows = []
     for i, label in enumerate(table["label"].tolist()):
@@ -215,15 +224,18 @@ def measure(labels: np.ndarray, raw_image: np.ndarray,
             raise ValueError(f"label image holds id {label} but only {len(scores)} scores were given")
         values = [table[key][i].item() for key in source]
         values[0] = int(values[0])  # area: a pixel count
-        rows.append([label, repr(float(scores[label - 1]))]
-                    + [v if isinstance(v, int) else round(v, 4) for v in values])
+        row = [label, repr(float(scores[label - 1]))] + [v if isinstance(v, int) else round(v, 4) for v in values]
+        if pixel_size:
+            area_um2 = values[0] * pixel_area
+            row += [float(f"{area_um2:.6g}"), float(f"{2 * math.sqrt(area_um2 / math.pi):.6g}")]
+        rows.append(row)
     return header, rows
 
 
 def write_measurements_csv(path: str | os.PathLike, labels: np.ndarray, raw_image: np.ndarray,
-                           scores: Sequence[float]) -> None:
+                           scores: Sequence[float], pixel_size: tuple[float, float] | None = None) -> None:
     """:func:`measure` as a CSV file."""
-    atomic_write(path, _csv_text(*measure(labels, raw_image, scores)))
+    atomic_write(path, _csv_text(*measure(labels, raw_image, scores, pixel_size)))
 
 
 def read_scores_csv(path: str | os.PathLike) -> dict[int, float]:
