@@ -329,6 +329,37 @@ def test_cli_writes_outlines_for_fiji_and_qupath_on_request(cli_cfg, tmp_path):
         "blank_labels.tif", "blank_measurements.csv", "blank_overlay.png"]
 
 
+def test_exclude_edges_leaves_out_the_nuclei_touching_each_images_border_from_every_output(cli_cfg, tmp_path):
+    """The same run with --exclude-edges: each image's labels are the plain run's without the nuclei touching its
+    border (a whole image and a tiled one, stitched by the writers), and every output agrees with them."""
+    from nucleus_seg.inference.tiling import LabelPrediction, without_edge_nuclei
+
+    shapes = make_inputs(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").unlink()
+    del shapes["rgb8"]
+    (tmp_path / "in" / "rgb8.png").unlink()
+    argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--tile", "96", "--overlap", "32",
+            "--diameter", "0", "MODEL.WEIGHTS", str(random_weights(cli_cfg, tmp_path))]
+    assert main([*argv, "--output", str(tmp_path / "all")]) == 0
+    assert main([*argv, "--output", str(tmp_path / "inner"), "--exclude-edges"]) == 0
+    out = tmp_path / "inner"
+    submission = read_csv(out / "submission.csv")
+    coco = json.loads((out / "coco_results.json").read_text())
+    dropped = 0
+    for stem, shape in shapes.items():
+        every = tifffile.imread(tmp_path / "all" / f"{stem}_labels.tif")
+        rows = read_csv(tmp_path / "all" / f"{stem}_measurements.csv")
+        scores = np.array([float(r["score"]) for r in rows], np.float32)
+        want = without_edge_nuclei(LabelPrediction(every, scores, np.zeros((len(scores), 4), np.float32)))
+        got = tifffile.imread(out / f"{stem}_labels.tif")
+        np.testing.assert_array_equal(got, want.labels)
+        edge = np.concatenate([got[0], got[-1], got[:, 0], got[:, -1]])
+        assert not edge.any() and every.max() > got.max() > 0
+        dropped += int(every.max()) - int(got.max())
+        check_outputs_agree(out, stem, shape, submission, coco, image_id=coco_id(out, stem))
+    assert dropped > 0
+
+
 def test_cli_bad_command_lines(cli_cfg, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--config-file", str(cli_cfg), "--input", str(tmp_path), "--output", str(tmp_path / "o"),

@@ -16,6 +16,7 @@ from nucleus_seg.inference.tiling import (
     make_tiles,
     masks_to_prediction,
     tile_starts,
+    without_edge_nuclei,
 )
 
 
@@ -169,6 +170,23 @@ def test_finalize_drops_empty_ids_and_orders_by_score():
     np.testing.assert_array_equal(pred.labels, [[3, 3, 0], [2, 0, 1]])
     np.testing.assert_allclose(pred.scores, [0.7, 0.5, 0.2])
     np.testing.assert_array_equal(pred.boxes[:, 0], [12, 8, 0])
+
+
+def test_nuclei_touching_the_border_are_dropped_and_the_rest_keep_their_order():
+    labels = np.array([[0, 1, 0, 0, 0, 0],
+                       [0, 0, 2, 2, 0, 0],
+                       [0, 3, 3, 0, 4, 0],
+                       [0, 0, 0, 0, 4, 5],
+                       [6, 0, 0, 0, 0, 0]])
+    pred = finalize_labels(labels, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], np.arange(24).reshape(6, 4))
+    kept = without_edge_nuclei(pred)
+    # 1 (top row), 5 (right column) and 6 (left column, bottom row) go; 2, 3, 4 become 1, 2, 3
+    np.testing.assert_array_equal(kept.labels, np.where(np.isin(labels, [2, 3, 4]), labels - 1, 0) * (labels > 0))
+    np.testing.assert_allclose(kept.scores, [0.8, 0.7, 0.6])
+    np.testing.assert_array_equal(kept.boxes[:, 0], [4, 8, 12])
+    assert without_edge_nuclei(kept) is kept  # nothing touches the border any more
+    empty = finalize_labels(np.zeros((3, 3), np.int32), [], np.zeros((0, 4)))
+    assert without_edge_nuclei(empty) is empty
 
 
 def _disk(shape, cy, cx, r):

@@ -2,7 +2,8 @@
 
     nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto]
                     [--tile N] [--overlap N] [--batch N] [--score-thresh S] [--channel C]
-                    [--formats labels,overlay,csv,rois,geojson,submission,coco] [--resume] [KEY VALUE ...]
+                    [--formats labels,overlay,csv,rois,geojson,submission,coco] [--exclude-edges] [--resume]
+                    [KEY VALUE ...]
 
 Per image: ``OUT/<stem>_labels.tif`` (uint16 ImageJ TIFF; uint32 past 65535 nuclei),
 ``OUT/<stem>_overlay.png`` (outlines on the normalised image), ``OUT/<stem>_measurements.csv``; on request
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                         help=f"comma list of {', '.join(FORMATS)} (default: {','.join(DEFAULT_FORMATS)}; rois: an "
                         "ImageJ ROI set for Fiji's ROI Manager, geojson: detections for QuPath)")
+    parser.add_argument("--exclude-edges", action="store_true",
+                        help="leave nuclei touching an image's border out of every output (cut by it, they would "
+                        "bias measurements)")
     parser.add_argument("--resume", action="store_true",
                         help="skip images whose outputs exist (per-run files are still rebuilt from all)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine; images are "
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _configure(parser, args, opts)
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
-                                       args.num_machines, args.machine_rank, args.dist_url)
+                                       args.num_machines, args.machine_rank, args.dist_url, args.exclude_edges)
     except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)

@@ -155,6 +155,22 @@ def finalize_labels(labels: np.ndarray, scores: np.ndarray, boxes: np.ndarray) -
     return LabelPrediction(lut[labels], scores[order], boxes[order])
 
 
+def without_edge_nuclei(pred: LabelPrediction) -> LabelPrediction:
+    """``pred`` without the nuclei that touch the image's border, renumbered 1..N in the same order: the border cut
+    them, so their areas, shapes and intensities would bias the measurements (Cellpose's ``exclude_on_edges``,
+    CellProfiler's "discard objects touching the border")."""
+    labels = pred.labels
+    if labels.size == 0:
+        return pred
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    edge = edge[edge > 0]
+    if edge.size == 0:
+        return pred
+    keep = np.arange(len(pred.scores) + 1, dtype=labels.dtype)
+    keep[edge] = 0
+    return finalize_labels(keep[labels], pred.scores, pred.boxes)
+
+
 def masks_to_prediction(masks: np.ndarray, scores: np.ndarray, boxes: np.ndarray) -> LabelPrediction:
     """N full-image masks (e.g. ``Instances.pred_masks``) to a label prediction, highest score on top."""
     labels = masks_to_label_image(masks, scores)
