@@ -317,6 +317,33 @@ def test_label_layout_errors(tmp_path):
         load_label_image_dataset(tmp_path / "labels")
 
 
+def test_outlines_from_fiji_and_qupath_are_labels_of_the_image_they_were_drawn_on(tmp_path):
+    """labels/ may hold ImageJ ROI sets and GeoJSON beside label images, named by the image's stem or as
+    nucleus-predict names its outline files (corrected predictions are annotations as they are)."""
+    from nucleus_seg.data.outlines import geojson_text, imagej_roi_zip, label_outlines
+
+    label = np.zeros((24, 32), np.uint16)
+    label[2:6, 2:7] = 1
+    label[10:15, 12:20] = 2
+    label[18:22, 25:30] = 3
+    outlines = label_outlines(label)
+    for stem in "abc":
+        write_png(tmp_path / "images" / f"{stem}.png", np.zeros((24, 32), np.uint8))
+    write_png(tmp_path / "labels" / "c.png", label)
+    (tmp_path / "labels" / "a_rois.zip").write_bytes(imagej_roi_zip(outlines))
+    (tmp_path / "labels" / "b.geojson").write_text(geojson_text(outlines, [1.0, 1.0, 1.0]))
+    records = load_label_image_dataset(tmp_path, cache=False)
+    assert [r["image_name"] for r in records] == ["a", "b", "c"]
+    for record in records:
+        masks = decode(record)
+        assert len(masks) == 3
+        for k, mask in enumerate(masks, start=1):
+            np.testing.assert_array_equal(mask, label == k)
+    (tmp_path / "labels" / "a.geojson").write_text(geojson_text(outlines, [1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"duplicate id 'a' \(a.geojson and a_rois.zip\)"):
+        load_label_image_dataset(tmp_path, cache=False)
+
+
 def test_split_label_id_stays_one_instance(tmp_path):
     label = np.zeros((24, 32), np.uint16)
     label[2:6, 2:6] = 500  # one id in two pieces

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
 
-from nucleus_seg.inference.outlines import (
+from nucleus_seg.data.outlines import (
     IMAGEJ_MAX_COORDINATE,
     geojson_text,
     imagej_roi,
@@ -118,3 +118,101 @@ def test_geojson_holds_every_piece_and_hole_with_its_score():
         np.testing.assert_array_equal(pixels_inside(polygons, labels.shape), labels == label)
     by_index = json.loads(geojson_text(outlines, [scores.get(k, 0.0) for k in range(1, max(ids) + 1)]))
     assert by_index == collection
+
+
+def disks(shape=(60, 80), seed=0) -> np.ndarray:
+    """Separate round nuclei, one piece each and no holes (an ImageJ ROI holds one outer outline)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for label in range(1, 7):
+        cy, cx, r = rng.uniform(6, shape[0] - 6), rng.uniform(6, shape[1] - 6), rng.uniform(2.5, 6)
+        labels[((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (labels == 0)] = label
+    return labels
+
+
+def sequential(labels: np.ndarray) -> np.ndarray:
+    """Ids 1..N in the order of the old ids (what reading outlines in file order gives)."""
+    ids = np.unique(labels[labels > 0])
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    return lut[labels]
+
+
+def test_outlines_read_back_as_the_label_image_they_were_written_from(tmp_path):
+    """GeoJSON keeps every piece and hole: exact for any label image. An ImageJ ROI set keeps one outer outline
+    per nucleus: exact for nuclei in one piece without holes (every pixel centre inside or outside, none on an
+    edge), as a `.zip` and as one `.roi`."""
+    from nucleus_seg.data.outlines import read_outline_labels
+
+    for seed in range(4):
+        labels = random_labels(seed)
+        (tmp_path / "a.geojson").write_text(geojson_text(label_outlines(labels), np.ones(int(labels.max()))))
+        np.testing.assert_array_equal(read_outline_labels(tmp_path / "a.geojson", labels.shape), sequential(labels))
+    labels = disks()
+    outlines = label_outlines(labels)
+    (tmp_path / "a.zip").write_bytes(imagej_roi_zip(outlines))
+    np.testing.assert_array_equal(read_outline_labels(tmp_path / "a.zip", labels.shape), labels)
+    (tmp_path / "one.roi").write_bytes(imagej_roi(outlines[3][0][0], "0003"))
+    np.testing.assert_array_equal(read_outline_labels(tmp_path / "one.roi", labels.shape), labels == 3)
+
+
+def test_rois_of_every_kind_with_an_area_are_read_and_the_others_refused(tmp_path, caplog):
+    """Fiji's polygon (sub-pixel, written by roifile), rectangle and oval ROIs; an overlap is named; a line, a
+    composite and an outline off the image are errors naming the file."""
+    roifile = pytest.importorskip("roifile")
+    from nucleus_seg.data.io import ImageReadError
+    from nucleus_seg.data.outlines import read_outline_labels
+
+    rois = [roifile.ImagejRoi.frompoints(np.array([[2.0, 2.0], [12.0, 2.0], [12.0, 8.0], [2.0, 8.0]]) + 0.25),
+            roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, left=20, top=3, right=26, bottom=7),
+            roifile.ImagejRoi(roitype=roifile.ROI_TYPE.OVAL, left=30, top=10, right=50, bottom=30),
+            roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, left=24, top=5, right=28, bottom=9)]
+    for k, roi in enumerate(rois):
+        roi.name = f"r{k}"
+    roifile.roiwrite(tmp_path / "set.zip", rois)
+    with caplog.at_level("WARNING"):
+        labels = read_outline_labels(tmp_path / "set.zip", (40, 60))
+    assert "overlap on 4 pixels" in caplog.text and "set.zip" in caplog.text
+    expected = np.zeros((40, 60), np.int32)
+    expected[2:8, 2:12] = 1  # corners 2.25..12.25: the centres 2.5..11.5
+    expected[3:7, 20:26] = 2
+    expected[5:9, 24:28] = 4  # the later rectangle keeps the shared pixels
+    np.testing.assert_array_equal(np.where(labels == 3, 0, labels), expected)
+    assert abs((labels == 3).sum() - np.pi * 10 * 10) < 12 and labels[20, 40] == 3 and labels[10, 30] == 0
+
+    bad = {"line": roifile.ImagejRoi(roitype=roifile.ROI_TYPE.LINE, x1=1, y1=1, x2=9, y2=9),
+           "far": roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, left=100, top=100, right=110, bottom=110)}
+    for name, roi in bad.items():
+        roi.tofile(tmp_path / f"{name}.roi")
+        with pytest.raises(ImageReadError, match=f"{name}.roi.*(no area|covers no pixel)"):
+            read_outline_labels(tmp_path / f"{name}.roi", (40, 60))
+    composite = bytearray(imagej_roi(np.array([[1, 1], [1, 4], [4, 4], [4, 1]]), "c"))
+    composite[36:40] = (8).to_bytes(4, "big")  # a shape ROI's size: several shapes in one
+    (tmp_path / "composite.roi").write_bytes(bytes(composite))
+    with pytest.raises(ImageReadError, match="composite.roi: a composite ROI"):
+        read_outline_labels(tmp_path / "composite.roi", (40, 60))
+
+
+def test_geojson_as_qupath_exports_it_cells_give_their_nuclei(tmp_path):
+    from nucleus_seg.data.io import ImageReadError
+    from nucleus_seg.data.outlines import read_outline_labels
+
+    def square(x0, y0, x1, y1):
+        return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+
+    cell = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square(0, 0, 20, 20)},
+            "nucleusGeometry": {"type": "Polygon", "coordinates": square(5, 6, 9, 10)},
+            "properties": {"objectType": "cell"}}
+    detection = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square(12, 1, 15, 3)},
+                 "properties": {"objectType": "detection"}}
+    (tmp_path / "list.geojson").write_text(json.dumps([cell, detection]))  # QuPath's "export as array"
+    labels = read_outline_labels(tmp_path / "list.geojson", (24, 24))
+    assert (labels == 1).sum() == 16 and labels[6:10, 5:9].min() == 1 and (labels == 2).sum() == 6
+    point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 3]}}
+    (tmp_path / "points.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [point]}))
+    with pytest.raises(ImageReadError, match="points.geojson: feature 0 is a Point"):
+        read_outline_labels(tmp_path / "points.geojson", (24, 24))
+    (tmp_path / "bad.geojson").write_text("{not json")
+    with pytest.raises(ImageReadError, match="bad.geojson: not GeoJSON"):
+        read_outline_labels(tmp_path / "bad.geojson", (24, 24))

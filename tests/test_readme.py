@@ -32,3 +32,5 @@ def test_the_python_api_snippet_runs_as_written(tiny_cfg, tmp_path, monkeypatch)
     assert scope["instances"].image_size == (512, 512)
     assert scope["labels"].shape == (512, 512) and scope["large"].labels.shape == (512, 512)
     assert scope["predictor"].device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert len(scope["outlines"]) == int(scope["large"].labels.max())
+    assert (tmp_path / "sample_rois.zip").stat().st_size > 0 and (tmp_path / "sample.geojson").stat().st_size > 0

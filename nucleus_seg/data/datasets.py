@@ -42,6 +42,7 @@ from ..structures import label_image_to_annotations, rle_to_annotation
 from ..utils.files import IMAGE_SUFFIXES, LABEL_SUFFIXES
 from .cache import cached
 from .io import ImageReadError, read_image, read_label_image, read_mask
+from .outlines import OUTLINE_SUFFIXES, read_outline_labels
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +259,10 @@ def _select_split(records: list[dict], split: str | None, root: Path) -> list[di
 def _parse_label_pair(item: tuple[Path, Path]) -> dict:
     image_path, label_path = item
     image = read_image(image_path)
-    label = read_label_image(label_path)
+    if label_path.suffix.lower() in OUTLINE_SUFFIXES:  # Fiji ROIs, QuPath GeoJSON: drawn on this image
+        label = read_outline_labels(label_path, image.shape[:2])
+    else:
+        label = read_label_image(label_path)
     if label.shape != image.shape[:2]:
         raise ImageReadError(
             f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from image {image_path} "
@@ -284,12 +288,25 @@ def load_label_image_pairs(
     return records
 
 
+# what nucleus-predict's outline files add to an image's stem: its outputs, corrected, are annotations as they are
+OUTLINE_STEM_ENDINGS = ("_rois", "_nuclei")
+
+
+def _annotation_stem(path: Path) -> str:
+    stem = path.stem
+    if path.suffix.lower() in OUTLINE_SUFFIXES:
+        for ending in OUTLINE_STEM_ENDINGS:
+            stem = stem.removesuffix(ending)
+    return stem
+
+
 def _stem_map(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for path in _list_files(folder, suffixes):
-        if path.stem in out:
-            raise ValueError(f"{folder}: duplicate id {path.stem!r} ({out[path.stem].name} and {path.name})")
-        out[path.stem] = path
+        stem = _annotation_stem(path)
+        if stem in out:
+            raise ValueError(f"{folder}: duplicate id {stem!r} ({out[stem].name} and {path.name})")
+        out[stem] = path
     return out
 
 
@@ -303,7 +320,9 @@ def _label_folder(root: Path) -> Path:
 def load_label_image_dataset(
     root: str | os.PathLike, cache: bool = True, num_workers: int | None = None
 ) -> list[dict]:
-    """Dataset dicts of ``<root>/images/<stem>.*`` with label images ``<root>/labels/<stem>.*`` (or masks/).
+    """Dataset dicts of ``<root>/images/<stem>.*`` with label images ``<root>/labels/<stem>.*`` (or masks/), or
+    outlines drawn on the image: an ImageJ ROI set (``.zip``, ``.roi``) or QuPath GeoJSON, also named as
+    nucleus-predict names its outline files (``<stem>_rois.zip``, ``<stem>_nuclei.geojson``).
 
     Stems must match one to one: two files with one stem in a folder, or an image without a label, is an
     error naming them; a label without an image is ignored with a warning. An all-zero label image is a
@@ -315,7 +334,7 @@ def load_label_image_dataset(
         raise FileNotFoundError(f"{root}: no images/ folder (label layout is images/ + labels/ or masks/)")
     labels_dir = _label_folder(root)
     images = _stem_map(images_dir, IMAGE_SUFFIXES)
-    labels = _stem_map(labels_dir, LABEL_SUFFIXES)
+    labels = _stem_map(labels_dir, (*LABEL_SUFFIXES, *OUTLINE_SUFFIXES))
     if not images:
         raise FileNotFoundError(f"{images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     missing = sorted(set(images) - set(labels))

@@ -2,7 +2,7 @@
 
 What ``nucleus-predict`` does, as a library call (:func:`predict_to_folder`). Per image:
 ``OUT/<stem>_labels.tif``, ``OUT/<stem>_overlay.png``, ``OUT/<stem>_measurements.csv`` (on request
-``OUT/<stem>_rois.zip`` and ``OUT/<stem>_nuclei.geojson``, :mod:`.outlines`). Per folder:
+``OUT/<stem>_rois.zip`` and ``OUT/<stem>_nuclei.geojson``, :mod:`nucleus_seg.data.outlines`). Per folder:
 ``OUT/submission.csv``, ``OUT/coco_results.json`` and ``OUT/coco_images.json`` (the COCO ``images`` list:
 integer ids 1..N with their file names), built from every image's label image (those skipped by
 ``resume`` included) and merged with what the folder's files already hold for other images: a run on a
@@ -34,10 +34,10 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, pixel_size_um, read_image, read_label_image
+from ..data.outlines import label_outlines
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
-from .outlines import label_outlines
 from .outputs import (
     coco_fragment,
     coco_results,

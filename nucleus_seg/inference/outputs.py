@@ -1,5 +1,5 @@
-"""Prediction outputs: label TIFF, overlay PNG, measurements CSV, ImageJ ROIs and GeoJSON outlines (:mod:`.outlines`),
-Kaggle submission, COCO results.
+"""Prediction outputs: label TIFF, overlay PNG, measurements CSV, ImageJ ROIs and GeoJSON outlines
+(:mod:`nucleus_seg.data.outlines`), Kaggle submission, COCO results.
 
 Everything is written atomically (:func:`nucleus_seg.utils.files.atomic_path`), so an interrupted run
 leaves either the old file or the new one, never half a file. All per-run formats
@@ -23,10 +23,10 @@ from pycocotools import mask as mask_util
 from skimage.measure import regionprops_table
 
 from ..data.io import ImageReadError, drop_opaque_alpha
+from ..data.outlines import Piece, geojson_text, imagej_roi_zip
 from ..structures import inner_boundaries
 from ..utils.files import atomic_path, atomic_write
 from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
-from .outlines import Piece, geojson_text, imagej_roi_zip
 
 OUTLINE_RGB = (255, 255, 0)
 SUBMISSION_HEADER = ("ImageId", "EncodedPixels")
@@ -95,7 +95,7 @@ def write_overlay_png(path: str | os.PathLike, image: np.ndarray, labels: np.nda
 
 def write_imagej_rois(path: str | os.PathLike, outlines: dict[int, list[Piece]]) -> None:
     """The nuclei as an ImageJ ROI set (``.zip``: Fiji's ROI Manager opens it), from
-    :func:`~.outlines.label_outlines`."""
+    :func:`~nucleus_seg.data.outlines.label_outlines`."""
     try:
         data = imagej_roi_zip(outlines)
     except ValueError as exc:
@@ -105,7 +105,8 @@ def write_imagej_rois(path: str | os.PathLike, outlines: dict[int, list[Piece]])
 
 def write_geojson(path: str | os.PathLike, outlines: dict[int, list[Piece]],
                   scores: Sequence[float] | dict[int, float]) -> None:
-    """The nuclei as GeoJSON detections (QuPath: File > Import objects), from :func:`~.outlines.label_outlines`."""
+    """The nuclei as GeoJSON detections (QuPath: File > Import objects), from
+    :func:`~nucleus_seg.data.outlines.label_outlines`."""
     atomic_write(path, geojson_text(outlines, scores))
 
 
