@@ -474,6 +474,8 @@ def test_cascade_later_stages_skip_proposals_that_cannot_reach_the_threshold(cfg
     assert seen[1][1] == seen[0][1] > seen[2][1]
     _, seen = detect(0.3, True)
     assert [n for _, n in seen] == [seen[0][1]] * 3
+    nothing, seen = detect(1.01, True)  # no score reaches it: no proposal left for stages two and three
+    assert [n for _, n in seen[1:]] == [0, 0] and [len(x) for x in nothing] == [0, 0]
 
 
 @pytest.mark.parametrize("heads", ["StandardROIHeads", "CascadeROIHeads"])

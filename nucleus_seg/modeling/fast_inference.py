@@ -316,12 +316,13 @@ def _drop_hopeless(boxes: list[torch.Tensor], totals: list[torch.Tensor], stages
     if bound <= 0:
         return boxes, totals
     counts = [len(t) for t in totals]
-    keep = (torch.cat(totals)[:, :-1].amax(dim=1) >= bound).cpu()
+    every = torch.cat(totals)
+    keep = (every[:, :-1].amax(dim=1) >= bound).cpu()
     kept = [int(part.sum()) for part in keep.split(counts)]
     if sum(kept) == sum(counts):
         return boxes, totals
-    index = torch.nonzero(keep).squeeze(1).to(totals[0].device, non_blocking=True)
-    return list(torch.cat(boxes)[index].split(kept)), list(torch.cat(totals)[index].split(kept))
+    index = torch.nonzero(keep).squeeze(1).to(every.device, non_blocking=True)
+    return list(torch.cat(boxes)[index].split(kept)), list(every[index].split(kept))
 
 
 def _fast_create_proposals_from_boxes(self, boxes, image_sizes):
