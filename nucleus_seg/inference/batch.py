@@ -584,7 +584,7 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
 def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> None:
     """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
     outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
-    mine = PredictionRun(run.out, run.formats, coco_ids=run.coco_ids)
+    mine = PredictionRun(run.out, run.formats, coco_ids=run.coco_ids, exclude_edges=run.exclude_edges)
     predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine, comm.get_world_size())
     parts = comm.gather(mine, dst=0)
     if comm.is_main_process():
