@@ -110,6 +110,39 @@ def test_label_mode_writes_metrics_and_figures(label_folders, tmp_path, capsys):
     assert "dsb_score=" in capsys.readouterr().out
 
 
+def test_label_mode_scores_outlines_from_fiji_and_qupath_as_their_label_images(label_folders, tmp_path, capsys):
+    """Ground truth as a Fiji ROI set and as QuPath GeoJSON (sized by the prediction's label image), predictions as
+    GeoJSON against outline ground truth (sized by --images): the scores of the label images they outline."""
+    from nucleus_seg.data.outlines import geojson_text, imagej_roi_zip, label_outlines
+
+    _, _, pairs = label_folders
+    folders = {name: tmp_path / f"outlines_{name}" for name in ("gt", "pred", "images")}
+    for folder in folders.values():
+        folder.mkdir()
+    for k, (_, (gt, pred)) in enumerate(sorted(pairs.items())):
+        stem = f"img{k}"
+        outlines = label_outlines(gt)
+        if k == 0:
+            (folders["gt"] / f"{stem}_rois.zip").write_bytes(imagej_roi_zip(outlines))  # blocks: one piece each
+        else:
+            (folders["gt"] / f"{stem}.geojson").write_text(geojson_text(outlines, np.ones(gt.max())))
+        if k == 2:  # outlines on both sides: the image gives the size
+            (folders["pred"] / f"{stem}_nuclei.geojson").write_text(
+                geojson_text(label_outlines(pred), np.ones(max(pred.max(), 1))))
+            cv2.imwrite(str(folders["images"] / f"{stem}.png"), np.zeros(gt.shape, np.uint8))
+        else:
+            tifffile.imwrite(folders["pred"] / f"{stem}_labels.tif", pred.astype(np.uint16))
+    out = tmp_path / "out"
+    argv = ["--gt", str(folders["gt"]), "--pred", str(folders["pred"]), "--output", str(out)]
+    assert main([*argv, "--images", str(folders["images"])]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = [dsb_score(gt, pred) for _, (gt, pred) in sorted(pairs.items())]
+    assert [row["dsb_score"] for row in sorted(metrics["per_image"], key=lambda r: r["image_id"])] == (
+        pytest.approx(expected))
+    assert main([*argv, "--output", str(tmp_path / "out2")]) == 1  # outlines on both sides, no image: named
+    assert "img2.geojson: outlines need the size of their image" in capsys.readouterr().err
+
+
 def test_a_ground_truth_image_without_prediction_scores_as_all_missed(label_folders, tmp_path, capsys):
     """It scored 1.0 with one of three predictions present (only a warning): missing work is not a pass."""
     gt_dir, pred_dir, pairs = label_folders
@@ -203,6 +236,8 @@ def test_command_line_errors_exit_2(tmp_path):
         ("img_01.ome.tif", "img_01"),
         ("masks.png", "masks"),
         ("cell_mask.png", "cell"),
+        ("img_01_rois.zip", "img_01"),
+        ("img_01_nuclei.geojson", "img_01"),
     ],
 )
 def test_match_key_drops_tool_suffixes(name, key):

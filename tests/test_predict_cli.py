@@ -152,6 +152,35 @@ def test_the_csvs_eccentricity_is_skimages_for_every_kind_of_region():
     assert list(got[-4:-2]) == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_csvs_axes_perimeter_and_circularity_are_skimages_and_imagejs(seed, tmp_path):
+    """Axes and perimeters of touching speckled regions (pieces, holes, diagonal steps, the image's border) against
+    skimage's regionprops; the CSV's circularity is 4 pi area / perimeter^2 capped at 1, as ImageJ's."""
+    from skimage.measure import regionprops_table
+
+    from nucleus_seg.inference.outputs import ellipse_axes, perimeters
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((60, 70), np.int32)
+    for label in rng.choice(np.arange(1, 60), 20, replace=False):
+        y, x, h, w = rng.integers(0, 58), rng.integers(0, 68), rng.integers(1, 14), rng.integers(1, 14)
+        patch = labels[y:y + h, x:x + w]
+        patch[rng.random(patch.shape) < rng.uniform(0.3, 1.0)] = label
+    labels[0, :] = 99  # a line along the border
+    table = regionprops_table(labels, properties=("label", "perimeter", "axis_major_length", "axis_minor_length"))
+    np.testing.assert_allclose(perimeters(labels, table["label"]), table["perimeter"], rtol=0, atol=1e-9)
+    major, minor = ellipse_axes(labels, table["label"])
+    np.testing.assert_allclose(major, table["axis_major_length"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(minor, table["axis_minor_length"], rtol=0, atol=1e-6)  # skimage: 2e-8 for 0
+    write_measurements_csv(tmp_path / "m.csv", labels, np.ones(labels.shape, np.uint8), np.ones(99))
+    rows = {int(r["id"]): r for r in read_csv(tmp_path / "m.csv")}
+    for label, perimeter in zip(table["label"], table["perimeter"]):
+        row = rows[int(label)]
+        want = min(1.0, 4 * np.pi * int(row["area"]) / perimeter ** 2) if perimeter > 0 else 0.0
+        assert float(row["circularity"]) == pytest.approx(want, abs=1e-4)
+        assert float(row["perimeter"]) == pytest.approx(perimeter, abs=1e-4)
+
+
 def test_the_csvs_solidity_is_skimages_to_the_bit_for_every_kind_of_region():
     """The convex areas behind the CSV's solidity, against skimage's hull images: random speckle (diagonal edges
     through pixel centres), dilated blobs, ids in several parts with gaps, a pixel, a line, regions on the border."""

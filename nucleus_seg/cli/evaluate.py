@@ -8,8 +8,9 @@ Three modes, same metrics and outputs (``metrics.json``, ``curves.png``, ``worst
 * baseline: ``nucleus-eval --baseline watershed [--config-file F] [--dataset NAME ...]`` does the same
   with Otsu + watershed instead of a model (all scores 1, so its COCO AP is only indicative).
 * labels:   ``nucleus-eval --gt DIR --pred DIR [--images DIR] [--output OUT]`` scores label-image
-  folders (TIFF/PNG, 8/16/32-bit ids) from StarDist, Cellpose, CellProfiler, ... matched by file stem
-  (suffixes such as ``_labels``, ``_masks``, ``_cp_masks``, ``_pred`` ignored) and writes ``OUT/...``.
+  folders (TIFF/PNG, 8/16/32-bit ids) from StarDist, Cellpose, CellProfiler, ... or outlines (Fiji ROI sets,
+  QuPath GeoJSON: the other side's label image, or ``--images``, gives their size) matched by file stem
+  (suffixes such as ``_labels``, ``_masks``, ``_cp_masks``, ``_pred``, ``_rois`` ignored) and writes ``OUT/...``.
   A ground-truth image without a prediction scores as all nuclei missed and the exit status is 1
   (``--matched-only``: left out); predictions without ground truth are listed, not scored.
 
@@ -41,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", help="model config (YAML); KEY VALUE overrides follow as arguments")
     parser.add_argument("--dataset", action="append", help="registered dataset (repeatable; default DATASETS.TEST)")
     parser.add_argument("--baseline", choices=["watershed"], help="run the classical baseline instead of a model")
-    parser.add_argument("--gt", help="ground-truth label image folder (or file): label mode")
-    parser.add_argument("--pred", help="predicted label image folder (or file): label mode")
-    parser.add_argument("--images", help="label mode: folder of the raw images, as overlay backgrounds")
+    parser.add_argument("--gt", help="ground-truth label image folder (or file; Fiji ROI sets and QuPath GeoJSON "
+                        "too): label mode")
+    parser.add_argument("--pred", help="predicted label image folder (or file; outline files too): label mode")
+    parser.add_argument("--images", help="label mode: folder of the raw images, as overlay backgrounds (and the "
+                        "size of outlines compared with outlines)")
     parser.add_argument("--matched-only", action="store_true",
                         help="label mode: score only images that have both ground truth and a prediction "
                         "(default: a missing prediction scores as all nuclei missed, and the exit status is 1)")

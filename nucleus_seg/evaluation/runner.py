@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from ..config import predict_batch_size
 from ..data.catalog import dataset_dirname, register_datasets_from_cfg
 from ..data.io import read_image, read_label_image, select_channel
+from ..data.outlines import OUTLINE_SUFFIXES, read_outline_labels
 from ..inference.baseline import watershed_segment
 from ..inference.predictor import NucleusPredictor
 from ..structures import gt_label_image, label_image_to_masks
@@ -43,8 +44,9 @@ logger = logging.getLogger(__name__)
 # Name endings that tools add to label files; stripped (repeatedly, any case) before matching stems.
 STEM_SUFFIXES = (
     "_cp_masks", "_masks", "_mask", "_labels", "_label", "_predictions", "_prediction", "_pred", "_gt",
-    "_segmentation", "_seg", "_instances",
+    "_segmentation", "_seg", "_instances", "_rois", "_nuclei",
 )
+ANNOTATION_SUFFIXES = (*LABEL_SUFFIXES, *OUTLINE_SUFFIXES)  # label images, Fiji ROI sets, QuPath GeoJSON
 _STEM_RE = re.compile("(" + "|".join(re.escape(s) for s in STEM_SUFFIXES) + ")$", re.IGNORECASE)
 
 Model = Callable[[list[dict]], list[dict]]
@@ -67,7 +69,7 @@ class DatasetEvaluation:
 def match_key(path: str | Path) -> str:
     """The name a file is matched by: its stem less ``.ome`` and tool suffixes (``a_cp_masks.png``: ``a``)."""
     stem = Path(path).name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted((*IMAGE_SUFFIXES, *OUTLINE_SUFFIXES), key=len, reverse=True):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
@@ -80,7 +82,7 @@ def match_key(path: str | Path) -> str:
         stem = shorter
 
 
-def index_files(path: str | Path, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> dict[str, Path]:
+def index_files(path: str | Path, suffixes: tuple[str, ...] = ANNOTATION_SUFFIXES) -> dict[str, Path]:
     """``{match key: file}`` for a folder (or one file); two files with the same key are an error."""
     path = Path(path)
     if path.is_file():
@@ -116,9 +118,9 @@ def evaluate_label_folders(
     out = check_writable(output)
     gt_files, pred_files = index_files(gt), index_files(pred)
     if not gt_files:
-        raise EvalError(f"{gt}: no label images ({', '.join(LABEL_SUFFIXES)})")
+        raise EvalError(f"{gt}: no label images or outline files ({', '.join(ANNOTATION_SUFFIXES)})")
     if not pred_files:
-        raise EvalError(f"{pred}: no label images ({', '.join(LABEL_SUFFIXES)})")
+        raise EvalError(f"{pred}: no label images or outline files ({', '.join(ANNOTATION_SUFFIXES)})")
     matched = sorted(set(gt_files) & set(pred_files))
     missing_pred = sorted(str(gt_files[k]) for k in set(gt_files) - set(pred_files))
     unmatched_pred = sorted(str(pred_files[k]) for k in set(pred_files) - set(gt_files))
@@ -135,11 +137,19 @@ def evaluate_label_folders(
         logger.warning("%d prediction files have no ground truth (not scored): %s", len(unmatched_pred),
                        _preview(unmatched_pred))
 
+    image_files = index_files(images, IMAGE_SUFFIXES) if images else {}
+
     def read_pair(key: str) -> tuple[np.ndarray, np.ndarray]:
-        g = read_label_image(gt_files[key])
-        if key not in pred_files:
+        g_file, p_file = gt_files[key], pred_files.get(key)
+        if g_file.suffix.lower() in OUTLINE_SUFFIXES:  # outlines: the size of the image they were drawn on
+            p = None if p_file is None or p_file.suffix.lower() in OUTLINE_SUFFIXES else read_label_image(p_file)
+            g = read_outline_labels(g_file, p.shape if p is not None else _image_shape(g_file, key, image_files))
+        else:
+            g = read_label_image(g_file)
+        if p_file is None:
             return g, np.zeros_like(g)
-        p = read_label_image(pred_files[key])
+        p = (read_outline_labels(p_file, g.shape) if p_file.suffix.lower() in OUTLINE_SUFFIXES
+             else read_label_image(p_file))
         if g.shape != p.shape:
             raise EvalError(f"{pred_files[key]} is {p.shape[0]}x{p.shape[1]} but its ground truth "
                             f"{gt_files[key]} is {g.shape[0]}x{g.shape[1]}")
@@ -153,7 +163,6 @@ def evaluate_label_folders(
                   matched_only=matched_only)
     log_report(report, logger)
     write_report(report, out)
-    image_files = index_files(images, IMAGE_SUFFIXES) if images else {}
 
     def load(row: dict):
         key = row["image_id"]
@@ -162,6 +171,14 @@ def evaluate_label_folders(
 
     write_figures(report, Path(output), load, num_worst)
     return report
+
+
+def _image_shape(outlines: Path, key: str, image_files: dict[str, Path]) -> tuple[int, int]:
+    """The size of the image ``outlines`` were drawn on, when the other side is outlines too (or missing)."""
+    if key not in image_files:
+        raise EvalError(f"{outlines}: outlines need the size of their image, and no label image or --images file "
+                        f"matches {key!r}: pass --images with the images")
+    return tuple(read_image(image_files[key]).shape[:2])
 
 
 # ----------------------------------------------------------------------------- model / baseline

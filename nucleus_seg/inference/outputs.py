@@ -112,13 +112,9 @@ def write_geojson(path: str | os.PathLike, outlines: dict[int, list[Piece]],
 
 # ---- measurements -------------------------------------------------------------------------------
 
-def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """skimage's ``regionprops`` eccentricity of each id in ``ids``, from every region's second central moments at
-    once: skimage's per-region moments took ~40% of a 1024 px image's measurements (~440 nuclei, 0.14 of 0.35 s).
-
-    The ellipse with the region's inertia tensor: eigenvalues l1 >= l2 of [[mu_cc, -mu_rc], [-mu_rc, mu_rr]] / n
-    (clipped at 0), eccentricity sqrt(1 - l2 / l1), 0 where l1 is 0 (one pixel).
-    """
+def _inertia_eigenvalues(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues l1 >= l2 of each id's inertia tensor [[mu_cc, -mu_rc], [-mu_rc, mu_rr]] / n (clipped at 0), from
+    every region's second central moments at once (skimage's ``inertia_tensor_eigvals``)."""
     ids = np.asarray(ids, dtype=np.int64)
     flat = labels.ravel()
     inside = np.flatnonzero(flat > 0)
@@ -132,9 +128,55 @@ def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     rr, cc, rc = (np.bincount(lab, w, size)[ids] / safe[ids] for w in (dr * dr, dc * dc, dr * dc))
     half_sum, half_diff = (cc + rr) / 2, (cc - rr) / 2
     root = np.sqrt(half_diff * half_diff + rc * rc)
-    l1, l2 = np.maximum(half_sum + root, 0), np.maximum(half_sum - root, 0)
+    return np.maximum(half_sum + root, 0), np.maximum(half_sum - root, 0)
+
+
+def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """skimage's ``regionprops`` eccentricity of each id in ``ids``, from every region's second central moments at
+    once: skimage's per-region moments took ~40% of a 1024 px image's measurements (~440 nuclei, 0.14 of 0.35 s).
+
+    The ellipse with the region's inertia tensor (eigenvalues l1 >= l2): eccentricity sqrt(1 - l2 / l1), 0 where
+    l1 is 0 (one pixel).
+    """
+    l1, l2 = _inertia_eigenvalues(labels, ids)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+
+
+def ellipse_axes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """skimage's ``axis_major_length`` and ``axis_minor_length`` of each id: 4 sqrt(l1), 4 sqrt(l2), the axes of
+    the ellipse with the region's second moments."""
+    l1, l2 = _inertia_eigenvalues(labels, ids)
+    return 4 * np.sqrt(l1), 4 * np.sqrt(l2)
+
+
+# skimage.measure.perimeter's weights (4-connected border pixels, by the code of their border neighbours)
+_PERIMETER_WEIGHTS = np.zeros(50)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
+
+
+def perimeters(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """skimage's ``regionprops`` perimeter of each id in ``ids`` (``perimeter(region.image, 4)``), for every region
+    at once: a region's border pixels (a 4-neighbour outside it) coded 1 + 2 x their border 4-neighbours + 10 x
+    their border diagonal neighbours in the same region, each code weighted as skimage weights it."""
+    padded = np.pad(np.asarray(labels), 2)
+    height, width = labels.shape
+
+    def shifted(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        return array[2 + dy:2 + dy + height, 2 + dx:2 + dx + width]
+
+    core = shifted(padded, 0, 0)
+    same = {(dy, dx): shifted(padded, dy, dx) == core for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx}
+    inside = core > 0
+    border = np.pad(inside & ~(same[-1, 0] & same[1, 0] & same[0, -1] & same[0, 1]), 2)
+    code = np.ones(core.shape, np.uint8)
+    for (dy, dx), alike in same.items():
+        code += np.uint8(2 if dy == 0 or dx == 0 else 10) * (shifted(border, dy, dx) & alike)
+    on_border = shifted(border, 0, 0)
+    size = int(core.max()) + 1 if core.size else 1
+    return np.bincount(core[on_border], _PERIMETER_WEIGHTS[code[on_border]], size)[np.asarray(ids, np.int64)]
 
 
 _DIAMOND = np.array([[0, -1], [0, 1], [-1, 0], [1, 0]], np.int32)  # a pixel's edge midpoints, doubled (x, y)
@@ -197,8 +239,10 @@ def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
     """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
 
     Images of several channels get one intensity column per channel (an opaque alpha dropped: it is
-    constant); ``scores[k]`` is id k+1's. With the image's (y, x) ``pixel_size`` in micrometres, the area in
-    square micrometres and the diameter of the circle of that area follow the pixel area.
+    constant); ``scores[k]`` is id k+1's. Shape columns are skimage's ``regionprops`` (computed for every region at
+    once), circularity ImageJ's (4 pi area / perimeter^2, at most 1; 0 for a single pixel). With the image's (y, x)
+    ``pixel_size`` in micrometres, the area in square micrometres and the diameter of the circle of that area
+    follow the pixel area.
     """
     raw = drop_opaque_alpha(np.asarray(raw_image))
     if raw.ndim == 3 and raw.shape[2] == 1:
@@ -209,14 +253,20 @@ def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
     table = regionprops_table(np.asarray(labels), intensity_image=raw, properties=props)
     table["eccentricity"] = eccentricities(np.asarray(labels), table["label"])
     table["solidity"] = table["area"] / convex_areas(np.asarray(labels), table["label"])  # as skimage divides
+    table["major_axis"], table["minor_axis"] = ellipse_axes(np.asarray(labels), table["label"])
+    table["perimeter"] = perimeters(np.asarray(labels), table["label"])
+    with np.errstate(divide="ignore", invalid="ignore"):  # ImageJ's circularity, capped at 1 as ImageJ does
+        circularity = 4 * np.pi * table["area"] / table["perimeter"] ** 2
+    table["circularity"] = np.where(table["perimeter"] > 0, np.minimum(circularity, 1.0), 0.0)
     channels = [""] if raw.ndim == 2 else [f"_c{c}" for c in range(raw.shape[2])]
     source = (["area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3"]
               + [f"intensity_mean{'-' + c[2:] if c else ''}" for c in channels]
               + [f"intensity_max{'-' + c[2:] if c else ''}" for c in channels]
-              + ["eccentricity", "solidity"])
+              + ["eccentricity", "solidity", "major_axis", "minor_axis", "perimeter", "circularity"])
     header = (["id", "score", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]
               + [f"mean_intensity{c}" for c in channels] + [f"max_intensity{c}" for c in channels]
-              + ["eccentricity", "solidity"] + (["area_um2", "diameter_um"] if pixel_size else []))
+              + ["eccentricity", "solidity", "major_axis", "minor_axis", "perimeter", "circularity"]
+              + (["area_um2", "diameter_um"] if pixel_size else []))
     pixel_area = pixel_size[0] * pixel_size[1] if pixel_size else 0.0
     scores = np.asarray(scores, dtype=np.float32)
     rows = []
