@@ -389,6 +389,34 @@ def test_exclude_edges_leaves_out_the_nuclei_touching_each_images_border_from_ev
     assert dropped > 0
 
 
+def test_a_diameter_in_micrometres_is_each_images_diameter_in_pixels_by_its_pixel_size(cli_cfg, tmp_path, capsys):
+    """--diameter 12um on images of 0.5 and 0.25 um pixels predicts them as --diameter 24 and --diameter 48 do;
+    an image without a pixel size fails, saying what to give instead; the other images are written."""
+    from test_predictor import blobs
+
+    weights = ["MODEL.WEIGHTS", str(random_weights(cli_cfg, tmp_path))]
+    sizes = {"coarse": 0.5, "fine": 0.25}
+    for stem, size in sizes.items():
+        tifffile.imwrite(tmp_path / f"{stem}.tif", blobs((96, 112), np.uint16, seed=len(stem)), imagej=True,
+                         resolution=(1 / size, 1 / size), metadata={"unit": "um"})
+    tifffile.imwrite(tmp_path / "plain.tif", blobs((64, 64), np.uint16, seed=9))
+    base = ["--config-file", str(cli_cfg), "--formats", "labels"]
+    assert main([*base, "--input", str(tmp_path / "*.tif"), "--output", str(tmp_path / "um"), "--diameter",
+                 "12um", *weights]) == 1
+    assert "plain.tif: --diameter 12um needs the image's pixel size" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "um").iterdir()) == ["coarse_labels.tif", "fine_labels.tif"]
+    for stem, size in sizes.items():
+        out = tmp_path / stem
+        assert main([*base, "--input", str(tmp_path / f"{stem}.tif"), "--output", str(out), "--diameter",
+                     str(12 / size), *weights]) == 0
+        got = tifffile.imread(tmp_path / "um" / f"{stem}_labels.tif")
+        np.testing.assert_array_equal(got, tifffile.imread(out / f"{stem}_labels.tif"))
+        assert got.max() > 0
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--input", str(tmp_path / "fine.tif"), "--output", str(tmp_path / "x"), "--diameter", "0um"])
+    assert exc.value.code == 2 and "above 0" in capsys.readouterr().err
+
+
 def test_cli_bad_command_lines(cli_cfg, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--config-file", str(cli_cfg), "--input", str(tmp_path), "--output", str(tmp_path / "o"),

@@ -1,6 +1,6 @@
 """``nucleus-predict``: segment nuclei in image files and write label images, overlays and tables.
 
-    nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto]
+    nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto|Dum]
                     [--tile N] [--overlap N] [--batch N] [--score-thresh S] [--channel C]
                     [--formats labels,overlay,csv,rois,geojson,submission,coco] [--exclude-edges] [--resume]
                     [KEY VALUE ...]
@@ -22,7 +22,7 @@ import time
 
 from ..config import check_predict_settings
 from ..inference.batch import DEFAULT_FORMATS, FORMATS, predict_to_folder
-from ..inference.scale import parse_diameter
+from ..inference.scale import parse_diameter, parse_diameter_um
 from ..utils.logs import setup_logging
 from .common import console_parser, load_config, split_overrides
 
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files, folders (their images, not recursive) or quoted glob patterns")
     parser.add_argument("--output", help="output folder (created)")
     parser.add_argument("--diameter", help="nucleus diameter in px, 'auto' to estimate, 0 for no rescale "
-                        "(default: NUCLEUS.PREDICT.DIAMETER)")
+                        "(default: NUCLEUS.PREDICT.DIAMETER), or in micrometres ('8um': each image's px from the "
+                        "pixel size in its TIFF metadata)")
     parser.add_argument("--tile", type=int, help="tile size in model px (default: NUCLEUS.PREDICT.TILE_SIZE)")
     parser.add_argument("--overlap", type=int, help="tile overlap in model px; should exceed the largest "
                         "nucleus (default: NUCLEUS.PREDICT.TILE_OVERLAP)")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 when several machines")
+    parser.set_defaults(diameter_um=None)  # --diameter with a micrometre unit
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -74,7 +76,8 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
     pred_cfg = cfg.NUCLEUS.PREDICT
     if args.diameter is not None:
         try:
-            diameter = parse_diameter(args.diameter)
+            args.diameter_um = parse_diameter_um(args.diameter)
+            diameter = 0.0 if args.diameter_um else parse_diameter(args.diameter)  # um: each image's px later
         except ValueError as exc:
             parser.error(f"--diameter: {exc}")
         pred_cfg.DIAMETER = -1.0 if diameter is None else diameter
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _configure(parser, args, opts)
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
-                                       args.num_machines, args.machine_rank, args.dist_url, args.exclude_edges)
+                                       args.num_machines, args.machine_rank, args.dist_url, args.exclude_edges,
+                                       args.diameter_um)
     except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)

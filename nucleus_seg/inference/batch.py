@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -581,6 +582,35 @@ def predict_files(cfg, files: list[Path], run: PredictionRun, world_size: int = 
     bar.close()
 
 
+def _diameter_groups(cfg, files: list[Path], run: PredictionRun, diameter_um: float | None,
+                     ) -> list[tuple[Any, list[Path]]]:
+    """``[(cfg, files)]``, or with ``diameter_um`` the files grouped by the diameter in pixels it is at their
+    pixel size (TIFF metadata, :func:`~nucleus_seg.data.io.pixel_size_um`), each group's config predicting at
+    that diameter (as ``--diameter`` in px would): a folder of several magnifications, each image at the scale
+    the model was trained on. An image whose metadata gives no pixel size fails, naming what to do instead."""
+    if not diameter_um:
+        return [(cfg, files)] if files else []
+    groups: dict[float, list[Path]] = {}
+    for path in files:
+        size = pixel_size_um(path)
+        if size is None:
+            run.fail(path, ValueError(
+                f"{path}: --diameter {diameter_um:g}um needs the image's pixel size and its metadata gives none "
+                "(ImageJ or OME TIFF; Fiji: Image > Properties); give --diameter in pixels or auto"))
+            continue
+        if abs(size[0] / size[1] - 1) > 0.05:
+            logger.warning("%s: pixels of %.4g x %.4g um (not square): the diameter in px is taken at their mean",
+                           path, size[1], size[0])
+        groups.setdefault(round(diameter_um / math.sqrt(size[0] * size[1]), 6), []).append(path)
+    out = []
+    for pixels, group in groups.items():
+        group_cfg = cfg.clone()
+        group_cfg.NUCLEUS.PREDICT.DIAMETER = pixels
+        logger.info("--diameter %gum: %d images at %.4g px", diameter_um, len(group), pixels)
+        out.append((group_cfg, group))
+    return out
+
+
 def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> None:
     """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
     outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
@@ -680,9 +710,12 @@ def _write_folder_files(out: Path, run: PredictionRun, old: FolderFiles, stems: 
 
 def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = DEFAULT_FORMATS,
                       resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
-                      dist_url: str = "auto", exclude_edges: bool = False) -> tuple[list[Path], PredictionRun]:
+                      dist_url: str = "auto", exclude_edges: bool = False, diameter_um: float | None = None,
+                      ) -> tuple[list[Path], PredictionRun]:
     """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``; ``exclude_edges``
-    leaves the nuclei touching an image's border out of every output (:func:`.tiling.without_edge_nuclei`).
+    leaves the nuclei touching an image's border out of every output (:func:`.tiling.without_edge_nuclei`);
+    ``diameter_um``, the nuclei's diameter in micrometres, is each image's diameter in pixels by its own pixel
+    size (:func:`_diameter_groups`).
 
     Returns the image files and the run (``written`` stems, ``failures``). Everything a usage error can be
     is checked before any compute: two inputs that would write the same outputs, an output folder that is
@@ -709,9 +742,10 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
             todo.append(f)
     if len(todo) < len(files):
         logger.info("--resume: %d of %d images already done", len(files) - len(todo), len(files))
-    if todo and num_gpus * num_machines > 1:
-        _predict_sharded(cfg, todo, run, num_gpus, num_machines, machine_rank, dist_url)
-    elif todo:
-        predict_files(cfg, todo, run)
+    for group_cfg, group in _diameter_groups(cfg, todo, run, diameter_um):
+        if num_gpus * num_machines > 1:
+            _predict_sharded(group_cfg, group, run, num_gpus, num_machines, machine_rank, dist_url)
+        else:
+            predict_files(group_cfg, group, run)
     _write_folder_files(out, run, old, [f.stem for f in files])
     return files, run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..data.transforms import median_diameter
 from .masks import Detections
 
 __all__ = ["Diameter", "ScaleChoice", "choose_scale", "diameter_to_scale", "found_diameter", "image_diameter",
-           "parse_diameter"]
+           "parse_diameter", "parse_diameter_um"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ def diameter_to_scale(diameter: float, train_diameter: float) -> float:
     return train_diameter / diameter
 
 
+_MICROMETRES = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(um|\u00b5m|\u03bcm|microns?)\s*$",
+                          re.IGNORECASE)
+
+
+def parse_diameter_um(value: Diameter) -> float | None:
+    """The micrometres of a diameter written with its unit ("8um", "8 µm", "8 micron"), else None. Only
+    ``nucleus-predict`` takes one: it reads each file's pixel size."""
+    found = _MICROMETRES.match(value) if isinstance(value, str) else None
+    if found is None:
+        return None
+    um = float(found.group(1))
+    if not um > 0:
+        raise ValueError(f"a diameter in micrometres must be above 0, got {value!r}")
+    return um
+
+
 def parse_diameter(value: Diameter) -> float | None:
     """A diameter in px from a number or a string; None for "auto" (and for the config's -1); 0 means the
     image is used as it is. Anything else is a ``ValueError`` saying what is accepted."""
@@ -69,6 +86,9 @@ def parse_diameter(value: Diameter) -> float | None:
     if isinstance(value, str):
         if value.strip().lower() == "auto":
             return None
+        if parse_diameter_um(value) is not None:
+            raise ValueError(f"{rule}: a diameter in micrometres needs the image's pixel size, which an array "
+                             "does not carry (nucleus-predict reads it from each file); divide it by the pixel size")
         try:
             value = float(value)
         except ValueError:
