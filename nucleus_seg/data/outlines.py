@@ -142,7 +142,9 @@ def geojson_text(outlines: dict[int, list[Piece]], scores: Sequence[float] | dic
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-Shape = tuple[str, np.ndarray]  # ("polygon", (K, 2) corners) or ("oval", [x0, y0, x1, y1]), pixel-corner x, y
+# ("polygon", (K, 2) corners), ("oval", [x0, y0, x1, y1]) or ("rings", [(K, 2) rings, ...]: a feature's outer rings
+# and holes, even-odd), in pixel-corner x, y
+Shape = tuple[str, "np.ndarray | list[np.ndarray]"]
 
 
 def decode_imagej_roi(data: bytes, source: str) -> Shape:
@@ -208,7 +210,7 @@ def _geojson_shapes(path: Path) -> list[Shape]:
                                  "(Multi)Polygon: every feature must outline one nucleus")
         polygons = [geometry["coordinates"]] if kind == "Polygon" else geometry["coordinates"]
         rings = [np.asarray(ring, np.float64)[:, :2] for polygon in polygons for ring in polygon]
-        shapes.append(("rings", rings))  # type: ignore[arg-type]
+        shapes.append(("rings", rings))
     return shapes
 
 
