@@ -155,3 +155,33 @@ def test_label_tiffs_open_as_labels_and_labels_layers_save_as_label_tiffs(make_n
     tifffile.imwrite(tmp_path / "float_labels.tif", np.zeros((8, 8), np.float32))
     assert napari_get_reader(str(tmp_path / "float_labels.tif")) is None  # an image, not labels: not ours
     assert napari_get_reader(str(SAMPLE / "labels.tif")) is not None
+
+
+def test_outline_files_open_as_shapes_over_their_image(make_napari_viewer, tmp_path):
+    """nucleus-predict's ROI set and GeoJSON (and Fiji's own ROI sets) open as Shapes layers whose outlines sit on
+    the pixel edges of the nuclei; a zip of anything else is left to other readers."""
+    import zipfile
+
+    from nucleus_seg.data.outlines import geojson_text, imagej_roi_zip, label_outlines
+
+    gt = read_label_image(SAMPLE / "labels.tif")
+    outlines = label_outlines(gt)
+    (tmp_path / "sample_rois.zip").write_bytes(imagej_roi_zip(outlines))
+    (tmp_path / "sample_nuclei.geojson").write_text(geojson_text(outlines, np.ones(gt.max())))
+    viewer = make_napari_viewer()
+    for name in ("sample_rois.zip", "sample_nuclei.geojson"):
+        (layer,) = viewer.open(str(tmp_path / name), plugin="nucleus_seg")
+        assert layer._type_string == "shapes"
+        if name.endswith(".zip"):  # an ImageJ ROI: a nucleus' largest piece
+            rings = [pieces[0][0] for _, pieces in sorted(outlines.items())]
+        else:  # GeoJSON: every piece and hole
+            rings = [ring for _, pieces in sorted(outlines.items()) for outer, holes in pieces
+                     for ring in (outer, *holes)]
+        assert len(layer.data) == len(rings)
+        for vertices, ring in zip(layer.data, rings):
+            np.testing.assert_allclose(vertices[:, ::-1] + 0.5, ring)  # (row, col) of pixel centres, corners
+        assert list(layer.features["nucleus"])[:3] == [1, 2, 3]
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("notes.txt", "not a ROI")
+    assert napari_get_reader(str(tmp_path / "other.zip")) is None
+

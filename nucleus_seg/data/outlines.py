@@ -34,7 +34,7 @@ from scipy import ndimage
 from .io import ImageReadError
 
 __all__ = ["OUTLINE_SUFFIXES", "decode_imagej_roi", "geojson_text", "imagej_roi", "imagej_roi_zip", "label_outlines",
-           "polygon_area", "read_outline_labels"]
+           "polygon_area", "read_outline_labels", "read_outline_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +209,14 @@ def _geojson_shapes(path: Path) -> list[Shape]:
             raise ImageReadError(f"{path}: feature {k} is a {kind or 'feature without geometry'}, not a "
                                  "(Multi)Polygon: every feature must outline one nucleus")
         polygons = [geometry["coordinates"]] if kind == "Polygon" else geometry["coordinates"]
-        rings = [np.asarray(ring, np.float64)[:, :2] for polygon in polygons for ring in polygon]
+        rings = [_open_ring(np.asarray(ring, np.float64)[:, :2]) for polygon in polygons for ring in polygon]
         shapes.append(("rings", rings))
     return shapes
+
+
+def _open_ring(ring: np.ndarray) -> np.ndarray:
+    """A GeoJSON ring without its closing corner (GeoJSON repeats the first; ImageJ's and ours do not)."""
+    return ring[:-1] if len(ring) > 1 and np.array_equal(ring[0], ring[-1]) else ring
 
 
 def _inside(shape: Shape, height: int, width: int) -> tuple[tuple[slice, slice], np.ndarray] | None:
@@ -238,17 +243,23 @@ def _inside(shape: Shape, height: int, width: int) -> tuple[tuple[slice, slice],
     return (slice(y0, y1), slice(x0, x1)), inside
 
 
-def read_outline_labels(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """A label image of ``shape`` from an annotation file: an ImageJ ROI set (``.zip``) or ROI (``.roi``), or a
-    GeoJSON file (QuPath), one nucleus per ROI or feature, ids in file order. Where outlines overlap the later one
-    keeps the pixels, with a warning naming the file; an outline wholly off the image is an error."""
+def read_outline_shapes(path: str | Path) -> list[Shape]:
+    """Each ROI or feature of an annotation file (``.zip``, ``.roi``, ``.geojson``), in file order."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTLINE_SUFFIXES:
         raise ImageReadError(f"{path}: not an outline file ({', '.join(OUTLINE_SUFFIXES)})")
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
-    shapes = _geojson_shapes(path) if suffix == ".geojson" else _imagej_shapes(path)
+    return _geojson_shapes(path) if suffix == ".geojson" else _imagej_shapes(path)
+
+
+def read_outline_labels(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """A label image of ``shape`` from an annotation file: an ImageJ ROI set (``.zip``) or ROI (``.roi``), or a
+    GeoJSON file (QuPath), one nucleus per ROI or feature, ids in file order. Where outlines overlap the later one
+    keeps the pixels, with a warning naming the file; an outline wholly off the image is an error."""
+    path = Path(path)
+    shapes = read_outline_shapes(path)
     height, width = shape
     labels = np.zeros((height, width), np.int32)
     overlap = 0

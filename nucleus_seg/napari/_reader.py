@@ -1,5 +1,7 @@
-"""Reader for label TIFFs (``*_labels.tif`` as nucleus-predict writes them, the sample's ``labels.tif``):
-opened as a Labels layer, not as an image. Anything that is not a 2-D integer TIFF is left to other readers."""
+"""Reader for label TIFFs (``*_labels.tif`` as nucleus-predict writes them, the sample's ``labels.tif``): opened
+as a Labels layer, not as an image; and for nucleus outlines (Fiji ROI sets, QuPath GeoJSON, nucleus-predict's
+``_rois.zip`` / ``_nuclei.geojson``): opened as a Shapes layer over the image. Anything else is left to other
+readers."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from ..data.io import read_label_image
+from ..data.io import ImageReadError, read_label_image
+from ..data.outlines import OUTLINE_SUFFIXES, read_outline_shapes
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -25,12 +28,52 @@ def _is_label_tiff(path: str) -> bool:
         return False
 
 
+def _is_outline_file(path: str) -> bool:
+    if not path.lower().endswith(OUTLINE_SUFFIXES) or not Path(path).is_file():
+        return False
+    try:
+        shapes = read_outline_shapes(path)  # JSON of anything but outlines is not ours
+    except (ImageReadError, OSError, ValueError):
+        return False
+    return bool(shapes) or not path.lower().endswith(".zip")  # nor is a zip without ROIs
+
+
 def napari_get_reader(path: str | list[str]):
-    """npe2 reader hook: :func:`read_labels` when every path is a 2-D integer TIFF, else None."""
+    """npe2 reader hook: :func:`read_labels` when every path is a 2-D integer TIFF, :func:`read_outlines` when every
+    path is an outline file, else None."""
     paths = [path] if isinstance(path, str) else list(path)
     if paths and all(_is_label_tiff(str(p)) for p in paths):
         return read_labels
+    if paths and all(_is_outline_file(str(p)) for p in paths):
+        return read_outlines
     return None
+
+
+def _napari_vertices(corners: np.ndarray) -> np.ndarray:
+    """Pixel-corner (x, y) to napari's (row, column), where pixel (r, c) is centred on (r, c)."""
+    return np.asarray(corners, np.float64)[:, ::-1] - 0.5
+
+
+def read_outlines(path: str | list[str]) -> list[tuple]:
+    """One Shapes layer per file: each ROI or feature's outline (every ring of a GeoJSON feature; an oval as an
+    ellipse), unfilled, with its nucleus' number (file order) as a feature."""
+    layers = []
+    for p in [path] if isinstance(path, str) else list(path):
+        data, kinds, numbers = [], [], []
+        for number, (kind, value) in enumerate(read_outline_shapes(p), start=1):
+            if kind == "oval":
+                x0, y0, x1, y1 = value
+                rings, shape_type = [np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])], "ellipse"
+            else:
+                rings, shape_type = (value if kind == "rings" else [value]), "polygon"
+            for ring in rings:
+                data.append(_napari_vertices(ring))
+                kinds.append(shape_type)
+                numbers.append(number)
+        meta = {"name": Path(p).stem, "shape_type": kinds, "edge_color": "yellow", "face_color": "transparent",
+                "edge_width": 1, "features": {"nucleus": numbers}}
+        layers.append((data, meta, "shapes"))
+    return layers
 
 
 def read_labels(path: str | list[str]) -> list[tuple]:
