@@ -358,10 +358,11 @@ def test_cli_writes_outlines_for_fiji_and_qupath_on_request(cli_cfg, tmp_path):
         "blank_labels.tif", "blank_measurements.csv", "blank_overlay.png"]
 
 
-def test_exclude_edges_leaves_out_the_nuclei_touching_each_images_border_from_every_output(cli_cfg, tmp_path):
-    """The same run with --exclude-edges: each image's labels are the plain run's without the nuclei touching its
-    border (a whole image and a tiled one, stitched by the writers), and every output agrees with them."""
-    from nucleus_seg.inference.tiling import LabelPrediction, without_edge_nuclei
+def test_exclude_edges_and_min_area_leave_those_nuclei_out_of_every_output(cli_cfg, tmp_path):
+    """The same run with --exclude-edges --min-area 40: each image's labels are the plain run's without the nuclei
+    touching its border or under 40 px (a whole image and a tiled one, stitched by the writers), and every output
+    agrees with them."""
+    from nucleus_seg.inference.tiling import LabelPrediction, NucleusFilter
 
     shapes = make_inputs(tmp_path / "in")
     (tmp_path / "in" / "broken.png").unlink()
@@ -370,7 +371,7 @@ def test_exclude_edges_leaves_out_the_nuclei_touching_each_images_border_from_ev
     argv = ["--config-file", str(cli_cfg), "--input", str(tmp_path / "in"), "--tile", "96", "--overlap", "32",
             "--diameter", "0", "MODEL.WEIGHTS", str(random_weights(cli_cfg, tmp_path))]
     assert main([*argv, "--output", str(tmp_path / "all")]) == 0
-    assert main([*argv, "--output", str(tmp_path / "inner"), "--exclude-edges"]) == 0
+    assert main([*argv, "--output", str(tmp_path / "inner"), "--exclude-edges", "--min-area", "40"]) == 0
     out = tmp_path / "inner"
     submission = read_csv(out / "submission.csv")
     coco = json.loads((out / "coco_results.json").read_text())
@@ -379,11 +380,11 @@ def test_exclude_edges_leaves_out_the_nuclei_touching_each_images_border_from_ev
         every = tifffile.imread(tmp_path / "all" / f"{stem}_labels.tif")
         rows = read_csv(tmp_path / "all" / f"{stem}_measurements.csv")
         scores = np.array([float(r["score"]) for r in rows], np.float32)
-        want = without_edge_nuclei(LabelPrediction(every, scores, np.zeros((len(scores), 4), np.float32)))
+        want = NucleusFilter(True, 40)(LabelPrediction(every, scores, np.zeros((len(scores), 4), np.float32)))
         got = tifffile.imread(out / f"{stem}_labels.tif")
         np.testing.assert_array_equal(got, want.labels)
         edge = np.concatenate([got[0], got[-1], got[:, 0], got[:, -1]])
-        assert not edge.any() and every.max() > got.max() > 0
+        assert not edge.any() and every.max() > got.max() > 0 and np.bincount(got.ravel())[1:].min() >= 40
         dropped += int(every.max()) - int(got.max())
         check_outputs_agree(out, stem, shape, submission, coco, image_id=coco_id(out, stem))
     assert dropped > 0

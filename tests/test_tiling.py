@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nucleus_seg.inference.tiling import (
+    NucleusFilter,
     Stitcher,
     Tile,
     TiledDetections,
@@ -17,6 +18,7 @@ from nucleus_seg.inference.tiling import (
     masks_to_prediction,
     tile_starts,
     without_edge_nuclei,
+    without_small_nuclei,
 )
 
 
@@ -187,6 +189,13 @@ def test_nuclei_touching_the_border_are_dropped_and_the_rest_keep_their_order():
     assert without_edge_nuclei(kept) is kept  # nothing touches the border any more
     empty = finalize_labels(np.zeros((3, 3), np.int32), [], np.zeros((0, 4)))
     assert without_edge_nuclei(empty) is empty
+    small = without_small_nuclei(pred, 2)  # ids 1, 5 and 6 have one pixel
+    np.testing.assert_array_equal(small.labels, np.where(np.isin(labels, [2, 3, 4]), labels - 1, 0) * (labels > 0))
+    assert without_small_nuclei(pred, 0) is pred and without_small_nuclei(pred, 1) is pred
+    both = NucleusFilter(exclude_edges=True, min_area=2)(pred)
+    np.testing.assert_array_equal(both.labels, kept.labels)
+    none = NucleusFilter(min_area=3)(pred)  # 2, 3 and 4 have two pixels each
+    assert not none.labels.any() and len(none.scores) == 0
 
 
 def _disk(shape, cy, cx, r):

@@ -2,8 +2,8 @@
 
     nucleus-predict --config-file F --input FILE|DIR|GLOB [...] --output DIR [--diameter D|auto|Dum]
                     [--tile N] [--overlap N] [--batch N] [--score-thresh S] [--channel C]
-                    [--formats labels,overlay,csv,rois,geojson,submission,coco] [--exclude-edges] [--resume]
-                    [KEY VALUE ...]
+                    [--formats labels,overlay,csv,rois,geojson,submission,coco] [--exclude-edges]
+                    [--min-area PX] [--resume] [KEY VALUE ...]
 
 Per image: ``OUT/<stem>_labels.tif`` (uint16 ImageJ TIFF; uint32 past 65535 nuclei),
 ``OUT/<stem>_overlay.png`` (outlines on the normalised image), ``OUT/<stem>_measurements.csv``; on request
@@ -23,6 +23,7 @@ import time
 from ..config import check_predict_settings
 from ..inference.batch import DEFAULT_FORMATS, FORMATS, predict_to_folder
 from ..inference.scale import parse_diameter, parse_diameter_um
+from ..inference.tiling import NucleusFilter
 from ..utils.logs import setup_logging
 from .common import console_parser, load_config, split_overrides
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude-edges", action="store_true",
                         help="leave nuclei touching an image's border out of every output (cut by it, they would "
                         "bias measurements)")
+    parser.add_argument("--min-area", type=int, default=0,
+                        help="leave nuclei of fewer pixels than this out of every output (fragments; default 0: keep "
+                        "all)")
     parser.add_argument("--resume", action="store_true",
                         help="skip images whose outputs exist (per-run files are still rebuilt from all)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine; images are "
@@ -81,6 +85,8 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
         except ValueError as exc:
             parser.error(f"--diameter: {exc}")
         pred_cfg.DIAMETER = -1.0 if diameter is None else diameter
+    if args.min_area < 0:
+        parser.error(f"--min-area {args.min_area}: a number of pixels, 0 or more")
     if args.channel is not None:
         if args.channel < -1:
             parser.error(f"--channel {args.channel}: a channel index from 0, or -1 for every channel")
@@ -125,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _configure(parser, args, opts)
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
-                                       args.num_machines, args.machine_rank, args.dist_url, args.exclude_edges,
-                                       args.diameter_um)
+                                       args.num_machines, args.machine_rank, args.dist_url,
+                                       NucleusFilter(args.exclude_edges, args.min_area), args.diameter_um)
     except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)

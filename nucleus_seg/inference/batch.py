@@ -57,7 +57,7 @@ from .outputs import (
 )
 from .postprocess import finish_labels, needs_image
 from .predictor import NucleusPredictor, fits_one_pass
-from .tiling import LabelPrediction, TiledDetections, seam_warning, without_edge_nuclei
+from .tiling import EVERY_NUCLEUS, LabelPrediction, NucleusFilter, TiledDetections, seam_warning
 
 __all__ = ["DEFAULT_FORMATS", "FORMATS", "PredictionRun", "expand_inputs", "predict_to_folder"]
 
@@ -149,11 +149,11 @@ def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarra
 
 
 def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
-                     pred: LabelPrediction | TiledDetections, cfg, image_id: int = 0, exclude_edges: bool = False,
-                     ) -> tuple[ImageEntries, str | None]:
-    """A writer task: stitch the image's tiles if that is still to do (``exclude_edges``: then drop the nuclei
-    touching the image's border), write its files; returns its per-run entries and the seam warning, if any
-    (logged by the predicting process, which has the user's log)."""
+                     pred: LabelPrediction | TiledDetections, cfg, image_id: int = 0,
+                     keep: NucleusFilter = EVERY_NUCLEUS) -> tuple[ImageEntries, str | None]:
+    """A writer task: stitch the image's tiles if that is still to do, keep the nuclei ``keep`` keeps, write its
+    files; returns its per-run entries and the seam warning, if any (logged by the predicting process, which has
+    the user's log)."""
     warning = norm = None
     if isinstance(pred, TiledDetections):
         overlap = pred.overlap
@@ -164,8 +164,7 @@ def stitch_and_write(out: Path, formats: set[str], path: Path, raw: np.ndarray,
         if steps is not None and needs_image(*steps):  # as the predictor's own stitching
             norm = normalize_from_cfg(raw, cfg)  # the overlay reuses it
             pred = finish_labels(pred, norm, *steps)
-    if exclude_edges:
-        pred = without_edge_nuclei(pred)
+    pred = keep(pred)
     return write_image_outputs(out, formats, path, raw, pred.labels, pred.scores, cfg, norm, image_id), warning
 
 
@@ -179,7 +178,7 @@ class PredictionRun:
     coco: dict[str, str] = field(default_factory=dict)  # COCO results (JSON fragments), by stem
     images: dict[str, dict] = field(default_factory=dict)  # COCO image entries (their ids in coco_ids), by stem
     coco_ids: dict[str, int] = field(default_factory=dict)  # COCO image id of each input, given before the run
-    exclude_edges: bool = False  # nuclei touching an image's border are left out of every output
+    keep: NucleusFilter = EVERY_NUCLEUS  # which nuclei reach the outputs
     failures: list[str] = field(default_factory=list)
     written: set[str] = field(default_factory=set)
 
@@ -210,7 +209,7 @@ class PredictionRun:
 
     def write_image(self, path: Path, raw: np.ndarray, pred: LabelPrediction | TiledDetections, cfg) -> None:
         self.add_written(path, stitch_and_write(self.out, self.formats, path, raw, pred, cfg,
-                                                self.coco_ids.get(path.stem, 0), self.exclude_edges))
+                                                self.coco_ids.get(path.stem, 0), self.keep))
 
     def add_written(self, path: Path, written: tuple[ImageEntries, str | None]) -> None:
         """What a writer task returned for ``path``: its entries, and the warning to show."""
@@ -413,7 +412,7 @@ class ImageWriter:
         if self.pool is not None:
             try:
                 future = self.pool.submit(stitch_and_write, run.out, run.formats, path, raw, pred, self.cfg,
-                                          run.coco_ids.get(path.stem, 0), run.exclude_edges)
+                                          run.coco_ids.get(path.stem, 0), run.keep)
             except BrokenProcessPool:
                 logger.warning("the writer processes stopped: the remaining images are written here")
                 self.pool, self.workers = None, 0
@@ -614,7 +613,7 @@ def _diameter_groups(cfg, files: list[Path], run: PredictionRun, diameter_um: fl
 def _shard_worker(cfg, files: list[Path], run: PredictionRun, handoff: Path) -> None:
     """One rank of a sharded run: every world-th image (a large image stays whole on one rank), per-image
     outputs written by that rank; what the per-run files need goes to rank 0, which hands it over."""
-    mine = PredictionRun(run.out, run.formats, coco_ids=run.coco_ids, exclude_edges=run.exclude_edges)
+    mine = PredictionRun(run.out, run.formats, coco_ids=run.coco_ids, keep=run.keep)
     predict_files(cfg, files[comm.get_rank()::comm.get_world_size()], mine, comm.get_world_size())
     parts = comm.gather(mine, dst=0)
     if comm.is_main_process():
@@ -710,10 +709,10 @@ def _write_folder_files(out: Path, run: PredictionRun, old: FolderFiles, stems: 
 
 def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, formats: Sequence[str] = DEFAULT_FORMATS,
                       resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
-                      dist_url: str = "auto", exclude_edges: bool = False, diameter_um: float | None = None,
+                      dist_url: str = "auto", keep: NucleusFilter = EVERY_NUCLEUS, diameter_um: float | None = None,
                       ) -> tuple[list[Path], PredictionRun]:
-    """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``; ``exclude_edges``
-    leaves the nuclei touching an image's border out of every output (:func:`.tiling.without_edge_nuclei`);
+    """Predict every image ``inputs`` name (files, folders, glob patterns) into ``output``; ``keep`` says which
+    nuclei reach the outputs (:class:`.tiling.NucleusFilter`: not those touching the border, not the smallest);
     ``diameter_um``, the nuclei's diameter in micrometres, is each image's diameter in pixels by its own pixel
     size (:func:`_diameter_groups`).
 
@@ -729,7 +728,7 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
             raise ValueError(f"{stems[f.stem]} and {f} would write the same outputs ({f.stem}_*); "
                              "rename one or run them separately")
         stems[f.stem] = f
-    run = PredictionRun(out, set(formats), failures=list(problems), exclude_edges=exclude_edges)
+    run = PredictionRun(out, set(formats), failures=list(problems), keep=keep)
     if not files:
         return files, run  # nothing matched: the folder's files stay as they are
     old = FolderFiles.read(out, run.formats)

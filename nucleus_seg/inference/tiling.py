@@ -163,12 +163,41 @@ def without_edge_nuclei(pred: LabelPrediction) -> LabelPrediction:
     if labels.size == 0:
         return pred
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    edge = edge[edge > 0]
-    if edge.size == 0:
+    return _without(pred, edge[edge > 0])
+
+
+def without_small_nuclei(pred: LabelPrediction, min_area: int) -> LabelPrediction:
+    """``pred`` without the nuclei of fewer than ``min_area`` pixels (fragments; Cellpose's ``min_size``),
+    renumbered 1..N in the same order."""
+    if min_area <= 1:
         return pred
-    keep = np.arange(len(pred.scores) + 1, dtype=labels.dtype)
-    keep[edge] = 0
-    return finalize_labels(keep[labels], pred.scores, pred.boxes)
+    areas = np.bincount(pred.labels.ravel(), minlength=len(pred.scores) + 1)
+    small = np.flatnonzero(areas < min_area)
+    return _without(pred, small[small > 0])
+
+
+def _without(pred: LabelPrediction, ids: np.ndarray) -> LabelPrediction:
+    if ids.size == 0:
+        return pred
+    keep = np.arange(len(pred.scores) + 1, dtype=pred.labels.dtype)
+    keep[ids] = 0
+    return finalize_labels(keep[pred.labels], pred.scores, pred.boxes)
+
+
+@dataclass(frozen=True)
+class NucleusFilter:
+    """Which nuclei reach a run's outputs: ``exclude_edges`` leaves out those touching the image's border,
+    ``min_area`` those of fewer pixels (applied to the whole image, after stitching)."""
+
+    exclude_edges: bool = False
+    min_area: int = 0
+
+    def __call__(self, pred: LabelPrediction) -> LabelPrediction:
+        pred = without_small_nuclei(pred, self.min_area)
+        return without_edge_nuclei(pred) if self.exclude_edges else pred
+
+
+EVERY_NUCLEUS = NucleusFilter()
 
 
 def masks_to_prediction(masks: np.ndarray, scores: np.ndarray, boxes: np.ndarray) -> LabelPrediction:
