@@ -68,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 when several machines")
-    parser.set_defaults(diameter_um=None)  # --diameter with a micrometre unit
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -80,8 +79,8 @@ def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace, opts: 
     pred_cfg = cfg.NUCLEUS.PREDICT
     if args.diameter is not None:
         try:
-            args.diameter_um = parse_diameter_um(args.diameter)
-            diameter = 0.0 if args.diameter_um else parse_diameter(args.diameter)  # um: each image's px later
+            # in micrometres: each image's px is set from its pixel size (predict_to_folder's diameter_um)
+            diameter = 0.0 if parse_diameter_um(args.diameter) else parse_diameter(args.diameter)
         except ValueError as exc:
             parser.error(f"--diameter: {exc}")
         pred_cfg.DIAMETER = -1.0 if diameter is None else diameter
@@ -132,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files, run = predict_to_folder(cfg, inputs, args.output, sorted(formats), args.resume, args.num_gpus,
                                        args.num_machines, args.machine_rank, args.dist_url,
-                                       NucleusFilter(args.exclude_edges, args.min_area), args.diameter_um)
+                                       NucleusFilter(args.exclude_edges, args.min_area),
+                                       parse_diameter_um(args.diameter))
     except (ValueError, PermissionError) as exc:  # found before any compute: clashing inputs, unwritable output
         parser.error(str(exc))
     written = sum(1 for f in files if f.stem in run.written)

@@ -41,8 +41,8 @@ from tqdm import tqdm
 from ..structures import label_image_to_annotations, rle_to_annotation
 from ..utils.files import IMAGE_SUFFIXES, LABEL_SUFFIXES
 from .cache import cached
-from .io import ImageReadError, read_image, read_label_image, read_mask
-from .outlines import OUTLINE_SUFFIXES, read_outline_labels
+from .io import ImageReadError, read_image, read_mask
+from .outlines import OUTLINE_STEM_ENDINGS, OUTLINE_SUFFIXES, is_outline_file, read_annotation
 
 logger = logging.getLogger(__name__)
 
@@ -259,10 +259,7 @@ def _select_split(records: list[dict], split: str | None, root: Path) -> list[di
 def _parse_label_pair(item: tuple[Path, Path]) -> dict:
     image_path, label_path = item
     image = read_image(image_path)
-    if label_path.suffix.lower() in OUTLINE_SUFFIXES:  # Fiji ROIs, QuPath GeoJSON: drawn on this image
-        label = read_outline_labels(label_path, image.shape[:2])
-    else:
-        label = read_label_image(label_path)
+    label = read_annotation(label_path, image.shape[:2])  # outlines (Fiji, QuPath) are drawn on this image
     if label.shape != image.shape[:2]:
         raise ImageReadError(
             f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from image {image_path} "
@@ -288,13 +285,9 @@ def load_label_image_pairs(
     return records
 
 
-# what nucleus-predict's outline files add to an image's stem: its outputs, corrected, are annotations as they are
-OUTLINE_STEM_ENDINGS = ("_rois", "_nuclei")
-
-
 def _annotation_stem(path: Path) -> str:
     stem = path.stem
-    if path.suffix.lower() in OUTLINE_SUFFIXES:
+    if is_outline_file(path):
         for ending in OUTLINE_STEM_ENDINGS:
             stem = stem.removesuffix(ending)
     return stem

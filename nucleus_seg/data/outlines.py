@@ -31,10 +31,11 @@ import numpy as np
 from matplotlib.path import Path as PolygonPath
 from scipy import ndimage
 
-from .io import ImageReadError
+from .io import ImageReadError, read_label_image
 
-__all__ = ["OUTLINE_SUFFIXES", "decode_imagej_roi", "geojson_text", "imagej_roi", "imagej_roi_zip", "label_outlines",
-           "polygon_area", "read_outline_labels", "read_outline_shapes"]
+__all__ = ["GEOJSON_ENDING", "OUTLINE_STEM_ENDINGS", "OUTLINE_SUFFIXES", "ROIS_ENDING", "decode_imagej_roi",
+           "geojson_text", "imagej_roi", "imagej_roi_zip", "is_outline_file", "label_outlines", "polygon_area",
+           "read_annotation", "read_outline_labels", "read_outline_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ IMAGEJ_MAX_COORDINATE = 32767  # ImageJ ROIs store bounds as signed 16-bit numbe
 _ROI_VERSION = 228
 _ROI_TRACED = 8  # the wand's type: integer corners along pixel edges
 OUTLINE_SUFFIXES = (".zip", ".roi", ".geojson")  # annotation files read as label images
+# what nucleus-predict adds to an image's stem for its outline files (``<stem>_rois.zip``, ``<stem>_nuclei.geojson``):
+# matched back to the image by the stem without it, so corrected outputs are annotations as they are
+ROIS_ENDING, GEOJSON_ENDING = "_rois", "_nuclei"
+OUTLINE_STEM_ENDINGS = (ROIS_ENDING, GEOJSON_ENDING)
 # ImageJ's ROI types with an area: polygon, rectangle, oval, freehand, traced (line and point types have none)
 _ROI_POLYGONS, _ROI_RECT, _ROI_OVAL = (0, 7, 8), 1, 2
 _ROI_SUB_PIXEL = 128  # options flag: float coordinates follow the integer ones
@@ -271,6 +276,15 @@ def read_outline_labels(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
         overlap += int(np.count_nonzero(labels[window][inside]))
         labels[window][inside] = k
     if overlap:
-        logger.warning("%s: outlines overlap on %d pixels; each went to the later outline",
-                                            path, overlap)
+        logger.warning("%s: outlines overlap on %d pixels; each went to the later outline", path, overlap)
     return labels
+
+
+def is_outline_file(path: str | Path) -> bool:
+    """Whether ``path`` names an outline file (an ImageJ ROI set or ROI, GeoJSON) rather than a label image."""
+    return str(path).lower().endswith(OUTLINE_SUFFIXES)
+
+
+def read_annotation(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """A label image file as it is, or an outline file as the label image of an image of ``shape``."""
+    return read_outline_labels(path, shape) if is_outline_file(path) else read_label_image(path)

@@ -25,7 +25,7 @@ from detectron2.utils import comm
 from ..config import predict_batch_size
 from ..data.catalog import dataset_dirname, register_datasets_from_cfg
 from ..data.io import read_image, read_label_image, select_channel
-from ..data.outlines import OUTLINE_SUFFIXES, read_outline_labels
+from ..data.outlines import OUTLINE_STEM_ENDINGS, OUTLINE_SUFFIXES, is_outline_file, read_annotation
 from ..inference.baseline import watershed_segment
 from ..inference.predictor import NucleusPredictor
 from ..structures import gt_label_image, label_image_to_masks
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # Name endings that tools add to label files; stripped (repeatedly, any case) before matching stems.
 STEM_SUFFIXES = (
     "_cp_masks", "_masks", "_mask", "_labels", "_label", "_predictions", "_prediction", "_pred", "_gt",
-    "_segmentation", "_seg", "_instances", "_rois", "_nuclei",
+    "_segmentation", "_seg", "_instances", *OUTLINE_STEM_ENDINGS,
 )
 ANNOTATION_SUFFIXES = (*LABEL_SUFFIXES, *OUTLINE_SUFFIXES)  # label images, Fiji ROI sets, QuPath GeoJSON
 _STEM_RE = re.compile("(" + "|".join(re.escape(s) for s in STEM_SUFFIXES) + ")$", re.IGNORECASE)
@@ -141,15 +141,14 @@ def evaluate_label_folders(
 
     def read_pair(key: str) -> tuple[np.ndarray, np.ndarray]:
         g_file, p_file = gt_files[key], pred_files.get(key)
-        if g_file.suffix.lower() in OUTLINE_SUFFIXES:  # outlines: the size of the image they were drawn on
-            p = None if p_file is None or p_file.suffix.lower() in OUTLINE_SUFFIXES else read_label_image(p_file)
-            g = read_outline_labels(g_file, p.shape if p is not None else _image_shape(g_file, key, image_files))
-        else:
-            g = read_label_image(g_file)
+        # outlines take the size of the image they were drawn on: the other side's label image, else --images
+        label_file = next((f for f in (g_file, p_file) if f is not None and not is_outline_file(f)), None)
+        first = read_label_image(label_file) if label_file is not None else None
+        shape = first.shape if first is not None else _image_shape(g_file, key, image_files)
+        g = first if label_file == g_file else read_annotation(g_file, shape)
         if p_file is None:
             return g, np.zeros_like(g)
-        p = (read_outline_labels(p_file, g.shape) if p_file.suffix.lower() in OUTLINE_SUFFIXES
-             else read_label_image(p_file))
+        p = first if label_file == p_file else read_annotation(p_file, shape)
         if g.shape != p.shape:
             raise EvalError(f"{pred_files[key]} is {p.shape[0]}x{p.shape[1]} but its ground truth "
                             f"{gt_files[key]} is {g.shape[0]}x{g.shape[1]}")

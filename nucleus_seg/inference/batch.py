@@ -35,7 +35,7 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, pixel_size_um, read_image, read_label_image
-from ..data.outlines import label_outlines
+from ..data.outlines import GEOJSON_ENDING, ROIS_ENDING, label_outlines
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("labels", "overlay", "csv", "rois", "geojson", "submission", "coco")
 DEFAULT_FORMATS = ("labels", "overlay", "csv", "submission", "coco")  # outlines for Fiji and QuPath on request
-PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measurements.csv", "rois": "_rois.zip",
-             "geojson": "_nuclei.geojson"}
+PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measurements.csv",
+             "rois": f"{ROIS_ENDING}.zip", "geojson": f"{GEOJSON_ENDING}.geojson"}
 SUBMISSION_NAME = "submission.csv"
 COCO_NAME = "coco_results.json"
 COCO_IMAGES_NAME = "coco_images.json"

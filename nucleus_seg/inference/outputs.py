@@ -138,7 +138,10 @@ def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     The ellipse with the region's inertia tensor (eigenvalues l1 >= l2): eccentricity sqrt(1 - l2 / l1), 0 where
     l1 is 0 (one pixel).
     """
-    l1, l2 = _inertia_eigenvalues(labels, ids)
+    return _eccentricity(*_inertia_eigenvalues(labels, ids))
+
+
+def _eccentricity(l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
 
@@ -146,7 +149,10 @@ def eccentricities(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def ellipse_axes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """skimage's ``axis_major_length`` and ``axis_minor_length`` of each id: 4 sqrt(l1), 4 sqrt(l2), the axes of
     the ellipse with the region's second moments."""
-    l1, l2 = _inertia_eigenvalues(labels, ids)
+    return _axes(*_inertia_eigenvalues(labels, ids))
+
+
+def _axes(l1: np.ndarray, l2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 4 * np.sqrt(l1), 4 * np.sqrt(l2)
 
 
@@ -244,17 +250,19 @@ def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
     ``pixel_size`` in micrometres, the area in square micrometres and the diameter of the circle of that area
     follow the pixel area.
     """
+    labels = np.asarray(labels)
     raw = drop_opaque_alpha(np.asarray(raw_image))
     if raw.ndim == 3 and raw.shape[2] == 1:
         raw = raw[..., 0]
     if raw.shape[:2] != labels.shape:
         raise ValueError(f"raw image {raw.shape[:2]} and labels {labels.shape} differ in size")
     props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max")
-    table = regionprops_table(np.asarray(labels), intensity_image=raw, properties=props)
-    table["eccentricity"] = eccentricities(np.asarray(labels), table["label"])
-    table["solidity"] = table["area"] / convex_areas(np.asarray(labels), table["label"])  # as skimage divides
-    table["major_axis"], table["minor_axis"] = ellipse_axes(np.asarray(labels), table["label"])
-    table["perimeter"] = perimeters(np.asarray(labels), table["label"])
+    table = regionprops_table(labels, intensity_image=raw, properties=props)
+    moments = _inertia_eigenvalues(labels, table["label"])  # one pass over the pixels for both columns below
+    table["eccentricity"] = _eccentricity(*moments)
+    table["major_axis"], table["minor_axis"] = _axes(*moments)
+    table["solidity"] = table["area"] / convex_areas(labels, table["label"])  # as skimage divides
+    table["perimeter"] = perimeters(labels, table["label"])
     with np.errstate(divide="ignore", invalid="ignore"):  # ImageJ's circularity, capped at 1 as ImageJ does
         circularity = 4 * np.pi * table["area"] / table["perimeter"] ** 2
     table["circularity"] = np.where(table["perimeter"] > 0, np.minimum(circularity, 1.0), 0.0)

@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 
 from ..data.io import ImageReadError, read_label_image
-from ..data.outlines import OUTLINE_SUFFIXES, read_outline_shapes
+from ..data.outlines import is_outline_file, read_outline_shapes
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -29,7 +29,7 @@ def _is_label_tiff(path: str) -> bool:
 
 
 def _is_outline_file(path: str) -> bool:
-    if not path.lower().endswith(OUTLINE_SUFFIXES) or not Path(path).is_file():
+    if not is_outline_file(path) or not Path(path).is_file():
         return False
     try:
         shapes = read_outline_shapes(path)  # JSON of anything but outlines is not ours
