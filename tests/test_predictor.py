@@ -1005,6 +1005,43 @@ def test_a_small_first_batch_gives_the_same_outputs(cfg, monkeypatch):
         assert (a.pred_masks != b.pred_masks).sum() <= 0.001 * a.pred_masks.sum()
 
 
+def test_a_batch_out_of_gpu_memory_runs_again_in_halves_and_later_batches_are_smaller(cfg):
+    """A forward that runs out of GPU memory (raised here by the model for more than one input: no GPU on this
+    machine) runs again in halves; the run goes on at half the batch size, with one warning, and gives what
+    one input per forward gives. A single input that does not fit still fails."""
+    cfg.NUCLEUS.PREDICT.AMP = False
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 8
+    cfg.NUCLEUS.PREDICT.TILE_SIZE, cfg.NUCLEUS.PREDICT.TILE_OVERLAP = 64, 16  # 96x128 px: 3 tiles' worth, 2 a forward
+    predictor = NucleusPredictor(cfg)
+    assert predictor.images_per_forward((96, 128)) == 2
+    images = [blobs((96, 128), np.uint16, seed=s) for s in range(5)]
+    sizes = record_input_sizes(predictor)
+    spied = predictor.model.inference
+
+    def out_of_memory_past(n):
+        def inference(batched_inputs, *args, **kwargs):
+            if len(batched_inputs) > n:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return spied(batched_inputs, *args, **kwargs)
+        return inference
+
+    predictor.model.inference = out_of_memory_past(1)
+    with pytest.warns(UserWarning, match="GPU out of memory with 2 inputs of 128x96 px") as caught:
+        got = predictor.predict_batch(images, diameter=0)
+    assert len([w for w in caught if "out of memory" in str(w.message)]) == 1  # the second pair: no new halving
+    assert predictor.batch_size == 3 and predictor.images_per_forward((96, 128)) == 1
+    assert len(sizes) == 5  # every image once, alone (the failed forwards never reached the model)
+    predictor.model.inference = spied
+    again = predictor.predict_batch(images, diameter=0)  # one image per forward from the start
+    assert sum(len(r["instances"]) for r in got) > 0
+    for a, b in zip(got, again):
+        assert torch.equal(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+        assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)
+    predictor.model.inference = out_of_memory_past(0)
+    with pytest.raises(torch.OutOfMemoryError):
+        predictor.predict_batch(images[:1], diameter=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a GPU")
 def test_a_pinned_batch_gives_the_same_outputs_as_copying_each_image(cfg):
     from nucleus_seg.inference.predictor import pinned_batch

@@ -305,6 +305,7 @@ class NucleusPredictor:
             speed_up_inference(self.model, half_group_norm=model is None or self.cfg.NUCLEUS.TRAIN.HALF_GROUP_NORM)
         pred = self.cfg.NUCLEUS.PREDICT
         self.batch_size = predict_batch_size(self.cfg, self.device.type)
+        self._batch_lock = threading.Lock()  # batch_size shrinks after running out of GPU memory
         self.amp_dtype = inference_amp_dtype(self.device) if pred.AMP else None
         self.amp = self.amp_dtype is not None
         self.score_thresh = float(pred.SCORE_THRESH)
@@ -664,7 +665,40 @@ class NucleusPredictor:
         """Raw model outputs (model-input frame, soft 28x28 masks) for uint8 HxWx3 arrays; with
         ``score_thresh`` only detections scoring at least that (see ``_model_settings``). ``pinned``: the same
         arrays as one :func:`pinned_batch`, copied to the GPU without holding the host. ``names``: what a warning
-        about an input calls it."""
+        about an input calls it.
+
+        A batch the GPU has no memory for runs again in two halves, and later batches are half as large (a
+        warning says so once per halving), as CSBDeep/StarDist add tiles on running out of memory: a batch size
+        that fits a large GPU does not end a run on a smaller one. A single input that does not fit still fails."""
+        try:
+            return self._forward_once(arrays, score_thresh, pinned, names)
+        except torch.OutOfMemoryError:
+            if len(arrays) < 2:
+                raise
+        half = len(arrays) // 2
+        self._halve_batch(arrays)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed forward's blocks, before the halves allocate theirs
+        parts = [slice(0, half), slice(half, None)]
+        return [found for part in parts for found in self._forward(
+            arrays[part], score_thresh, None if pinned is None else pinned[part],
+            None if names is None else names[part])]
+
+    def _halve_batch(self, arrays: Sequence[np.ndarray]) -> None:
+        """After a batch of ``arrays`` ran out of memory: at most half its tiles' worth of pixels per forward."""
+        tiles = sum(a.shape[0] * a.shape[1] for a in arrays) / self.tile_area
+        with self._batch_lock:  # two stream threads may run out at once: each halves at most once, never below 1
+            smaller = max(1, min(self.batch_size, int(tiles) // 2))
+            if smaller >= self.batch_size:
+                return
+            self.batch_size = smaller
+        warnings.warn(f"GPU out of memory with {len(arrays)} inputs of {arrays[0].shape[1]}x{arrays[0].shape[0]} px in "
+                      f"one forward: they ran again in halves, and from now on NUCLEUS.PREDICT.BATCH_SIZE {smaller} "
+                      "(set it there to start with it)", UserWarning, stacklevel=4)
+
+    def _forward_once(self, arrays: Sequence[np.ndarray], score_thresh: float | None,
+                      pinned: torch.Tensor | None, names: Sequence[str] | None) -> list[Instances]:
+        """:meth:`_forward` without the retry."""
         if pinned is not None and self.device.type == "cuda":
             tensors = list(pinned.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float())
         else:
