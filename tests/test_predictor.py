@@ -817,6 +817,36 @@ def test_tile_batcher_fills_batches_across_images_and_equals_predict_large(cfg, 
         np.testing.assert_allclose(pred.boxes, expected[key].boxes, rtol=1e-5)
 
 
+@pytest.mark.parametrize("streams", [1, 2])
+def test_tile_batches_out_of_gpu_memory_run_in_halves_and_every_image_comes_back(cfg, streams):
+    """nucleus-predict's batcher when a forward of more than two tiles runs out of GPU memory (raised by the model
+    here): every image comes back, stitched as predict_large has it, with later batches of two tiles."""
+    cfg.NUCLEUS.PREDICT.BATCH_SIZE = 5
+    cfg.NUCLEUS.PREDICT.STREAMS = streams
+    predictor = NucleusPredictor(cfg)
+    images = [blobs((100, 124), seed=2), blobs((150, 230), seed=3)]
+    expected = [predictor.predict_large(image, tile=96, overlap=32, diameter=0) for image in images]
+    sizes = record_input_sizes(predictor)
+    spied = predictor.model.inference
+
+    def inference(batched_inputs, *args, **kwargs):
+        if len(batched_inputs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return spied(batched_inputs, *args, **kwargs)
+
+    predictor.model.inference = inference
+    batcher = predictor.tile_batcher(tile=96, overlap=32)
+    with pytest.warns(UserWarning, match="GPU out of memory with 5 inputs of 96x96 px"):
+        done = batch_tiles(predictor, batcher, images)
+    batcher.close()
+    assert sorted(key for key, _ in done) == [0, 1]
+    assert predictor.batch_size == 2 and len(sizes) == 4 + 8  # every tile once
+    for key, tiled in done:
+        pred, _ = tiled.stitch()
+        assert len(pred) > 0
+        np.testing.assert_array_equal(pred.labels, expected[key].labels)
+
+
 def test_a_failed_tile_batch_fails_only_the_images_in_it(cfg):
     cfg.NUCLEUS.PREDICT.BATCH_SIZE = 3
     predictor = NucleusPredictor(cfg)

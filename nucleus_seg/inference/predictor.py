@@ -685,10 +685,11 @@ class NucleusPredictor:
             None if names is None else names[part])]
 
     def _halve_batch(self, arrays: Sequence[np.ndarray]) -> None:
-        """After a batch of ``arrays`` ran out of memory: at most half its tiles' worth of pixels per forward."""
+        """After a batch of ``arrays`` ran out of memory: half as many such inputs per forward (``BATCH_SIZE`` counts
+        inputs smaller than a tile, and tiles' worth of pixels of larger ones)."""
         tiles = sum(a.shape[0] * a.shape[1] for a in arrays) / self.tile_area
         with self._batch_lock:  # two stream threads may run out at once: each halves at most once, never below 1
-            smaller = max(1, min(self.batch_size, int(tiles) // 2))
+            smaller = max(1, min(self.batch_size, -(-max(len(arrays), int(tiles)) // 2)))  # half, rounded up
             if smaller >= self.batch_size:
                 return
             self.batch_size = smaller
