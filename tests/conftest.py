@@ -84,6 +84,19 @@ def tiny_cfg(tmp_path):
 
 
 @pytest.fixture
+def cli_cfg(tiny_cfg, tmp_path):
+    """``tiny_cfg`` as a YAML file for the command-line tools (20 detections an image, kept from score 0.1)."""
+    import torch
+
+    torch.manual_seed(0)  # the CLI builds the model with random weights: the same ones every run
+    tiny_cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.1
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_cfg.dump())
+    return path
+
+
+@pytest.fixture
 def synth_root(tmp_path_factory, monkeypatch):
     """Synthetic datasets are generated (once per session) under a temporary NUCLEUS_DATASETS."""
     root = tmp_path_factory.getbasetemp() / "nucleus_datasets"

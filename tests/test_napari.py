@@ -156,6 +156,11 @@ def test_label_tiffs_open_as_labels_and_labels_layers_save_as_label_tiffs(make_n
     assert napari_get_reader(str(tmp_path / "float_labels.tif")) is None  # an image, not labels: not ours
     assert napari_get_reader(str(SAMPLE / "labels.tif")) is not None
 
+    movie = np.stack([gt, np.roll(gt, 5, axis=1), gt[::-1]]).astype(np.uint16)  # nucleus-predict's label stack
+    tifffile.imwrite(tmp_path / "movie_labels.tif", movie, imagej=True, metadata={"axes": "TYX"})
+    opened = viewer.open(str(tmp_path / "movie_labels.tif"), plugin="nucleus_seg")
+    assert opened[0]._type_string == "labels" and np.array_equal(opened[0].data, movie)
+
 
 def test_outline_files_open_as_shapes_over_their_image(make_napari_viewer, tmp_path):
     """nucleus-predict's ROI set and GeoJSON (and Fiji's own ROI sets) open as Shapes layers whose outlines sit on

@@ -241,18 +241,6 @@ def test_overlay_outlines_each_nucleus():
     assert outline[5, 5:15].all() and outline[5:15, 5].all() and not outline[10, 10] and not outline[0, 0]
 
 
-@pytest.fixture
-def cli_cfg(tiny_cfg, tmp_path):
-    import torch
-
-    torch.manual_seed(0)  # the CLI builds the model with random weights: the same ones every run
-    tiny_cfg.TEST.DETECTIONS_PER_IMAGE = 20
-    tiny_cfg.NUCLEUS.PREDICT.SCORE_THRESH = 0.1
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_cfg.dump())
-    return path
-
-
 def make_inputs(folder):
     from test_predictor import blobs
 

@@ -10,8 +10,9 @@ Per image: ``OUT/<stem>_labels.tif`` (uint16 ImageJ TIFF; uint32 past 65535 nucl
 ``OUT/<stem>_rois.zip`` (ImageJ ROI set: Fiji's ROI Manager) and ``OUT/<stem>_nuclei.geojson`` (QuPath).
 Per run: ``OUT/submission.csv`` (Kaggle DSB-2018) and ``OUT/coco_results.json``, built from every
 image's label image, those skipped by ``--resume`` included. Images larger than the tile (after
-the diameter rescale) are predicted tile by tile. An unreadable image is reported and skipped; the
-run goes on and exits with status 1 listing the failures. Status 2: bad command line.
+the diameter rescale) are predicted tile by tile. A stack (time-lapse, z-stack) is predicted plane by
+plane (``<stem>_t03_*`` files), its label images also as one stack, ``<stem>_labels.tif``. An unreadable image
+is reported and skipped; the run goes on and exits with status 1 listing the failures. Status 2: bad command line.
 """
 
 from __future__ import annotations

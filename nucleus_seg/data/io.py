@@ -67,7 +67,8 @@ PLANE_AXES = {"Z": "z-slices", "T": "time points", "I": "planes"}  # tifffile's 
 def _read_tiff(path: Path) -> np.ndarray:
     """A TIFF's first series, channels last where its metadata (ImageJ, OME) names a channel axis, so a
     two-channel ImageJ composite (C, Y, X) reads as HxWx2. A stack of several 2-D planes (z-slices, time
-    points) is refused with what its axes are: each plane is an image of its own."""
+    points) is refused with what its axes are: each plane is an image of its own (``nucleus-predict`` cuts stacks
+    into their planes with :mod:`.stacks`)."""
     with tifffile.TiffFile(str(path)) as tif:
         series = tif.series[0]
         image, axes = series.asarray(), series.axes
@@ -84,8 +85,8 @@ def _read_tiff(path: Path) -> np.ndarray:
     if planes:
         what = ", ".join(f"{size} {PLANE_AXES[axis]}" for axis, size in planes)
         raise ImageReadError(f"{path}: a stack of 2-D images ({what}; axes {axes}, shape {tuple(image.shape)}), "
-                             "not one image: save each plane as an image of its own (Fiji: Image > Stacks > "
-                             "Stack to Images) and give those")
+                             "not one image: give it to nucleus-predict, which predicts each plane, or save each "
+                             "plane as an image of its own (Fiji: Image > Stacks > Stack to Images)")
     return image
 
 

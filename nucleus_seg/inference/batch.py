@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, pixel_size_um, read_image, read_label_image
 from ..data.outlines import GEOJSON_ENDING, ROIS_ENDING, label_outlines
+from ..data.stacks import PlaneStack, split_stack, stack_planes
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
@@ -722,6 +724,9 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
     """
     out = check_writable(output)
     files, problems = expand_inputs(inputs, skip_dir=out)
+    stacks = {f: found for f in files if (found := stack_planes(f)) is not None}
+    if stacks and num_machines > 1:
+        raise ValueError(f"{next(iter(stacks))}: a stack of planes; run stacks on one machine (--num-gpus N is fine)")
     stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems:
@@ -729,6 +734,13 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
                              "rename one or run them separately")
         stems[f.stem] = f
     run = PredictionRun(out, set(formats), failures=list(problems), keep=keep)
+    files, split = _split_stacks(files, stacks, out / PLANES_FOLDER, run)
+    for stack in split:
+        for plane in stack.planes:
+            if plane.stem in stems:
+                raise ValueError(f"{stems[plane.stem]} and a plane of {stack.path} would write the same outputs "
+                                 f"({plane.stem}_*); rename one or run them separately")
+            stems[plane.stem] = plane
     if not files:
         return files, run  # nothing matched: the folder's files stay as they are
     old = FolderFiles.read(out, run.formats)
@@ -747,4 +759,62 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
         else:
             predict_files(group_cfg, group, run)
     _write_folder_files(out, run, old, [f.stem for f in files])
+    for stack in split:
+        _finish_stack(stack, run)
+    shutil.rmtree(out / PLANES_FOLDER, ignore_errors=True)
     return files, run
+
+
+PLANES_FOLDER = ".planes"  # a stack's planes, as images of their own, while nucleus-predict runs (then removed)
+
+
+def _split_stacks(files: list[Path], stacks: dict[Path, tuple], folder: Path, run: PredictionRun,
+                  ) -> tuple[list[Path], list[PlaneStack]]:
+    """``files`` with each stack replaced by its plane files (:func:`~nucleus_seg.data.stacks.split_stack`); a
+    stack that cannot be read fails, the run goes on."""
+    if not stacks:
+        return files, []
+    expanded, split = [], []
+    for f in files:
+        if f not in stacks:
+            expanded.append(f)
+            continue
+        try:
+            stack = split_stack(f, folder)
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            run.fail(f, exc)
+            continue
+        axes, sizes = stacks[f]
+        logger.info("%s: a stack of %s planes (%s), each predicted as an image", f, "x".join(map(str, sizes)), axes)
+        split.append(stack)
+        expanded += stack.planes
+    return expanded, split
+
+
+def _finish_stack(stack: PlaneStack, run: PredictionRun) -> None:
+    """After the run: a failed plane is named by its stack, and the planes' label images become one label stack,
+    ``<stack stem>_labels.tif``, with the stack's T and Z axes (Fiji opens it as a hyperstack; each plane keeps its
+    own numbering from 1), when every plane has one."""
+    failed = set()
+    for k, reason in enumerate(run.failures):
+        for plane in stack.planes:
+            if str(plane) in reason:
+                failed.add(plane)
+                run.failures[k] = reason.replace(str(plane), f"{stack.path} (plane {plane.stem[len(stack.stem) + 1:]})")
+    if "labels" not in run.formats:
+        return
+    missing = [p for p in stack.planes if p in failed or not run.path(p.stem, "labels").is_file()]
+    if missing:
+        logger.warning("%s: %d of %d planes have no label image: no label stack written", stack.path, len(missing),
+                       len(stack.planes))
+        return
+    planes = np.stack([read_label_image(run.path(p.stem, "labels")) for p in stack.planes])
+    planes = planes.reshape(*stack.sizes, *planes.shape[1:])
+    # ImageJ's hyperstack axes: time first, then one z axis (any other plane axis counts as z)
+    times = [k for k, axis in enumerate(stack.axes) if axis == "T"]
+    others = [k for k, axis in enumerate(stack.axes) if axis != "T"]
+    planes = planes.transpose(*times, *others, len(stack.axes), len(stack.axes) + 1)
+    depth = [math.prod(stack.sizes[k] for k in others)] if others else []
+    planes = planes.reshape(*(stack.sizes[k] for k in times), *depth, *planes.shape[-2:])
+    axes = "T" * len(times) + "Z" * len(depth) + "YX"
+    write_label_tiff(run.path(stack.stem, "labels"), planes, pixel_size_um(stack.path), axes=axes)

@@ -44,16 +44,18 @@ def _csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[object]]) ->
 # ---- label image --------------------------------------------------------------------------------
 
 def write_label_tiff(path: str | os.PathLike, labels: np.ndarray,
-                     pixel_size: tuple[float, float] | None = None) -> None:
+                     pixel_size: tuple[float, float] | None = None, axes: str = "YX") -> None:
     """Label image as uint16 ImageJ TIFF (Fiji, napari), or uint32 plain TIFF past 65535 instances; with the
     (y, x) ``pixel_size`` in micrometres of the image it labels (:func:`~nucleus_seg.data.io.pixel_size_um`), so
-    Fiji opens it calibrated as that image.
+    Fiji opens it calibrated as that image. A stack of label planes names its axes in ImageJ's order (``"TYX"``,
+    ``"ZYX"``, ``"TZYX"``): Fiji opens it as a hyperstack.
 
     ImageJ's format has no 32-bit integer type; Fiji and napari still open the uint32 file.
     """
     labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"{path}: label image must be 2-D, got shape {labels.shape}")
+    if labels.ndim != len(axes) or not axes.endswith("YX") or axes[:-2] not in ("", "T", "Z", "TZ"):
+        raise ValueError(f"{path}: label image of shape {labels.shape} does not fit axes {axes!r} "
+                         "(YX, after T and/or Z)")
     top = int(labels.max()) if labels.size else 0
     if labels.size and int(labels.min()) < 0:
         raise ValueError(f"{path}: label image holds negative ids")
@@ -61,11 +63,12 @@ def write_label_tiff(path: str | os.PathLike, labels: np.ndarray,
         if top <= np.iinfo(np.uint16).max:
             calibration = {} if pixel_size is None else {"resolution": (1 / pixel_size[1], 1 / pixel_size[0])}
             tifffile.imwrite(tmp, labels.astype(np.uint16), imagej=True, compression="zlib",
-                             metadata={"axes": "YX", **({"unit": "um"} if pixel_size else {})}, **calibration)
+                             metadata={"axes": axes, **({"unit": "um"} if pixel_size else {})}, **calibration)
         else:
             calibration = {} if pixel_size is None else {  # pixels per centimetre
                 "resolution": (1e4 / pixel_size[1], 1e4 / pixel_size[0]), "resolutionunit": "CENTIMETER"}
-            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib", **calibration)
+            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib", **calibration,
+                             **({"metadata": {"axes": axes}} if labels.ndim > 2 else {}))
 
 
 # ---- overlay ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Reader for label TIFFs (``*_labels.tif`` as nucleus-predict writes them, the sample's ``labels.tif``): opened
-as a Labels layer, not as an image; and for nucleus outlines (Fiji ROI sets, QuPath GeoJSON, nucleus-predict's
-``_rois.zip`` / ``_nuclei.geojson``): opened as a Shapes layer over the image. Anything else is left to other
-readers."""
+"""Reader for label TIFFs (``*_labels.tif`` as nucleus-predict writes them, label stacks too, the sample's
+``labels.tif``): opened as a Labels layer, not as an image; and for nucleus outlines (Fiji ROI sets, QuPath
+GeoJSON, nucleus-predict's ``_rois.zip`` / ``_nuclei.geojson``): opened as a Shapes layer over the image.
+Anything else is left to other readers."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def _is_label_tiff(path: str) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            shape = [s for s in series.shape if s != 1]
-            return len(shape) == 2 and np.dtype(series.dtype).kind in "ui"
+            shape = [s for s in series.shape if s != 1]  # 2-D, or a stack of label planes (T and/or Z)
+            return 2 <= len(shape) <= 4 and np.dtype(series.dtype).kind in "ui"
     except Exception:  # noqa: BLE001 - not a TIFF tifffile can read: another reader's business
         return False
 
@@ -77,6 +77,14 @@ def read_outlines(path: str | list[str]) -> list[tuple]:
 
 
 def read_labels(path: str | list[str]) -> list[tuple]:
-    """One Labels layer per file, named by the file."""
+    """One Labels layer per file, named by the file; a label stack (``nucleus-predict`` on a time-lapse or z-stack)
+    as an N-D layer with a slider per plane axis."""
     paths = [path] if isinstance(path, str) else list(path)
-    return [(read_label_image(p), {"name": Path(p).stem}, "labels") for p in paths]
+    return [(_label_array(p), {"name": Path(p).stem}, "labels") for p in paths]
+
+
+def _label_array(path: str) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        planes = tif.series[0].asarray()
+    planes = planes.reshape([s for s in planes.shape if s != 1] or [1, 1])
+    return read_label_image(path) if planes.ndim == 2 else planes
