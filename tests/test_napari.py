@@ -160,6 +160,9 @@ def test_label_tiffs_open_as_labels_and_labels_layers_save_as_label_tiffs(make_n
     tifffile.imwrite(tmp_path / "movie_labels.tif", movie, imagej=True, metadata={"axes": "TYX"})
     opened = viewer.open(str(tmp_path / "movie_labels.tif"), plugin="nucleus_seg")
     assert opened[0]._type_string == "labels" and np.array_equal(opened[0].data, movie)
+    opened[0].save(str(tmp_path / "edited_labels.tif"), plugin="nucleus_seg")  # saved back as the time-lapse it was
+    with tifffile.TiffFile(tmp_path / "edited_labels.tif") as tif:
+        assert tif.series[0].axes == "TYX" and np.array_equal(tif.asarray(), movie)
 
 
 def test_outline_files_open_as_shapes_over_their_image(make_napari_viewer, tmp_path):

@@ -80,11 +80,19 @@ def read_labels(path: str | list[str]) -> list[tuple]:
     """One Labels layer per file, named by the file; a label stack (``nucleus-predict`` on a time-lapse or z-stack)
     as an N-D layer with a slider per plane axis."""
     paths = [path] if isinstance(path, str) else list(path)
-    return [(_label_array(p), {"name": Path(p).stem}, "labels") for p in paths]
+    layers = []
+    for p in paths:
+        planes, axes = _label_array(p)
+        layers.append((planes, {"name": Path(p).stem, "metadata": {"axes": axes}}, "labels"))
+    return layers
 
 
-def _label_array(path: str) -> np.ndarray:
+def _label_array(path: str) -> tuple[np.ndarray, str]:
+    """The label image or stack, and its axes (``"YX"``, ``"TYX"``, ...: the writer saves a stack with them)."""
     with tifffile.TiffFile(path) as tif:
-        planes = tif.series[0].asarray()
-    planes = planes.reshape([s for s in planes.shape if s != 1] or [1, 1])
-    return read_label_image(path) if planes.ndim == 2 else planes
+        series = tif.series[0]
+        kept = [k for k, size in enumerate(series.shape) if size != 1]
+        if len(kept) > 2:  # a stack of label planes
+            planes = series.asarray().reshape([series.shape[k] for k in kept])
+            return planes, "".join(series.axes[k] for k in kept)
+    return read_label_image(path), "YX"
