@@ -130,4 +130,5 @@ def test_a_plane_named_like_another_input_is_a_usage_error(cli_cfg, tmp_path, ca
     tifffile.imwrite(tmp_path / "movie_t1.tif", np.zeros((32, 32), np.uint16))
     with pytest.raises(SystemExit) as exc:
         main(["--config-file", str(cli_cfg), "--input", str(tmp_path), "--output", str(tmp_path / "out")])
-    assert exc.value.code == 2 and "a plane of" in capsys.readouterr().err
+    assert exc.value.code == 2 and "movie_t1.tif and a plane of" in capsys.readouterr().err
+    assert not (tmp_path / "out" / ".planes").exists()  # found before any plane was written

@@ -18,7 +18,7 @@ import tifffile
 from ..utils.files import atomic_path
 from .io import PLANE_AXES, pixel_size_um
 
-__all__ = ["PlaneStack", "split_stack", "stack_planes"]
+__all__ = ["PlaneStack", "plane_stem", "split_stack", "stack_planes"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 

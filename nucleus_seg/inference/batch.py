@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..data.io import normalize_from_cfg, pixel_size_um, read_image, read_label_image
 from ..data.outlines import GEOJSON_ENDING, ROIS_ENDING, label_outlines
-from ..data.stacks import PlaneStack, split_stack, stack_planes
+from ..data.stacks import PlaneStack, plane_stem, split_stack, stack_planes
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
@@ -733,14 +733,15 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
             raise ValueError(f"{stems[f.stem]} and {f} would write the same outputs ({f.stem}_*); "
                              "rename one or run them separately")
         stems[f.stem] = f
+    for f, (axes, sizes) in stacks.items():
+        for index in np.ndindex(*sizes):
+            stem = plane_stem(f.stem, axes, index, sizes)
+            if stem in stems:
+                raise ValueError(f"{stems[stem]} and a plane of {f} would write the same outputs ({stem}_*); "
+                                 "rename one or run them separately")
+            stems[stem] = f
     run = PredictionRun(out, set(formats), failures=list(problems), keep=keep)
     files, split = _split_stacks(files, stacks, out / PLANES_FOLDER, run)
-    for stack in split:
-        for plane in stack.planes:
-            if plane.stem in stems:
-                raise ValueError(f"{stems[plane.stem]} and a plane of {stack.path} would write the same outputs "
-                                 f"({plane.stem}_*); rename one or run them separately")
-            stems[plane.stem] = plane
     if not files:
         return files, run  # nothing matched: the folder's files stay as they are
     old = FolderFiles.read(out, run.formats)
