@@ -64,6 +64,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 PLANE_AXES = {"Z": "z-slices", "T": "time points", "I": "planes"}  # tifffile's letters for a stack's planes
 
 
+def squeeze_axes(image: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
+    """A TIFF series' ``image`` without its length-1 axes (Y and X always kept), and its axis letters to match."""
+    kept = [k for k, size in enumerate(image.shape) if size > 1 or axes[k] in "YX"]
+    return image.reshape([image.shape[k] for k in kept]), "".join(axes[k] for k in kept)
+
+
+def stack_axes(shape: tuple[int, ...], axes: str) -> list[tuple[str, int]]:
+    """The plane axes (z, time, generic planes) longer than 1 of a TIFF series, with their sizes: a stack of 2-D
+    images where there are any."""
+    return [(axis, size) for axis, size in zip(axes, shape) if axis in PLANE_AXES and size > 1]
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     """A TIFF's first series, channels last where its metadata (ImageJ, OME) names a channel axis, so a
     two-channel ImageJ composite (C, Y, X) reads as HxWx2. A stack of several 2-D planes (z-slices, time
@@ -77,11 +89,10 @@ def _read_tiff(path: Path) -> np.ndarray:
         logger.warning("%s: its 4th channel is tagged as alpha but varies, so it is read as a 4th image channel "
                        "(tifffile tags any 4-channel array so); if it is transparency, save the image without it",
                        path)
-    kept = [k for k, size in enumerate(image.shape) if size > 1 or axes[k] in "YX"]
-    image, axes = image.reshape([image.shape[k] for k in kept]), "".join(axes[k] for k in kept)
+    image, axes = squeeze_axes(image, axes)
     if axes == "CYX":
         return np.moveaxis(image, 0, -1)
-    planes = [(axis, size) for axis, size in zip(axes, image.shape) if axis in PLANE_AXES]
+    planes = stack_axes(image.shape, axes)
     if planes:
         what = ", ".join(f"{size} {PLANE_AXES[axis]}" for axis, size in planes)
         raise ImageReadError(f"{path}: a stack of 2-D images ({what}; axes {axes}, shape {tuple(image.shape)}), "

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from ..utils.files import atomic_path
-from .io import PLANE_AXES, pixel_size_um
+from ..utils.files import TIFF_SUFFIXES, atomic_path
+from .io import PLANE_AXES, pixel_size_um, squeeze_axes, stack_axes
 
 __all__ = ["PlaneStack", "plane_stem", "split_stack", "stack_planes"]
-
-TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass
@@ -50,7 +48,7 @@ def stack_planes(path: str | os.PathLike) -> tuple[str, tuple[int, ...]] | None:
             axes, shape = series.axes, series.shape
     except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the image reader reports it
         return None
-    planes = [(axis, size) for axis, size in zip(axes, shape) if axis in PLANE_AXES and size > 1]
+    planes = stack_axes(shape, axes)
     if not planes:
         return None
     return "".join(a for a, _ in planes), tuple(s for _, s in planes)
@@ -69,8 +67,7 @@ def split_stack(path: str | os.PathLike, folder: str | os.PathLike) -> PlaneStac
     with tifffile.TiffFile(str(path)) as tif:
         series = tif.series[0]
         image, axes = series.asarray(), series.axes
-    keep = [k for k, (axis, size) in enumerate(zip(axes, image.shape)) if size > 1 or axis in "YX"]
-    image, axes = image.reshape([image.shape[k] for k in keep]), "".join(axes[k] for k in keep)
+    image, axes = squeeze_axes(image, axes)
     plane_axes = "".join(a for a in axes if a in PLANE_AXES)
     rest = "".join(a for a in axes if a not in PLANE_AXES)  # e.g. "YX", "CYX", "YXS"
     image = np.transpose(image, [axes.index(a) for a in plane_axes + rest])

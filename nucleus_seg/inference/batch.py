@@ -72,6 +72,7 @@ PER_IMAGE = {"labels": "_labels.tif", "overlay": "_overlay.png", "csv": "_measur
 SUBMISSION_NAME = "submission.csv"
 COCO_NAME = "coco_results.json"
 COCO_IMAGES_NAME = "coco_images.json"
+PLANES_FOLDER = ".planes"  # a stack's planes, as images of their own, while nucleus-predict runs (then removed)
 
 
 def expand_inputs(specs: Sequence[str], skip_dir: Path | None = None) -> tuple[list[Path], list[str]]:
@@ -765,8 +766,6 @@ def predict_to_folder(cfg, inputs: Sequence[str], output: str | os.PathLike, for
     shutil.rmtree(out / PLANES_FOLDER, ignore_errors=True)
     return files, run
 
-
-PLANES_FOLDER = ".planes"  # a stack's planes, as images of their own, while nucleus-predict runs (then removed)
 
 
 def _split_stacks(files: list[Path], stacks: dict[Path, tuple], folder: Path, run: PredictionRun,

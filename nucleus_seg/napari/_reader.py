@@ -12,12 +12,11 @@ import tifffile
 
 from ..data.io import ImageReadError, read_label_image
 from ..data.outlines import is_outline_file, read_outline_shapes
-
-SUFFIXES = (".tif", ".tiff")
+from ..utils.files import TIFF_SUFFIXES
 
 
 def _is_label_tiff(path: str) -> bool:
-    if not path.lower().endswith(SUFFIXES) or not Path(path).is_file():
+    if not path.lower().endswith(TIFF_SUFFIXES) or not Path(path).is_file():
         return False
     try:
         with tifffile.TiffFile(path) as tif:
