@@ -129,6 +129,36 @@ def test_a_calibrated_image_gets_a_calibrated_label_tiff_and_areas_in_square_mic
     assert "area_um2" not in plain[0]
 
 
+@pytest.mark.parametrize("dtype,channels", [(np.uint16, 0), (np.uint8, 3), (np.int16, 2), (np.float32, 0)])
+def test_the_csvs_areas_centroids_boxes_and_intensities_are_skimages_to_the_bit(dtype, channels):
+    """Touching speckled regions in pieces, ids with gaps, a pixel, the image's border; intensities of every
+    channel, negative ones too: the same columns, values and types as skimage's regionprops_table."""
+    from skimage.measure import regionprops_table
+
+    from nucleus_seg.inference.outputs import region_basics
+
+    rng = np.random.default_rng(7)
+    labels = np.zeros((70, 90), np.int32)
+    for label in rng.choice(np.arange(1, 80), 25, replace=False):
+        y, x, h, w = rng.integers(0, 68), rng.integers(0, 88), rng.integers(1, 16), rng.integers(1, 16)
+        patch = labels[y:y + h, x:x + w]
+        patch[rng.random(patch.shape) < rng.uniform(0.3, 1.0)] = label
+    labels[69, 0], labels[0, 89] = 97, 98
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else np.finfo(dtype)
+    shape = labels.shape + ((channels,) if channels else ())
+    raw = rng.uniform(max(info.min, -3000), min(info.max, 60000), shape).astype(dtype)
+    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max")
+    want = regionprops_table(labels, intensity_image=raw, properties=props)
+    got = region_basics(labels, raw)
+    assert list(got) == list(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert got[key].dtype.kind == want[key].dtype.kind, key
+        assert type(got[key].tolist()[0]) is type(want[key].tolist()[0]), key
+    empty = region_basics(np.zeros((5, 5), np.int32), raw[:5, :5])
+    assert all(len(v) == 0 for v in empty.values())
+
+
 def test_the_csvs_eccentricity_is_skimages_for_every_kind_of_region():
     """Ellipses at every angle, a line (1), a pixel (0), a square, a region in two parts, ids with gaps."""
     from skimage.measure import regionprops_table

@@ -41,6 +41,7 @@ from ..data.stacks import PlaneStack, plane_stem, split_stack, stack_planes
 from ..utils.dist import close_process_group, launch
 from ..utils.env import usable_device
 from ..utils.files import IMAGE_SUFFIXES, atomic_write, check_writable, write_json
+from ..utils.rle import label_runs
 from .outputs import (
     coco_fragment,
     coco_results,
@@ -121,11 +122,12 @@ def output_path(out: Path, stem: str, fmt: str) -> Path:
 def image_entries(formats: set[str], stem: str, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
                   file_name: str, image_id: int) -> ImageEntries:
     """An image's submission rows and COCO results (``image_id``: its COCO id, given before the run), encoded."""
-    rows = submission_lines(submission_rows(stem, labels)) if "submission" in formats else None
+    runs = label_runs(labels) if {"submission", "coco"} <= formats else None  # one pass over the pixels for both
+    rows = submission_lines(submission_rows(stem, labels, runs)) if "submission" in formats else None
     if "coco" not in formats:
         return rows, None, None
     image = {"file_name": file_name, "height": int(labels.shape[0]), "width": int(labels.shape[1])}
-    return rows, coco_fragment(coco_results(image_id, labels, scores)), image
+    return rows, coco_fragment(coco_results(image_id, labels, scores, runs=runs)), image
 
 
 def write_image_outputs(out: Path, formats: set[str], path: Path, raw: np.ndarray, labels: np.ndarray,

@@ -20,16 +20,19 @@ import cv2
 import numpy as np
 import tifffile
 from pycocotools import mask as mask_util
+from scipy import ndimage
 from skimage.measure import regionprops_table
 
 from ..data.io import ImageReadError, drop_opaque_alpha
 from ..data.outlines import Piece, geojson_text, imagej_roi_zip
 from ..structures import inner_boundaries
 from ..utils.files import atomic_path, atomic_write
-from ..utils.rle import coco_rle_counts, label_runs, rle_encode_labels
+from ..utils.rle import Runs, coco_rle_counts, label_runs, rle_encode_labels
 
 OUTLINE_RGB = (255, 255, 0)
 SUBMISSION_HEADER = ("ImageId", "EncodedPixels")
+# label TIFFs: zlib at level 3 took 3.3 ms for a 1024 px image of 300 nuclei (38 KB), the default level 6 8.0 ms (22 KB)
+ZLIB_LEVEL = {"level": 3}
 
 
 def _csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[object]]) -> str:
@@ -62,13 +65,13 @@ def write_label_tiff(path: str | os.PathLike, labels: np.ndarray,
     with atomic_path(path) as tmp:
         if top <= np.iinfo(np.uint16).max:
             calibration = {} if pixel_size is None else {"resolution": (1 / pixel_size[1], 1 / pixel_size[0])}
-            tifffile.imwrite(tmp, labels.astype(np.uint16), imagej=True, compression="zlib",
+            tifffile.imwrite(tmp, labels.astype(np.uint16), imagej=True, compression="zlib", compressionargs=ZLIB_LEVEL,
                              metadata={"axes": axes, **({"unit": "um"} if pixel_size else {})}, **calibration)
         else:
             calibration = {} if pixel_size is None else {  # pixels per centimetre
                 "resolution": (1e4 / pixel_size[1], 1e4 / pixel_size[0]), "resolutionunit": "CENTIMETER"}
-            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib", **calibration,
-                             **({"metadata": {"axes": axes}} if labels.ndim > 2 else {}))
+            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib", compressionargs=ZLIB_LEVEL,
+                             **calibration, **({"metadata": {"axes": axes}} if labels.ndim > 2 else {}))
 
 
 # ---- overlay ------------------------------------------------------------------------------------
@@ -216,12 +219,15 @@ def convex_areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         centres = cv2.convexHull(doubled[start:end]).reshape(-1, 2)  # the hull of the centres, then their diamonds'
         hulls.append(cv2.convexHull((centres[:, None, :] + _DIAMOND).reshape(-1, 2)).reshape(-1, 2))
     # each hull's edges (x0, y0) -> (x1, y1), padded with NaN to the longest
-    most = max(len(h) for h in hulls)
-    x0, y0, x1, y1 = (np.full((len(hulls), most), np.nan) for _ in range(4))
-    for k, hull in enumerate(hulls):
-        n = len(hull)
-        x0[k, :n], y0[k, :n] = hull[:, 0], hull[:, 1]
-        x1[k, :n], y1[k, :n] = np.roll(hull[:, 0], -1), np.roll(hull[:, 1], -1)
+    sizes = np.array([len(h) for h in hulls])
+    corners = np.concatenate(hulls)
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)  # each corner's hull's first corner
+    owner, place = np.repeat(np.arange(len(hulls)), sizes), np.arange(len(corners)) - first
+    after = np.where(place + 1 < np.repeat(sizes, sizes), np.arange(len(corners)) + 1, first)  # the next corner
+    x0, y0, x1, y1 = (np.full((len(hulls), int(sizes.max())), np.nan) for _ in range(4))
+    x0[owner, place], y0[owner, place] = corners[:, 0], corners[:, 1]
+    x1[owner, place], y1[owner, place] = corners[after, 0], corners[after, 1]
+    most = x0.shape[1]
     # one entry per (region, pixel row) from the region's top row to its bottom one (its pixels in raster order)
     top, bottom = rows[starts], rows[ends - 1]
     heights = bottom - top + 1
@@ -243,6 +249,40 @@ def convex_areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return areas
 
 
+def region_basics(labels: np.ndarray, raw: np.ndarray) -> dict[str, np.ndarray]:
+    """skimage's ``regionprops_table`` columns label, area, centroid, bbox, intensity_mean and intensity_max (of
+    every channel of ``raw``), the same values of the same types, for every region at once: per region, skimage's
+    took ~30 of a writer's ~130 ms for a 1024 px image of 300 nuclei. Integer images only (sums of up to 32-bit
+    integers are exact in float64, so the means are skimage's to the bit); float ones go to skimage (its float32
+    means are summed in float32)."""
+    exact = all(a.dtype.kind in "ui" and a.dtype.itemsize <= 4 for a in (labels, raw))
+    if not exact or not labels.size:
+        props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max")
+        return regionprops_table(labels, intensity_image=raw, properties=props)
+    flat = labels.ravel()
+    inside = np.flatnonzero(flat)  # nuclei cover a fraction of the image: only their pixels are summed
+    lab = flat[inside].astype(np.intp)
+    size = int(lab.max()) + 1 if lab.size else 1
+    rows, cols = np.divmod(inside, labels.shape[1])
+    n_all = np.bincount(lab, minlength=size)
+    ids = np.flatnonzero(n_all[1:]) + 1
+    n = n_all[ids].astype(np.float64)
+    table = {"label": ids.astype(labels.dtype), "area": n,  # skimage: a float
+             "centroid-0": np.bincount(lab, rows, size)[ids] / n, "centroid-1": np.bincount(lab, cols, size)[ids] / n}
+    boxes = [box for box in ndimage.find_objects(labels) if box is not None]
+    for k, part in enumerate(("start", "start", "stop", "stop")):
+        table[f"bbox-{k}"] = np.array([getattr(box[k % 2], part) for box in boxes], dtype=np.int64)
+    values = raw.reshape(flat.size, -1)[inside].astype(np.float64)
+    suffixes = [""] if raw.ndim == 2 else [f"-{c}" for c in range(values.shape[1])]
+    for c, suffix in enumerate(suffixes):
+        table[f"intensity_mean{suffix}"] = np.bincount(lab, values[:, c], size)[ids] / n
+    for c, suffix in enumerate(suffixes):
+        top = np.full(size, -np.inf)
+        np.maximum.at(top, lab, values[:, c])
+        table[f"intensity_max{suffix}"] = top[ids]
+    return table
+
+
 def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
             pixel_size: tuple[float, float] | None = None) -> tuple[list[str], list[list]]:
     """Per-nucleus measurements (header, rows), one row per id 1..N, intensities on the raw image.
@@ -259,8 +299,7 @@ def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
         raw = raw[..., 0]
     if raw.shape[:2] != labels.shape:
         raise ValueError(f"raw image {raw.shape[:2]} and labels {labels.shape} differ in size")
-    props = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max")
-    table = regionprops_table(labels, intensity_image=raw, properties=props)
+    table = region_basics(labels, raw)
     moments = _inertia_eigenvalues(labels, table["label"])  # one pass over the pixels for both columns below
     table["eccentricity"] = _eccentricity(*moments)
     table["major_axis"], table["minor_axis"] = _axes(*moments)
@@ -281,10 +320,11 @@ def measure(labels: np.ndarray, raw_image: np.ndarray, scores: Sequence[float],
     pixel_area = pixel_size[0] * pixel_size[1] if pixel_size else 0.0
     scores = np.asarray(scores, dtype=np.float32)
     rows = []
+    columns = [table[key].tolist() for key in source]  # Python ints and floats, as .item() of each gives
     for i, label in enumerate(table["label"].tolist()):
         if not 1 <= label <= len(scores):
             raise ValueError(f"label image holds id {label} but only {len(scores)} scores were given")
-        values = [table[key][i].item() for key in source]
+        values = [column[i] for column in columns]
         values[0] = int(values[0])  # area: a pixel count
         row = [label, repr(float(scores[label - 1]))] + [v if isinstance(v, int) else round(v, 4) for v in values]
         if pixel_size:
@@ -312,9 +352,10 @@ def read_scores_csv(path: str | os.PathLike) -> dict[int, float]:
 
 # ---- Kaggle submission --------------------------------------------------------------------------
 
-def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
-    """Kaggle DSB-2018 rows for one image: one per nucleus, or ``(image_id, "")`` if it has none."""
-    encoded = rle_encode_labels(labels)
+def submission_rows(image_id: str, labels: np.ndarray, runs: Runs | None = None) -> list[tuple[str, str]]:
+    """Kaggle DSB-2018 rows for one image: one per nucleus, or ``(image_id, "")`` if it has none (``runs``: the
+    labels' :func:`~nucleus_seg.utils.rle.label_runs`, if made already)."""
+    encoded = rle_encode_labels(labels, runs)
     if not encoded:
         return [(image_id, "")]
     return [(image_id, rle) for rle in encoded.values()]
@@ -334,10 +375,11 @@ def write_submission_csv(path: str | os.PathLike, lines: Iterable[str]) -> None:
 # ---- COCO results -------------------------------------------------------------------------------
 
 def coco_results(image_id: str | int, labels: np.ndarray, scores: Sequence[float] | dict[int, float],
-                 category_id: int = 1) -> list[dict]:
-    """COCO results entries (compressed RLE segmentation, XYWH bbox, score) for a label image."""
+                 category_id: int = 1, runs: Runs | None = None) -> list[dict]:
+    """COCO results entries (compressed RLE segmentation, XYWH bbox, score) for a label image (``runs``: its
+    :func:`~nucleus_seg.utils.rle.label_runs`, if made already)."""
     height, width = labels.shape
-    ids, starts, lengths = label_runs(labels)
+    ids, starts, lengths = label_runs(labels) if runs is None else runs
     out = []
     if ids.size == 0:
         return out

@@ -244,6 +244,9 @@ class Stitcher:
         if not mask.any():
             return
         region = self.labels[y0:y1, x0:x1]
+        if first_id == 1:  # the first tile: every id under it is its own, painted before with a lower score (as below)
+            region[mask] = self._record(score, box, [y0, x0, y1, x1], tile, cut)
+            return
         under = region[mask]
         others, shared = np.unique(under[under != 0], return_counts=True)
         new_id = None
@@ -270,12 +273,7 @@ class Stitcher:
         lut_scores = np.asarray(self._scores, dtype=np.float64)
         free = (under == 0) | (under >= first_id) | (lut_scores[under] < score)
         if new_id is None:
-            new_id = len(self._scores)
-            self._scores.append(score)
-            self._boxes.append(box.astype(np.float32))
-            self._windows.append([y0, x0, y1, x1])
-            self._tiles.append(tile)
-            self._cut.append(cut)
+            new_id = self._record(score, box, [y0, x0, y1, x1], tile, cut)
         else:
             self.num_merged += 1
             self._scores[new_id] = max(self._scores[new_id], score)
@@ -286,6 +284,15 @@ class Stitcher:
             free |= under == new_id
         ys, xs = np.nonzero(mask)
         region[ys[free], xs[free]] = new_id
+
+    def _record(self, score: float, box: np.ndarray, window: list[int], tile: Tile, cut: bool) -> int:
+        """A new instance's id, its score, box, painted window, tile and cut flag kept."""
+        self._scores.append(score)
+        self._boxes.append(box.astype(np.float32))
+        self._windows.append(window)
+        self._tiles.append(tile)
+        self._cut.append(cut)
+        return len(self._scores) - 1
 
     def _area(self, label: int) -> int:
         y0, x0, y1, x1 = self._windows[label]

@@ -41,9 +41,13 @@ def rle_encode(mask: np.ndarray) -> str:
     return " ".join(f"{s + 1} {n}" for s, n in zip(starts.tolist(), lengths.tolist()))
 
 
-def rle_encode_labels(labels: np.ndarray) -> dict[int, str]:
-    """Kaggle RLE of every nucleus of a label image, ``{id: "start length ..."}``, ids ascending."""
-    ids, starts, lengths = label_runs(labels)
+Runs = tuple[np.ndarray, np.ndarray, np.ndarray]  # label_runs' (ids, starts, lengths)
+
+
+def rle_encode_labels(labels: np.ndarray, runs: Runs | None = None) -> dict[int, str]:
+    """Kaggle RLE of every nucleus of a label image, ``{id: "start length ..."}``, ids ascending (``runs``: its
+    :func:`label_runs`, if made already)."""
+    ids, starts, lengths = label_runs(labels) if runs is None else runs
     if ids.size == 0:
         return {}
     bounds = np.flatnonzero(np.diff(ids)) + 1
