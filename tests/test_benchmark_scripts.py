@@ -1,4 +1,5 @@
-"""benchmarks/predict_throughput.py and benchmarks/adapt_suite.py: what they compare and report, on the CPU."""
+"""The benchmark scripts (predict_throughput.py, adapt_suite.py, writer_throughput.py, ...): what they compare and
+report, on the CPU."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import predict_throughput  # noqa: E402
 import profile_infer  # noqa: E402
 import trace_predict  # noqa: E402
 import train_throughput  # noqa: E402
+import writer_throughput  # noqa: E402
 
 
 def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path, monkeypatch):
@@ -234,6 +236,22 @@ def test_a_refused_target_is_reported_with_the_starting_models_score(tiny_cfg, t
     assert row["before"] == row["after"] and row["before"]["n_true"] == len(np.unique(labels)) - 1
     assert row["before"]["diameter"] == 2.3 and 10 < row["before"]["true_diameter"] < 40
     assert 0 <= row["before"]["f1_50"] <= 1 and row["before"]["n_pred"] >= 0
+
+
+def test_writer_throughput_times_each_process_count_on_the_same_synthetic_detections(tmp_path):
+    """Two process counts, every default format; the detections are the same each time (seeded) and stitch into as
+    many nuclei as they hold; a format nucleus-predict does not know stops the run before any work."""
+    results = writer_throughput.main(["--writers", "1,2", "--num-images", "1", "--size", "160", "--nuclei", "12",
+                                      "--data-root", str(tmp_path)])
+    assert [r["writers"] for r in results] == [1, 2]
+    assert all(r["img_per_s"] > 0 and r["ms_per_img"] > 0 for r in results)
+    found = writer_throughput.dense_detections(160, 12)
+    assert len(found.instances[0].scores) == 12
+    pred, cut = found.stitch()
+    assert cut == 0 and 0 < len(pred) <= 12
+    np.testing.assert_array_equal(writer_throughput.dense_detections(160, 12).stitch()[0].labels, pred.labels)
+    with pytest.raises(SystemExit):
+        writer_throughput.main(["--formats", "labels,tiff", "--data-root", str(tmp_path)])
 
 
 def test_every_benchmark_line_names_device_config_weights_and_variant(capsys):

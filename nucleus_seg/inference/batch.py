@@ -272,13 +272,16 @@ def _fills_a_forward(pending: list[tuple[Path, np.ndarray]], predictor: NucleusP
     return len(pending) >= predictor.batch_size or pixels >= predictor.pixels_per_forward
 
 
-MAX_WRITERS = 8  # each holds ~0.7 GB (its imports); stitching and writing a 1024 px image take ~0.3 s of one core
+# each holds ~0.7 GB (its imports). A 1024 px image of 300 nuclei, every default output, took 167 ms of one core of
+# an H100 host (session 33): 8 writers wrote 42 images/s, 12 wrote 62, 16 wrote 75 (nothing else running), while
+# the model side of nucleus-predict made ~55 images/s at BATCH_SIZE 64: 8 writers had set the pace
+MAX_WRITERS = 12
 
 
 def writer_count(cfg, world_size: int = 1) -> int:
     """``NUCLEUS.PREDICT.WRITERS``, with -1 resolved: on a GPU one process per core the predicting processes
-    leave (two each: the model's and the file reader's; at most 8: 12 were slower than 8 on a 16-core H200
-    host, the predicting process losing its core), none on the CPU, where the model already uses every core."""
+    leave (two each: the model's and the file reader's; at most ``MAX_WRITERS``), none on the CPU, where the
+    model already uses every core."""
     workers = int(cfg.NUCLEUS.PREDICT.WRITERS)
     if workers >= 0:
         return workers
