@@ -14,7 +14,9 @@ the mean utilization over that side's wall time (the share of 100 ms windows in 
 counts it), ``gpu_busy_steady_percent`` the mean over the steady window below. Pace: ``first_output_s`` (start to
 the first label file: imports, model, writers, the first batches) and ``steady_img_per_s`` (label files'
 modification times over the last three quarters of the images); ``writer_wait_s``: how long ``nucleus-predict``'s
-predicting process waited for its writer processes (its log).
+predicting process waited for its writer processes, and ``images_left_for_writers`` / ``model_done_s``: how many
+images were still to write when the model was done, and when that was (its log; many left: the writers set the
+pace).
 Images larger than a tile: ``nucleus-predict`` scales the config's proposal and detection caps with the image's
 area; the plain loop keeps them (a user's loop would), so on dense fields it finds fewer nuclei and does less work
 (``agreement.nuclei``: the plain loop's and nucleus-predict's totals; ``images_at_detection_cap``). On 8 fields
@@ -210,16 +212,24 @@ def pace(folder: Path, start_wall: float, busy: GpuBusy | None = None) -> dict:
 
 
 class WriterWait(logging.Handler):
-    """The seconds ``nucleus-predict`` says its predicting process waited for the writer processes."""
+    """What ``nucleus-predict``'s log says of its writer processes: the seconds its predicting process waited for
+    them, and how many images were still to write when the model had done its last one (``left``, at ``model_done``,
+    a ``time.time()``): many left means the writers set the pace, not the model."""
 
     def __init__(self):
         super().__init__()
-        self.seconds = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.left, self.model_done = 0.0, 0, None
 
     def emit(self, record: logging.LogRecord) -> None:
         found = re.search(r"waited ([0-9.]+) s for the", record.getMessage())
         if found:
             self.seconds += float(found.group(1))
+        found = re.search(r"writing the files of the last (\d+) images", record.getMessage())
+        if found:
+            self.left, self.model_done = int(found.group(1)), record.created
 
 
 def profiled(fn, argv: list[str], path: Path) -> int:
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     for side in ("plain_loop", *variants, *profile_side):
         folder = out / side
         release_cached_memory()
-        waits.seconds = 0.0
+        waits.reset()
         with GpuBusy() as busy:
             start, start_wall = time.perf_counter(), time.time()
             if side == "plain_loop":
@@ -313,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "gpu_busy_percent": busy.mean, **pace(folder, start_wall, busy)}
         if side != "plain_loop":
             sides[side]["writer_wait_s"] = round(waits.seconds, 2)
+            sides[side]["images_left_for_writers"] = waits.left  # at the model's last image (0: none logged)
+            if waits.model_done is not None:
+                sides[side]["model_done_s"] = round(waits.model_done - start_wall, 2)
         else:
             sides[side]["images_at_detection_cap"] = at_cap
         print(json.dumps({"side": side, **sides[side]}), flush=True)  # kept in the log should a later step fail

@@ -43,6 +43,8 @@ def test_nucleus_predict_writes_what_the_plain_loop_writes_in_fp32(tmp_path, mon
         assert 0 < result[side]["first_output_s"] < result[side]["seconds"]  # the first label file, then the rest
         assert result[side]["steady_img_per_s"] > 0
     assert result["nucleus_predict"]["writer_wait_s"] >= 0 and "writer_wait_s" not in result["plain_loop"]
+    # no writer processes on the CPU: no image is left to them when the model is done
+    assert result["nucleus_predict"]["images_left_for_writers"] == 0 and "model_done_s" not in result["nucleus_predict"]
     assert result["variant_overrides"]["nucleus_predict+batch1"] == ["NUCLEUS.PREDICT.BATCH_SIZE", "1"]
     # the profiled side (cProfile slows it) is reported, not counted
     assert result["predict_speedup_variants"].keys() == {"nucleus_predict", "nucleus_predict+batch1"}
