@@ -430,10 +430,14 @@ class ImageWriter:
         started = time.perf_counter()
         self._wait_for_forks()
         self.waited += time.perf_counter() - started
+        self._hand_over_early()
+        self._submit_now(path, raw, pred)
+
+    def _hand_over_early(self) -> None:
+        """The images kept while the writers were forked, to them now, in order."""
         while self.early:
             self._submit_now(*self.early.popleft())
         self.early_bytes = 0
-        self._submit_now(path, raw, pred)
 
     def _submit_now(self, path: Path, raw: np.ndarray, pred: LabelPrediction | TiledDetections) -> None:
         """:meth:`submit` once the writers are forked (or there are none)."""
@@ -471,9 +475,7 @@ class ImageWriter:
         """Wait for every pending image (``cancel``: drop those not started, e.g. on Ctrl-C)."""
         self._wait_for_forks()
         if not cancel:
-            while self.early:
-                self._submit_now(*self.early.popleft())
-            self.early_bytes = 0
+            self._hand_over_early()
             if len(self.pending) > 2 * self.workers:  # predicting ran ahead: say what the wait is for
                 logger.info("writing the files of the last %d images", len(self.pending))
             while self.pending:
